@@ -1,0 +1,668 @@
+//! Events: the CloudEvents envelope, the event types and their data, and the pure
+//! state machine ([`state::apply`]) that folds them into task state.
+//!
+//! Nothing in this module does I/O. The projector, the API and (later) the replay tool
+//! all decode, validate and fold events through here, so they can never disagree.
+//!
+//! Wire format: CloudEvents 1.0 in Kafka *binary* mode. The attributes travel as
+//! `ce_*` record headers, the data is the record value (JSON), the record key is the
+//! task id. See `README.md` for a worked example with `kcat`.
+
+pub mod schema;
+pub mod spec;
+pub mod state;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+pub use spec::TaskSpec;
+pub use state::{Rejection, TaskState, TaskStatus, apply};
+
+/// CloudEvents spec version tasklog writes and accepts.
+pub const SPEC_VERSION: &str = "1.0";
+/// The only content type tasklog accepts for event data.
+pub const CONTENT_TYPE: &str = "application/json";
+
+/// Names of the Kafka headers that carry the CloudEvents attributes (binary mode).
+pub mod header {
+    /// `ce_specversion`: always `1.0`.
+    pub const SPEC_VERSION: &str = "ce_specversion";
+    /// `ce_id`: unique id of the event (a UUID for events tasklog writes).
+    pub const ID: &str = "ce_id";
+    /// `ce_source`: URI of whoever produced the event.
+    pub const SOURCE: &str = "ce_source";
+    /// `ce_type`: the event type, e.g. `dev.tasklog.task.submitted.v1`.
+    pub const TYPE: &str = "ce_type";
+    /// `ce_time`: RFC 3339 timestamp.
+    pub const TIME: &str = "ce_time";
+    /// `ce_subject`: the task id.
+    pub const SUBJECT: &str = "ce_subject";
+    /// `content-type`: `application/json`.
+    pub const CONTENT_TYPE: &str = "content-type";
+}
+
+/// Every event type tasklog understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventType {
+    /// `dev.tasklog.task.submitted.v1`
+    Submitted,
+    /// `dev.tasklog.task.cancel_requested.v1`
+    CancelRequested,
+    /// `dev.tasklog.task.cancelled.v1`
+    Cancelled,
+    /// `dev.tasklog.task.queued.v1`
+    Queued,
+    /// `dev.tasklog.task.assigned.v1`
+    Assigned,
+    /// `dev.tasklog.task.started.v1`
+    Started,
+    /// `dev.tasklog.task.succeeded.v1`
+    Succeeded,
+    /// `dev.tasklog.task.failed.v1`
+    Failed,
+}
+
+impl EventType {
+    /// All event types, in a fixed order.
+    pub const ALL: &'static [EventType] = &[
+        EventType::Submitted,
+        EventType::CancelRequested,
+        EventType::Cancelled,
+        EventType::Queued,
+        EventType::Assigned,
+        EventType::Started,
+        EventType::Succeeded,
+        EventType::Failed,
+    ];
+
+    /// The `ce_type` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Submitted => "dev.tasklog.task.submitted.v1",
+            EventType::CancelRequested => "dev.tasklog.task.cancel_requested.v1",
+            EventType::Cancelled => "dev.tasklog.task.cancelled.v1",
+            EventType::Queued => "dev.tasklog.task.queued.v1",
+            EventType::Assigned => "dev.tasklog.task.assigned.v1",
+            EventType::Started => "dev.tasklog.task.started.v1",
+            EventType::Succeeded => "dev.tasklog.task.succeeded.v1",
+            EventType::Failed => "dev.tasklog.task.failed.v1",
+        }
+    }
+
+    /// Parses a `ce_type` string.
+    pub fn parse(s: &str) -> Option<EventType> {
+        EventType::ALL.iter().copied().find(|t| t.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for EventType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The CloudEvents attributes of one event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// `ce_id`.
+    pub id: String,
+    /// `ce_source`.
+    pub source: String,
+    /// `ce_type`.
+    pub event_type: EventType,
+    /// `ce_time`.
+    pub time: DateTime<Utc>,
+    /// `ce_subject`: the task id.
+    pub subject: Uuid,
+}
+
+/// Reason and free-text message carried by cancel and queue events.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ReasonData {
+    /// Machine-readable reason code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Type-specific part of an event's data.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// A new task.
+    Submitted {
+        /// The spec as submitted.
+        spec: TaskSpec,
+    },
+    /// A request to cancel.
+    CancelRequested(ReasonData),
+    /// The task was cancelled.
+    Cancelled(ReasonData),
+    /// Dependencies satisfied.
+    Queued(ReasonData),
+    /// Placed on a worker.
+    Assigned {
+        /// The worker.
+        worker_id: String,
+        /// Attempt number, from 1.
+        attempt: u32,
+    },
+    /// The attempt started.
+    Started {
+        /// Attempt number, from 1.
+        attempt: u32,
+        /// The worker running it.
+        worker_id: Option<String>,
+        /// OS process id.
+        pid: Option<u32>,
+    },
+    /// The attempt succeeded.
+    Succeeded {
+        /// Attempt number.
+        attempt: Option<u32>,
+        /// Process exit code.
+        exit_code: Option<i32>,
+        /// Attempt duration.
+        duration_ms: Option<u64>,
+    },
+    /// The task failed.
+    Failed {
+        /// Attempt number.
+        attempt: Option<u32>,
+        /// Process exit code.
+        exit_code: Option<i32>,
+        /// Signal that ended the process.
+        signal: Option<i32>,
+        /// Attempt duration.
+        duration_ms: Option<u64>,
+        /// Why: error, timeout, interruption, no_capacity, ...
+        reason: String,
+        /// Detail.
+        message: Option<String>,
+    },
+}
+
+impl Payload {
+    /// The event type this payload belongs to.
+    pub fn event_type(&self) -> EventType {
+        match self {
+            Payload::Submitted { .. } => EventType::Submitted,
+            Payload::CancelRequested(_) => EventType::CancelRequested,
+            Payload::Cancelled(_) => EventType::Cancelled,
+            Payload::Queued(_) => EventType::Queued,
+            Payload::Assigned { .. } => EventType::Assigned,
+            Payload::Started { .. } => EventType::Started,
+            Payload::Succeeded { .. } => EventType::Succeeded,
+            Payload::Failed { .. } => EventType::Failed,
+        }
+    }
+}
+
+/// A decoded, schema-valid event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// CloudEvents attributes.
+    pub envelope: Envelope,
+    /// Task id (equals `envelope.subject` and the record key).
+    pub task_id: Uuid,
+    /// Per-task sequence number.
+    pub seq: u64,
+    /// Typed data.
+    pub payload: Payload,
+    /// The data exactly as it was on the log.
+    pub data: Value,
+}
+
+/// A record as read from (or about to be written to) Kafka, without any Kafka types.
+#[derive(Debug, Clone, Default)]
+pub struct RawRecord<'a> {
+    /// Record key.
+    pub key: Option<&'a [u8]>,
+    /// Record headers in order; a header may have no value.
+    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    /// Record value.
+    pub payload: Option<&'a [u8]>,
+}
+
+impl RawRecord<'_> {
+    /// The last value of header `name` as UTF-8, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.and_then(|b| std::str::from_utf8(b).ok()))
+    }
+}
+
+/// An event ready to append: key, headers and value.
+#[derive(Debug, Clone)]
+pub struct EncodedEvent {
+    /// Record key: the task id.
+    pub key: String,
+    /// Record headers (CloudEvents binary mode).
+    pub headers: Vec<(&'static str, String)>,
+    /// Record value: the JSON data.
+    pub payload: Vec<u8>,
+    /// `ce_id`, for finding the event again.
+    pub ce_id: String,
+    /// `ce_type`.
+    pub event_type: EventType,
+}
+
+impl Event {
+    /// Builds a new event with a fresh `ce_id` and the current time.
+    pub fn new(source: &str, task_id: Uuid, seq: u64, payload: Payload) -> Event {
+        let data = payload_to_data(task_id, seq, &payload);
+        Event {
+            envelope: Envelope {
+                id: Uuid::now_v7().to_string(),
+                source: source.to_string(),
+                event_type: payload.event_type(),
+                time: Utc::now(),
+                subject: task_id,
+            },
+            task_id,
+            seq,
+            payload,
+            data,
+        }
+    }
+
+    /// Encodes the event for Kafka in CloudEvents binary mode.
+    pub fn encode(&self) -> EncodedEvent {
+        EncodedEvent {
+            key: self.task_id.to_string(),
+            headers: vec![
+                (header::SPEC_VERSION, SPEC_VERSION.to_string()),
+                (header::ID, self.envelope.id.clone()),
+                (header::SOURCE, self.envelope.source.clone()),
+                (header::TYPE, self.envelope.event_type.as_str().to_string()),
+                (
+                    header::TIME,
+                    self.envelope
+                        .time
+                        .to_rfc3339_opts(SecondsFormat::Micros, true),
+                ),
+                (header::SUBJECT, self.task_id.to_string()),
+                (header::CONTENT_TYPE, CONTENT_TYPE.to_string()),
+            ],
+            payload: serde_json::to_vec(&self.data).unwrap_or_default(),
+            ce_id: self.envelope.id.clone(),
+            event_type: self.envelope.event_type,
+        }
+    }
+
+    /// Decodes and validates a record. Any problem is a [`Rejection`] naming it.
+    pub fn decode(record: &RawRecord<'_>) -> Result<Event, Rejection> {
+        let envelope_error = |m: String| Rejection::InvalidEnvelope(m);
+        let required = |name: &str| {
+            record
+                .header(name)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| envelope_error(format!("header {name} is missing or not UTF-8")))
+        };
+        let spec_version = required(header::SPEC_VERSION)?;
+        if spec_version != SPEC_VERSION {
+            return Err(envelope_error(format!(
+                "{} is {spec_version:?}, expected {SPEC_VERSION:?}",
+                header::SPEC_VERSION
+            )));
+        }
+        let type_name = required(header::TYPE)?;
+        let event_type = EventType::parse(type_name)
+            .ok_or_else(|| Rejection::UnknownType(type_name.to_string()))?;
+        let id = required(header::ID)?.to_string();
+        let source = required(header::SOURCE)?.to_string();
+        let time = required(header::TIME)?;
+        let time = DateTime::parse_from_rfc3339(time)
+            .map_err(|e| envelope_error(format!("{} {time:?} is not RFC 3339: {e}", header::TIME)))?
+            .with_timezone(&Utc);
+        let subject = required(header::SUBJECT)?;
+        let subject = Uuid::parse_str(subject).map_err(|_| {
+            envelope_error(format!("{} {subject:?} is not a UUID", header::SUBJECT))
+        })?;
+        if let Some(content_type) = record.header(header::CONTENT_TYPE) {
+            let media_type = content_type.split(';').next().unwrap_or("").trim();
+            if !media_type.eq_ignore_ascii_case(CONTENT_TYPE) {
+                return Err(envelope_error(format!(
+                    "content-type {content_type:?} is not {CONTENT_TYPE}"
+                )));
+            }
+        }
+        let bytes = record
+            .payload
+            .ok_or_else(|| Rejection::InvalidJson("the record has no value".into()))?;
+        let data: Value =
+            serde_json::from_slice(bytes).map_err(|e| Rejection::InvalidJson(e.to_string()))?;
+        schema::validate_event_data(event_type, &data).map_err(Rejection::SchemaViolation)?;
+        let (task_id, seq, payload) = data_to_payload(event_type, &data)?;
+        if task_id != subject {
+            return Err(Rejection::SubjectMismatch(format!(
+                "data.task_id {task_id} differs from {} {subject}",
+                header::SUBJECT
+            )));
+        }
+        if let Some(key) = record.key {
+            let matches = std::str::from_utf8(key)
+                .ok()
+                .and_then(|k| Uuid::parse_str(k).ok())
+                == Some(task_id);
+            if !matches {
+                return Err(Rejection::SubjectMismatch(format!(
+                    "record key {:?} differs from task id {task_id}",
+                    String::from_utf8_lossy(key)
+                )));
+            }
+        }
+        Ok(Event {
+            envelope: Envelope {
+                id,
+                source,
+                event_type,
+                time,
+                subject,
+            },
+            task_id,
+            seq,
+            payload,
+            data,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct Common {
+    task_id: Uuid,
+    seq: u64,
+}
+
+#[derive(Deserialize)]
+struct SubmittedData {
+    spec: TaskSpec,
+}
+
+#[derive(Deserialize)]
+struct AssignedData {
+    worker_id: String,
+    attempt: u32,
+}
+
+#[derive(Deserialize)]
+struct StartedData {
+    attempt: u32,
+    worker_id: Option<String>,
+    pid: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct SucceededData {
+    attempt: Option<u32>,
+    exit_code: Option<i32>,
+    duration_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct FailedData {
+    attempt: Option<u32>,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    duration_ms: Option<u64>,
+    reason: String,
+    message: Option<String>,
+}
+
+fn typed<T: for<'de> Deserialize<'de>>(data: &Value) -> Result<T, Rejection> {
+    T::deserialize(data).map_err(|e| Rejection::SchemaViolation(e.to_string()))
+}
+
+fn data_to_payload(event_type: EventType, data: &Value) -> Result<(Uuid, u64, Payload), Rejection> {
+    let common: Common = typed(data)?;
+    let payload = match event_type {
+        EventType::Submitted => {
+            let d: SubmittedData = typed(data)?;
+            d.spec
+                .check()
+                .map_err(|e| Rejection::SchemaViolation(format!("spec.{e}")))?;
+            Payload::Submitted { spec: d.spec }
+        }
+        EventType::CancelRequested => Payload::CancelRequested(typed(data)?),
+        EventType::Cancelled => Payload::Cancelled(typed(data)?),
+        EventType::Queued => Payload::Queued(typed(data)?),
+        EventType::Assigned => {
+            let d: AssignedData = typed(data)?;
+            Payload::Assigned {
+                worker_id: d.worker_id,
+                attempt: d.attempt,
+            }
+        }
+        EventType::Started => {
+            let d: StartedData = typed(data)?;
+            Payload::Started {
+                attempt: d.attempt,
+                worker_id: d.worker_id,
+                pid: d.pid,
+            }
+        }
+        EventType::Succeeded => {
+            let d: SucceededData = typed(data)?;
+            Payload::Succeeded {
+                attempt: d.attempt,
+                exit_code: d.exit_code,
+                duration_ms: d.duration_ms,
+            }
+        }
+        EventType::Failed => {
+            let d: FailedData = typed(data)?;
+            Payload::Failed {
+                attempt: d.attempt,
+                exit_code: d.exit_code,
+                signal: d.signal,
+                duration_ms: d.duration_ms,
+                reason: d.reason,
+                message: d.message,
+            }
+        }
+    };
+    Ok((common.task_id, common.seq, payload))
+}
+
+fn payload_to_data(task_id: Uuid, seq: u64, payload: &Payload) -> Value {
+    let mut data = serde_json::Map::new();
+    data.insert("task_id".into(), Value::String(task_id.to_string()));
+    data.insert("seq".into(), Value::from(seq));
+    let mut put = |k: &str, v: Value| {
+        if !v.is_null() {
+            data.insert(k.to_string(), v);
+        }
+    };
+    match payload {
+        Payload::Submitted { spec } => {
+            put("spec", serde_json::to_value(spec).unwrap_or(Value::Null));
+        }
+        Payload::CancelRequested(r) | Payload::Cancelled(r) | Payload::Queued(r) => {
+            put("reason", serde_json::to_value(&r.reason).unwrap_or_default());
+            put("message", serde_json::to_value(&r.message).unwrap_or_default());
+        }
+        Payload::Assigned { worker_id, attempt } => {
+            put("worker_id", Value::from(worker_id.clone()));
+            put("attempt", Value::from(*attempt));
+        }
+        Payload::Started {
+            attempt,
+            worker_id,
+            pid,
+        } => {
+            put("attempt", Value::from(*attempt));
+            put("worker_id", serde_json::to_value(worker_id).unwrap_or_default());
+            put("pid", serde_json::to_value(pid).unwrap_or_default());
+        }
+        Payload::Succeeded {
+            attempt,
+            exit_code,
+            duration_ms,
+        } => {
+            put("attempt", serde_json::to_value(attempt).unwrap_or_default());
+            put("exit_code", serde_json::to_value(exit_code).unwrap_or_default());
+            put("duration_ms", serde_json::to_value(duration_ms).unwrap_or_default());
+        }
+        Payload::Failed {
+            attempt,
+            exit_code,
+            signal,
+            duration_ms,
+            reason,
+            message,
+        } => {
+            put("attempt", serde_json::to_value(attempt).unwrap_or_default());
+            put("exit_code", serde_json::to_value(exit_code).unwrap_or_default());
+            put("signal", serde_json::to_value(signal).unwrap_or_default());
+            put("duration_ms", serde_json::to_value(duration_ms).unwrap_or_default());
+            put("reason", Value::from(reason.clone()));
+            put("message", serde_json::to_value(message).unwrap_or_default());
+        }
+    }
+    Value::Object(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn submitted() -> Event {
+        let spec = TaskSpec {
+            shell: Some("echo hi".into()),
+            ..Default::default()
+        };
+        Event::new("tasklog://test", Uuid::now_v7(), 1, Payload::Submitted { spec })
+    }
+
+    fn raw(e: &EncodedEvent) -> RawRecord<'_> {
+        RawRecord {
+            key: Some(e.key.as_bytes()),
+            headers: e.headers.iter().map(|(k, v)| (*k, Some(v.as_bytes()))).collect(),
+            payload: Some(&e.payload),
+        }
+    }
+
+    #[test]
+    fn encode_then_decode_round_trips() {
+        let event = submitted();
+        let encoded = event.encode();
+        let decoded = Event::decode(&raw(&encoded)).expect("decodes");
+        assert_eq!(decoded.task_id, event.task_id);
+        assert_eq!(decoded.seq, 1);
+        assert_eq!(decoded.payload, event.payload);
+        assert_eq!(decoded.envelope.id, event.envelope.id);
+        // Microsecond precision survives the trip.
+        assert_eq!(
+            decoded.envelope.time.timestamp_micros(),
+            event.envelope.time.timestamp_micros()
+        );
+    }
+
+    #[test]
+    fn every_payload_round_trips_and_validates() {
+        let id = Uuid::now_v7();
+        let reason = ReasonData {
+            reason: Some("user".into()),
+            message: None,
+        };
+        let payloads = vec![
+            Payload::CancelRequested(reason.clone()),
+            Payload::Cancelled(reason.clone()),
+            Payload::Queued(ReasonData::default()),
+            Payload::Assigned {
+                worker_id: "w1".into(),
+                attempt: 1,
+            },
+            Payload::Started {
+                attempt: 1,
+                worker_id: Some("w1".into()),
+                pid: Some(42),
+            },
+            Payload::Succeeded {
+                attempt: Some(1),
+                exit_code: Some(0),
+                duration_ms: Some(5),
+            },
+            Payload::Failed {
+                attempt: Some(1),
+                exit_code: Some(3),
+                signal: None,
+                duration_ms: None,
+                reason: "error".into(),
+                message: Some("boom".into()),
+            },
+        ];
+        for p in payloads {
+            let e = Event::new("s", id, 2, p.clone());
+            let encoded = e.encode();
+            let decoded = Event::decode(&raw(&encoded)).expect("decodes");
+            assert_eq!(decoded.payload, p);
+        }
+    }
+
+    fn rejection_code(mutate: impl FnOnce(&mut Vec<(&'static str, String)>, &mut Vec<u8>)) -> String {
+        let mut encoded = submitted().encode();
+        mutate(&mut encoded.headers, &mut encoded.payload);
+        Event::decode(&raw(&encoded)).unwrap_err().code().to_string()
+    }
+
+    #[test]
+    fn malformed_records_are_rejected_with_their_reason() {
+        assert_eq!(rejection_code(|_, p| *p = b"{not json".to_vec()), "invalid_json");
+        assert_eq!(
+            rejection_code(|h, _| h.retain(|(k, _)| *k != header::ID)),
+            "invalid_envelope"
+        );
+        assert_eq!(
+            rejection_code(|h, _| h[0].1 = "0.3".into()),
+            "invalid_envelope"
+        );
+        assert_eq!(
+            rejection_code(|h, _| h[3].1 = "dev.tasklog.task.exploded.v1".into()),
+            "unknown_type"
+        );
+        assert_eq!(
+            rejection_code(|h, _| h[4].1 = "yesterday".into()),
+            "invalid_envelope"
+        );
+        assert_eq!(
+            rejection_code(|h, _| h[5].1 = Uuid::now_v7().to_string()),
+            "subject_mismatch"
+        );
+        assert_eq!(
+            rejection_code(|h, _| h[6].1 = "text/plain".into()),
+            "invalid_envelope"
+        );
+        assert_eq!(
+            rejection_code(|_, p| {
+                let mut v: Value = serde_json::from_slice(p).unwrap();
+                v["spec"]["priority"] = Value::from(1000);
+                *p = serde_json::to_vec(&v).unwrap();
+            }),
+            "schema_violation"
+        );
+    }
+
+    #[test]
+    fn the_key_must_be_the_task() {
+        let encoded = submitted().encode();
+        let mut record = raw(&encoded);
+        record.key = Some(b"someone-else");
+        assert_eq!(Event::decode(&record).unwrap_err().code(), "subject_mismatch");
+        record.key = None;
+        assert!(Event::decode(&record).is_ok(), "a missing key is tolerated");
+    }
+
+    #[test]
+    fn content_type_parameters_are_allowed() {
+        let mut encoded = submitted().encode();
+        encoded.headers[6].1 = "application/json; charset=utf-8".into();
+        assert!(Event::decode(&raw(&encoded)).is_ok());
+    }
+}

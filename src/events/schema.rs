@@ -1,0 +1,146 @@
+//! JSON Schemas for event data, compiled once and shared by the API and the projector.
+//!
+//! The schema files live in `schemas/` at the repository root and are embedded into the
+//! binary, so what producers read is exactly what tasklog enforces.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use jsonschema::{Registry, Validator};
+use serde_json::Value;
+
+use super::EventType;
+
+/// The task spec schema, as published in `schemas/task-spec.v1.json`.
+pub const TASK_SPEC_SCHEMA: &str = include_str!("../../schemas/task-spec.v1.json");
+
+const TASK_SPEC_URI: &str = "https://tasklog.dev/schemas/task-spec.v1.json";
+
+/// One schema file per event type, embedded at build time.
+fn event_schema_source(event_type: EventType) -> &'static str {
+    match event_type {
+        EventType::Submitted => {
+            include_str!("../../schemas/events/dev.tasklog.task.submitted.v1.json")
+        }
+        EventType::CancelRequested => {
+            include_str!("../../schemas/events/dev.tasklog.task.cancel_requested.v1.json")
+        }
+        EventType::Cancelled => {
+            include_str!("../../schemas/events/dev.tasklog.task.cancelled.v1.json")
+        }
+        EventType::Queued => include_str!("../../schemas/events/dev.tasklog.task.queued.v1.json"),
+        EventType::Assigned => {
+            include_str!("../../schemas/events/dev.tasklog.task.assigned.v1.json")
+        }
+        EventType::Started => include_str!("../../schemas/events/dev.tasklog.task.started.v1.json"),
+        EventType::Succeeded => {
+            include_str!("../../schemas/events/dev.tasklog.task.succeeded.v1.json")
+        }
+        EventType::Failed => include_str!("../../schemas/events/dev.tasklog.task.failed.v1.json"),
+    }
+}
+
+struct Compiled {
+    task_spec: Validator,
+    events: HashMap<EventType, Validator>,
+}
+
+fn compiled() -> &'static Compiled {
+    static COMPILED: OnceLock<Compiled> = OnceLock::new();
+    COMPILED.get_or_init(|| {
+        // The schemas are part of the binary: failing to parse them is a build defect,
+        // caught by the unit tests below, never by user input.
+        let spec: Value = serde_json::from_str(TASK_SPEC_SCHEMA).expect("task spec schema is JSON");
+        let registry = Registry::new()
+            .add(TASK_SPEC_URI, spec.clone())
+            .expect("task spec schema registers")
+            .prepare()
+            .expect("schema registry prepares");
+        let build = |schema: &Value| {
+            jsonschema::options()
+                .with_registry(&registry)
+                .build(schema)
+                .expect("embedded schema compiles")
+        };
+        let events = EventType::ALL
+            .iter()
+            .map(|t| {
+                let schema: Value =
+                    serde_json::from_str(event_schema_source(*t)).expect("event schema is JSON");
+                (*t, build(&schema))
+            })
+            .collect();
+        Compiled {
+            task_spec: build(&spec),
+            events,
+        }
+    })
+}
+
+/// The published schema of one event type's data.
+pub fn event_schema(event_type: EventType) -> &'static str {
+    event_schema_source(event_type)
+}
+
+/// Validates a task spec; the error names the first offending field.
+pub fn validate_task_spec(spec: &Value) -> Result<(), String> {
+    first_error(&compiled().task_spec, spec)
+}
+
+/// Validates the data of an event against its type's schema.
+pub fn validate_event_data(event_type: EventType, data: &Value) -> Result<(), String> {
+    first_error(&compiled().events[&event_type], data)
+}
+
+fn first_error(validator: &Validator, instance: &Value) -> Result<(), String> {
+    match validator.iter_errors(instance).next() {
+        None => Ok(()),
+        Some(error) => {
+            let path = error.instance_path().to_string();
+            let field = path.trim_start_matches('/').replace('/', ".");
+            if field.is_empty() {
+                Err(error.to_string())
+            } else {
+                Err(format!("{field}: {error}"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_embedded_schema_compiles() {
+        for t in EventType::ALL {
+            let _ = validate_event_data(*t, &json!({}));
+        }
+        assert!(validate_task_spec(&json!({"shell": "true"})).is_ok());
+    }
+
+    #[test]
+    fn spec_errors_name_the_field() {
+        let err = validate_task_spec(&json!({"shell": "x", "priority": 150})).unwrap_err();
+        assert!(err.starts_with("priority:"), "{err}");
+        let err = validate_task_spec(&json!({"shell": "x", "colour": "red"})).unwrap_err();
+        assert!(err.contains("colour"), "{err}");
+        let err =
+            validate_task_spec(&json!({"shell": "x", "resources": {"cpu": -1}})).unwrap_err();
+        assert!(err.starts_with("resources.cpu:"), "{err}");
+        assert!(validate_task_spec(&json!({"command": ["a"], "shell": "b"})).is_err());
+        assert!(validate_task_spec(&json!({"name": "no command"})).is_err());
+    }
+
+    #[test]
+    fn submitted_data_validates_the_embedded_spec() {
+        let ok = json!({"task_id": "0190d5a8-7bf8-7c3a-9a4e-0c8d2f3b4a5c", "seq": 1, "spec": {"shell": "true"}});
+        assert!(validate_event_data(EventType::Submitted, &ok).is_ok());
+        let bad = json!({"task_id": "0190d5a8-7bf8-7c3a-9a4e-0c8d2f3b4a5c", "seq": 1, "spec": {"shell": "true", "priority": "high"}});
+        let err = validate_event_data(EventType::Submitted, &bad).unwrap_err();
+        assert!(err.starts_with("spec.priority:"), "{err}");
+        let missing = json!({"task_id": "0190d5a8-7bf8-7c3a-9a4e-0c8d2f3b4a5c", "seq": 1});
+        assert!(validate_event_data(EventType::Submitted, &missing).is_err());
+    }
+}

@@ -1,0 +1,506 @@
+//! Kafka I/O: topic names, client settings, the idempotent appender, topic creation,
+//! watermarks, and Kafka's default (murmur2) partitioner.
+//!
+//! Everything here talks to a broker over a socket; the embedded development broker
+//! lives in [`dev_broker`].
+
+pub mod dev_broker;
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::events::EncodedEvent;
+
+/// Default broker list: the embedded development broker.
+pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
+/// Default number of partitions for topics tasklog creates.
+pub const DEFAULT_PARTITIONS: i32 = 12;
+
+/// Names of the topics tasklog uses, derived from one prefix (default `tasklog`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// Task (and later worker/service) events. Kept forever.
+    pub events: String,
+    /// Dead letters: records the projector could not apply, with the reason in headers.
+    pub dlq: String,
+}
+
+impl Topics {
+    /// Topics named `<prefix>.events` and `<prefix>.dlq`.
+    pub fn with_prefix(prefix: &str) -> Topics {
+        Topics {
+            events: format!("{prefix}.events"),
+            dlq: format!("{prefix}.dlq"),
+        }
+    }
+
+    /// All topics with the settings they are created with.
+    pub fn all(&self) -> Vec<TopicSpec> {
+        vec![
+            TopicSpec {
+                name: self.events.clone(),
+                retention_ms: -1,
+            },
+            TopicSpec {
+                name: self.dlq.clone(),
+                retention_ms: -1,
+            },
+        ]
+    }
+}
+
+/// A topic tasklog needs, and how to create it when missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// Topic name.
+    pub name: String,
+    /// `retention.ms` (-1: forever).
+    pub retention_ms: i64,
+}
+
+/// Errors talking to Kafka, with context.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaIoError {
+    /// A client could not be created (bad settings).
+    #[error("cannot create a Kafka client for {brokers}: {source}")]
+    Client {
+        /// The broker list.
+        brokers: String,
+        /// The underlying error.
+        source: KafkaError,
+    },
+    /// Metadata could not be fetched.
+    #[error("cannot reach the Kafka brokers at {brokers}: {source}")]
+    Unreachable {
+        /// The broker list.
+        brokers: String,
+        /// The underlying error.
+        source: KafkaError,
+    },
+    /// A topic is missing and could not be created.
+    #[error("topic {topic} does not exist and could not be created: {reason}")]
+    TopicMissing {
+        /// The topic.
+        topic: String,
+        /// Why creation failed.
+        reason: String,
+    },
+}
+
+/// Base client settings shared by producers and consumers.
+pub fn client_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("client.id", "tasklog")
+        .set("socket.keepalive.enable", "true")
+        // Loopback brokers answer in microseconds; do not wait long before reconnecting.
+        .set("reconnect.backoff.ms", "50")
+        .set("reconnect.backoff.max.ms", "1000")
+        .set("topic.metadata.refresh.interval.ms", "10000");
+    config
+}
+
+/// Where an appended record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Appended {
+    /// Partition.
+    pub partition: i32,
+    /// Offset within the partition.
+    pub offset: i64,
+}
+
+/// Why an append was not acknowledged.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AppendError {
+    /// The broker did not acknowledge within the append timeout. The record may or may
+    /// not be on the log; a retry with the same idempotency key is safe.
+    #[error("the Kafka broker did not acknowledge the append within {0:?}: {1}")]
+    Unavailable(Duration, String),
+    /// The broker refused the record.
+    #[error("the Kafka broker refused the record: {0}")]
+    Refused(String),
+}
+
+/// Settings of an [`Appender`].
+#[derive(Debug, Clone)]
+pub struct AppenderOptions {
+    /// Broker list.
+    pub brokers: String,
+    /// How long an append may take before it counts as failed (`message.timeout.ms`).
+    pub timeout: Duration,
+    /// `linger.ms`: how long the producer waits to fill a batch.
+    pub linger: Duration,
+}
+
+impl AppenderOptions {
+    /// Defaults: 10 s timeout, 1 ms linger.
+    pub fn new(brokers: &str) -> AppenderOptions {
+        AppenderOptions {
+            brokers: brokers.to_string(),
+            timeout: Duration::from_secs(10),
+            linger: Duration::from_millis(1),
+        }
+    }
+}
+
+/// The producer settings used for every append (also by the benchmark's raw baseline).
+pub fn producer_config(options: &AppenderOptions) -> ClientConfig {
+    let mut config = client_config(&options.brokers);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", options.linger.as_millis().to_string())
+        .set("message.timeout.ms", options.timeout.as_millis().max(1).to_string())
+        .set("socket.connection.setup.timeout.ms", "5000")
+        .set("queue.buffering.max.messages", "1000000")
+        // Same partition for the same key as Java clients and Kafka Streams.
+        .set("partitioner", "murmur2_random");
+    config
+}
+
+/// Appends records through one idempotent producer (`enable.idempotence=true`,
+/// `acks=all`) and reports where each one landed, only after the broker's ack.
+#[derive(Clone)]
+pub struct Appender {
+    producer: FutureProducer,
+    timeout: Duration,
+}
+
+impl Appender {
+    /// Creates the producer. It connects lazily.
+    pub fn new(options: &AppenderOptions) -> Result<Appender, KafkaIoError> {
+        let producer = producer_config(options)
+            .create()
+            .map_err(|source| KafkaIoError::Client {
+                brokers: options.brokers.clone(),
+                source,
+            })?;
+        Ok(Appender {
+            producer,
+            timeout: options.timeout,
+        })
+    }
+
+    /// Appends one event to `topic`.
+    pub async fn append(&self, topic: &str, event: &EncodedEvent) -> Result<Appended, AppendError> {
+        self.append_all(topic, std::slice::from_ref(event))
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(AppendError::Refused("nothing was sent".into())))
+    }
+
+    /// Appends events in order (records with the same key keep their order) and waits
+    /// for every acknowledgement. One result per event, in the same order.
+    pub async fn append_all(
+        &self,
+        topic: &str,
+        events: &[EncodedEvent],
+    ) -> Vec<Result<Appended, AppendError>> {
+        let pending: Vec<_> = events
+            .iter()
+            .map(|e| self.send(topic, Some(e.key.as_bytes()), &e.headers, &e.payload))
+            .collect();
+        let mut results = Vec::with_capacity(pending.len());
+        for p in pending {
+            results.push(p.await);
+        }
+        results
+    }
+
+    /// Sends one record with string headers; resolves when acknowledged.
+    pub fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        headers: &[(&str, String)],
+        payload: &[u8],
+    ) -> impl Future<Output = Result<Appended, AppendError>> + Send + 'static {
+        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+        for (k, v) in headers {
+            owned = owned.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::to(topic).payload(payload).headers(owned);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        let timeout = self.timeout;
+        let queued = self.enqueue(record);
+        async move {
+            let delivery = queued?;
+            // librdkafka enforces message.timeout.ms itself; the outer timeout only
+            // guards against a delivery report that never comes.
+            match tokio::time::timeout(timeout + Duration::from_secs(2), delivery).await {
+                Err(_) => Err(AppendError::Unavailable(timeout, "no delivery report".into())),
+                Ok(Err(_cancelled)) => Err(AppendError::Unavailable(
+                    timeout,
+                    "the producer was shut down".into(),
+                )),
+                Ok(Ok(Ok(d))) => Ok(Appended {
+                    partition: d.partition,
+                    offset: d.offset,
+                }),
+                Ok(Ok(Err((e, _)))) => Err(classify(timeout, e)),
+            }
+        }
+    }
+
+    fn enqueue(
+        &self,
+        mut record: FutureRecord<'_, [u8], [u8]>,
+    ) -> Result<rdkafka::producer::DeliveryFuture, AppendError> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    // The local queue is full: let librdkafka drain it a little.
+                    self.producer.poll(Duration::from_millis(5));
+                    record = r;
+                }
+                Err((e, _)) => return Err(classify(self.timeout, e)),
+            }
+        }
+    }
+
+    /// Waits until everything queued is acknowledged (or the timeout passes).
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer.flush(timeout)
+    }
+}
+
+fn classify(timeout: Duration, e: KafkaError) -> AppendError {
+    match e.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::MessageTimedOut
+            | RDKafkaErrorCode::QueueFull
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::NetworkException
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::NotEnoughReplicas
+            | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+            | RDKafkaErrorCode::LeaderNotAvailable
+            | RDKafkaErrorCode::NotLeaderForPartition,
+        ) => AppendError::Unavailable(timeout, e.to_string()),
+        _ => AppendError::Refused(e.to_string()),
+    }
+}
+
+/// Makes sure every topic exists: missing ones are created with `partitions`
+/// partitions through the admin API. A broker that cannot create topics (the embedded
+/// mock) must have them created up front, as `tasklog dev-broker` does.
+pub async fn ensure_topics(
+    brokers: &str,
+    topics: &[TopicSpec],
+    partitions: i32,
+) -> Result<(), KafkaIoError> {
+    let existing = list_topics(brokers).await?;
+    let missing: Vec<&TopicSpec> = topics
+        .iter()
+        .filter(|t| !existing.iter().any(|(name, _)| *name == t.name))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(brokers)
+            .create()
+            .map_err(|source| KafkaIoError::Client {
+                brokers: brokers.to_string(),
+                source,
+            })?;
+    let retention: Vec<String> = missing.iter().map(|t| t.retention_ms.to_string()).collect();
+    let new_topics: Vec<NewTopic<'_>> = missing
+        .iter()
+        .zip(&retention)
+        .map(|(t, r)| {
+            NewTopic::new(&t.name, partitions, TopicReplication::Fixed(-1))
+                .set("retention.ms", r)
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(new_topics.iter(), &options)
+        .await
+        .map_err(|e| KafkaIoError::TopicMissing {
+            topic: missing[0].name.clone(),
+            reason: e.to_string(),
+        })?;
+    for result in results {
+        if let Err((topic, code)) = result
+            && code != RDKafkaErrorCode::TopicAlreadyExists
+        {
+            return Err(KafkaIoError::TopicMissing {
+                topic,
+                reason: code.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Lists topics and their partition counts. Never auto-creates a topic.
+pub async fn list_topics(brokers: &str) -> Result<Vec<(String, i32)>, KafkaIoError> {
+    let brokers = brokers.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer =
+            client_config(&brokers)
+                .create()
+                .map_err(|source| KafkaIoError::Client {
+                    brokers: brokers.clone(),
+                    source,
+                })?;
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(5))
+            .map_err(|source| KafkaIoError::Unreachable {
+                brokers: brokers.clone(),
+                source,
+            })?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+            .collect())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(KafkaIoError::TopicMissing {
+            topic: String::new(),
+            reason: e.to_string(),
+        })
+    })
+}
+
+/// Low and high watermarks of every partition of `topic`, indexed by partition.
+pub async fn watermarks(brokers: &str, topic: &str) -> Result<Vec<(i64, i64)>, KafkaIoError> {
+    let brokers = brokers.to_string();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let unreachable = |source| KafkaIoError::Unreachable {
+            brokers: brokers.clone(),
+            source,
+        };
+        let consumer: BaseConsumer =
+            client_config(&brokers)
+                .create()
+                .map_err(|source| KafkaIoError::Client {
+                    brokers: brokers.clone(),
+                    source,
+                })?;
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(5))
+            .map_err(unreachable)?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        (0..partitions as i32)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(&topic, p, Duration::from_secs(5))
+                    .map_err(unreachable)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(KafkaIoError::TopicMissing {
+            topic: String::new(),
+            reason: e.to_string(),
+        })
+    })
+}
+
+/// Kafka's murmur2 hash, as in the Java client's `Utils.murmur2`.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition Kafka's default partitioner (and tasklog's producers, which use
+/// `murmur2_random`) choose for `key` among `partitions`.
+pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
+    if partitions <= 0 {
+        return 0;
+    }
+    ((murmur2(key) as u32 & 0x7fff_ffff) % partitions as u32) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Vectors from Kafka's UtilsTest.testMurmur2.
+        assert_eq!(murmur2(b"21"), -973_932_308);
+        assert_eq!(murmur2(b"foobar"), -790_332_482);
+        assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
+        assert_eq!(
+            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
+            -58_897_971
+        );
+        assert_eq!(murmur2(b"abc"), 479_470_107);
+    }
+
+    #[test]
+    fn partitions_are_in_range_and_stable() {
+        for i in 0..1000 {
+            let key = format!("task-{i}");
+            let p = partition_for_key(key.as_bytes(), 12);
+            assert!((0..12).contains(&p));
+            assert_eq!(p, partition_for_key(key.as_bytes(), 12));
+        }
+        assert_eq!(partition_for_key(b"x", 0), 0);
+    }
+
+    #[test]
+    fn topic_names_follow_the_prefix() {
+        let t = Topics::with_prefix("t42");
+        assert_eq!(t.events, "t42.events");
+        assert_eq!(t.dlq, "t42.dlq");
+        assert_eq!(t.all().len(), 2);
+    }
+}

@@ -1,0 +1,15 @@
+//! tasklog: event-sourced, log-centric job orchestration and tracking.
+//!
+//! Every fact about a task is an event appended to Kafka; projections fold those events
+//! into Postgres, exactly once. The modules follow the architecture:
+//!
+//! - [`events`]: the CloudEvents envelope, event types, JSON Schemas and the pure state machine.
+//! - [`kafka`]: producers, topics, partitioning and the embedded development broker.
+//! - [`store`]: Postgres: migrations, the projection's tables and the read side.
+//! - [`projector`]: consumes the events topic and applies it to Postgres exactly once.
+//! - [`api`]: the HTTP API.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`cli`]: the `tasklog` command line.
+
+pub mod events;
+pub mod kafka;
