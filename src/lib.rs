@@ -11,5 +11,11 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: the `tasklog` command line.
 
+pub mod api;
+pub mod bench;
+pub mod cli;
 pub mod events;
 pub mod kafka;
+pub mod metrics;
+pub mod projector;
+pub mod store;

@@ -207,7 +207,7 @@ impl Appender {
     ) -> Vec<Result<Appended, AppendError>> {
         let pending: Vec<_> = events
             .iter()
-            .map(|e| self.send(topic, Some(e.key.as_bytes()), &e.headers, &e.payload))
+            .map(|e| self.send(topic, Some(e.key.as_bytes()), event_headers(e), &e.payload))
             .collect();
         let mut results = Vec::with_capacity(pending.len());
         for p in pending {
@@ -216,22 +216,16 @@ impl Appender {
         results
     }
 
-    /// Sends one record with string headers; resolves when acknowledged.
+    /// Sends one record; the returned future resolves when the broker acknowledges it.
+    /// Records sent one after another with the same key keep their order.
     pub fn send(
         &self,
         topic: &str,
         key: Option<&[u8]>,
-        headers: &[(&str, String)],
+        headers: OwnedHeaders,
         payload: &[u8],
     ) -> impl Future<Output = Result<Appended, AppendError>> + Send + 'static {
-        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
-        for (k, v) in headers {
-            owned = owned.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
-        let mut record = FutureRecord::to(topic).payload(payload).headers(owned);
+        let mut record = FutureRecord::to(topic).payload(payload).headers(headers);
         if let Some(key) = key {
             record = record.key(key);
         }
@@ -280,6 +274,18 @@ impl Appender {
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.producer.flush(timeout)
     }
+}
+
+/// The CloudEvents headers of an encoded event.
+pub fn event_headers(event: &EncodedEvent) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(event.headers.len());
+    for (k, v) in &event.headers {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    headers
 }
 
 fn classify(timeout: Duration, e: KafkaError) -> AppendError {

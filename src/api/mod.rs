@@ -1,0 +1,240 @@
+//! The HTTP API (axum): submit, read, list and cancel tasks; health, readiness, metrics.
+//!
+//! Writes go to Kafka and are acknowledged only once the broker has the record; reads
+//! come from the Postgres projection, with an optional wait for read-your-writes.
+
+mod error;
+mod tasks;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::sync::watch;
+
+pub use error::ApiError;
+
+use crate::kafka::{Appender, Topics};
+use crate::metrics::{metrics, render};
+use crate::store::Store;
+
+/// Largest request body accepted (a batch of 1000 specs fits easily).
+pub const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// Settings of the API.
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    /// Broker list (for readiness).
+    pub brokers: String,
+    /// Topics.
+    pub topics: Topics,
+    /// Partitions of the events topic (to locate a task's partition by its key).
+    pub partitions: i32,
+    /// `ce_source` of the events the API appends.
+    pub source: String,
+    /// How long a cancel waits for the projection to confirm it.
+    pub cancel_wait: Duration,
+    /// Longest `wait_ms` a reader may ask for.
+    pub max_wait: Duration,
+}
+
+impl ApiOptions {
+    /// Defaults for the given brokers and topics.
+    pub fn new(brokers: &str, topics: Topics, partitions: i32) -> ApiOptions {
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        ApiOptions {
+            brokers: brokers.to_string(),
+            topics,
+            partitions,
+            source: format!("tasklog://api/{host}"),
+            cancel_wait: Duration::from_secs(5),
+            max_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Shared state of the handlers.
+pub struct AppState {
+    /// Postgres.
+    pub store: Store,
+    /// Kafka producer.
+    pub appender: Appender,
+    /// Settings.
+    pub options: ApiOptions,
+    /// Changes after every projector commit.
+    pub projection: watch::Receiver<u64>,
+    /// Submissions with an idempotency key this process appended recently, so that a
+    /// quick retry is recognised before the projection has caught up.
+    recent_keys: Mutex<RecentKeys>,
+}
+
+impl AppState {
+    /// Builds the state; starts following projector notifications.
+    pub fn new(store: Store, appender: Appender, options: ApiOptions) -> Arc<AppState> {
+        let projection = store.follow_projection();
+        Arc::new(AppState {
+            store,
+            appender,
+            options,
+            projection,
+            recent_keys: Mutex::new(RecentKeys::default()),
+        })
+    }
+}
+
+/// A bounded memory of recent keyed submissions (task id -> spec and response).
+#[derive(Default)]
+struct RecentKeys {
+    map: HashMap<uuid::Uuid, (serde_json::Value, serde_json::Value)>,
+    order: VecDeque<uuid::Uuid>,
+}
+
+impl RecentKeys {
+    const CAPACITY: usize = 100_000;
+
+    fn get(&self, id: &uuid::Uuid) -> Option<&(serde_json::Value, serde_json::Value)> {
+        self.map.get(id)
+    }
+
+    fn insert(&mut self, id: uuid::Uuid, spec: serde_json::Value, response: serde_json::Value) {
+        if self.map.insert(id, (spec, response)).is_none() {
+            self.order.push_back(id);
+            if self.order.len() > Self::CAPACITY
+                && let Some(old) = self.order.pop_front()
+            {
+                self.map.remove(&old);
+            }
+        }
+    }
+}
+
+/// The router with every route.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/tasks", post(tasks::submit).get(tasks::list))
+        .route("/v1/tasks/batch", post(tasks::submit_batch))
+        .route("/v1/tasks/{id}", get(tasks::get_task))
+        .route("/v1/tasks/{id}/events", get(tasks::events))
+        .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not accept that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(observe))
+        .with_state(state)
+}
+
+/// Serves the API on `addr` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds the API's listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Records request duration by route, method and status.
+async fn observe(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().as_str().to_string();
+    let response = next.run(request).await;
+    metrics()
+        .http_duration
+        .with_label_values(&[&route, &method, response.status().as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+    let not_ready = |what: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", what);
+    match tokio::time::timeout(Duration::from_secs(3), state.store.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(not_ready(format!("postgres: {e}"))),
+        Err(_) => return Err(not_ready("postgres: no answer within 3 s".into())),
+    }
+    match tokio::time::timeout(
+        Duration::from_secs(6),
+        crate::kafka::list_topics(&state.options.brokers),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(not_ready(format!("kafka: {e}"))),
+        Err(_) => return Err(not_ready("kafka: no answer within 6 s".into())),
+    }
+    Ok(axum::Json(serde_json::json!({"status": "ready"})))
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    if let Ok(counts) = state.store.state_counts().await {
+        for (s, n) in counts {
+            metrics().tasks.with_label_values(&[&s]).set(n);
+        }
+    }
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render(),
+    )
+}
+
+/// A JSON request body parsed by us, so that every failure is a JSON 4xx.
+pub struct JsonBody(pub serde_json::Value);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            let status = e.status();
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    status,
+                    "payload_too_large",
+                    format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                ApiError::bad_request("invalid_body", e.body_text())
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JsonBody(serde_json::Value::Null));
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))
+    }
+}

@@ -1,0 +1,709 @@
+//! Task routes: submit (single and batch), get, list, history, cancel.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::{ApiError, AppState, JsonBody};
+use crate::events::{
+    self, EncodedEvent, Event, EventType, Payload, ReasonData, TaskSpec, TaskStatus,
+};
+use crate::kafka::{Appended, partition_for_key};
+use crate::metrics::metrics;
+use crate::store::{EventOutcome, TaskFilter, TaskRecord};
+
+/// Most tasks in one batch submission.
+pub const MAX_BATCH: usize = 1000;
+/// Largest encoded event accepted (Kafka's default `message.max.bytes` is 1 MB).
+pub const MAX_EVENT_BYTES: usize = 900_000;
+/// Namespace of task ids derived from idempotency keys (UUIDv5).
+pub const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6b1d_3c1e_4f0a_4e8b_9a57_2c6d_1e3f_7a90);
+
+/// The task id for an idempotency key: the same key always names the same task.
+pub fn task_id_for_key(key: &str) -> Uuid {
+    Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, key.as_bytes())
+}
+
+/// A validated submission, ready to append.
+struct Prepared {
+    id: Uuid,
+    spec: TaskSpec,
+    keyed: bool,
+    encoded: EncodedEvent,
+    initial_state: TaskStatus,
+}
+
+fn prepare(state: &AppState, body: Value, header_key: Option<&str>) -> Result<Prepared, ApiError> {
+    let Value::Object(mut object) = body else {
+        return Err(ApiError::bad_request(
+            "invalid_spec",
+            "the task spec must be a JSON object",
+        ));
+    };
+    if let Some(header_key) = header_key {
+        match object.get("idempotency_key") {
+            Some(Value::String(k)) if k != header_key => {
+                return Err(ApiError::bad_request(
+                    "idempotency_key_mismatch",
+                    "the Idempotency-Key header and the idempotency_key field differ",
+                ));
+            }
+            _ => {
+                object.insert("idempotency_key".into(), Value::String(header_key.to_string()));
+            }
+        }
+    }
+    let body = Value::Object(object);
+    events::schema::validate_task_spec(&body)
+        .map_err(|m| ApiError::bad_request("invalid_spec", m))?;
+    let spec: TaskSpec =
+        serde_json::from_value(body).map_err(|e| ApiError::bad_request("invalid_spec", e.to_string()))?;
+    spec.check()
+        .map_err(|e| ApiError::bad_request("invalid_spec", e.to_string()))?;
+    let (id, keyed) = match &spec.idempotency_key {
+        Some(key) => (task_id_for_key(key), true),
+        None => (Uuid::now_v7(), false),
+    };
+    let initial_state = if spec.after.is_empty() {
+        TaskStatus::Queued
+    } else {
+        TaskStatus::Pending
+    };
+    let event = Event::new(&state.options.source, id, 1, Payload::Submitted { spec: spec.clone() });
+    let encoded = event.encode();
+    if encoded.payload.len() > MAX_EVENT_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "spec_too_large",
+            format!(
+                "the encoded task is {} bytes; the limit is {MAX_EVENT_BYTES}",
+                encoded.payload.len()
+            ),
+        ));
+    }
+    Ok(Prepared {
+        id,
+        spec,
+        keyed,
+        encoded,
+        initial_state,
+    })
+}
+
+fn accepted(id: Uuid, state: TaskStatus, seq: u64, at: Appended) -> Value {
+    json!({
+        "id": id,
+        "state": state,
+        "seq": seq,
+        "event": {"partition": at.partition, "offset": at.offset},
+    })
+}
+
+/// What an earlier submission with the same key says about this one.
+enum Replay {
+    /// Not seen: append.
+    New,
+    /// Seen with the same spec: answer with this.
+    Same(Value),
+    /// Seen with another spec.
+    Conflict,
+}
+
+fn replay_of(state: &AppState, p: &Prepared, stored: Option<&TaskRecord>) -> Replay {
+    if !p.keyed {
+        return Replay::New;
+    }
+    if let Some(record) = stored {
+        return if record.task.spec == p.spec {
+            let mut v = accepted(
+                record.task.id,
+                record.task.state,
+                record.task.seq,
+                Appended {
+                    partition: record.partition,
+                    offset: record.last_offset,
+                },
+            );
+            v["idempotent_replay"] = Value::Bool(true);
+            Replay::Same(v)
+        } else {
+            Replay::Conflict
+        };
+    }
+    let recent = state.recent_keys.lock().unwrap_or_else(|e| e.into_inner());
+    match recent.get(&p.id) {
+        None => Replay::New,
+        Some((spec, response)) => {
+            if serde_json::to_value(&p.spec).ok().as_ref() == Some(spec) {
+                let mut v = response.clone();
+                v["idempotent_replay"] = Value::Bool(true);
+                Replay::Same(v)
+            } else {
+                Replay::Conflict
+            }
+        }
+    }
+}
+
+fn conflict(id: Uuid) -> ApiError {
+    ApiError::conflict(
+        "idempotency_conflict",
+        format!("the idempotency key was already used for task {id} with a different spec"),
+    )
+}
+
+fn remember(state: &AppState, p: &Prepared, response: &Value) {
+    if p.keyed {
+        let spec = serde_json::to_value(&p.spec).unwrap_or_default();
+        state
+            .recent_keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p.id, spec, response.clone());
+    }
+}
+
+fn count_append(event_type: EventType, result: &Result<Appended, crate::kafka::AppendError>) {
+    match result {
+        Ok(_) => metrics()
+            .events_appended
+            .with_label_values(&[event_type.as_str()])
+            .inc(),
+        Err(e) => {
+            let reason = match e {
+                crate::kafka::AppendError::Unavailable(..) => "unavailable",
+                crate::kafka::AppendError::Refused(_) => "refused",
+            };
+            metrics().append_failures.with_label_values(&[reason]).inc();
+        }
+    }
+}
+
+/// `POST /v1/tasks`
+pub async fn submit(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let header_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 256)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_idempotency_key",
+                        "Idempotency-Key must be 1 to 256 visible ASCII characters",
+                    )
+                })?,
+        ),
+    };
+    let prepared = prepare(&state, body, header_key)?;
+    let stored = if prepared.keyed {
+        state.store.task(prepared.id).await?
+    } else {
+        None
+    };
+    match replay_of(&state, &prepared, stored.as_ref()) {
+        Replay::Same(v) => {
+            let mut response = (StatusCode::ACCEPTED, Json(v)).into_response();
+            response
+                .headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return Ok(response);
+        }
+        Replay::Conflict => return Err(conflict(prepared.id)),
+        Replay::New => {}
+    }
+    let result = state
+        .appender
+        .append(&state.options.topics.events, &prepared.encoded)
+        .await;
+    count_append(EventType::Submitted, &result);
+    let at = result?;
+    let body = accepted(prepared.id, prepared.initial_state, 1, at);
+    remember(&state, &prepared, &body);
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// `POST /v1/tasks/batch` with `{"tasks": [...]}`: one result per item, in order.
+pub async fn submit_batch(
+    State(state): State<Arc<AppState>>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let items = match body {
+        Value::Object(mut o) => match o.remove("tasks") {
+            Some(Value::Array(items)) => items,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_batch",
+                    "the body must be {\"tasks\": [ ... ]}",
+                ));
+            }
+        },
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_batch",
+                "the body must be {\"tasks\": [ ... ]}",
+            ));
+        }
+    };
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return Err(ApiError::bad_request(
+            "invalid_batch",
+            format!("a batch holds 1 to {MAX_BATCH} tasks, not {}", items.len()),
+        ));
+    }
+
+    let prepared: Vec<Result<Prepared, ApiError>> =
+        items.into_iter().map(|item| prepare(&state, item, None)).collect();
+    let keyed_ids: Vec<Uuid> = prepared
+        .iter()
+        .filter_map(|p| p.as_ref().ok().filter(|p| p.keyed).map(|p| p.id))
+        .collect();
+    let mut stored: HashMap<Uuid, TaskRecord> = HashMap::new();
+    for id in keyed_ids {
+        if let Some(r) = state.store.task(id).await? {
+            stored.insert(id, r);
+        }
+    }
+
+    let mut results: Vec<Option<Value>> = vec![None; prepared.len()];
+    // Items to append, with the index of their first occurrence (a key repeated inside
+    // the batch is appended once).
+    let mut to_send: Vec<(usize, &Prepared)> = Vec::new();
+    let mut first_of_key: HashMap<Uuid, usize> = HashMap::new();
+    let mut repeats: Vec<(usize, usize)> = Vec::new();
+    for (i, p) in prepared.iter().enumerate() {
+        let p = match p {
+            Err(e) => {
+                results[i] = Some(json!({"index": i, "error": e.body()["error"]}));
+                continue;
+            }
+            Ok(p) => p,
+        };
+        if p.keyed
+            && let Some(&first) = first_of_key.get(&p.id)
+        {
+            let same = prepared[first].as_ref().map(|f| f.spec == p.spec).unwrap_or(false);
+            if same {
+                repeats.push((i, first));
+            } else {
+                results[i] = Some(json!({"index": i, "error": conflict(p.id).body()["error"]}));
+            }
+            continue;
+        }
+        match replay_of(&state, p, stored.get(&p.id)) {
+            Replay::Same(mut v) => {
+                v["index"] = json!(i);
+                results[i] = Some(v);
+            }
+            Replay::Conflict => {
+                results[i] = Some(json!({"index": i, "error": conflict(p.id).body()["error"]}));
+            }
+            Replay::New => {
+                first_of_key.insert(p.id, i);
+                to_send.push((i, p));
+            }
+        }
+    }
+
+    let pending: Vec<_> = to_send
+        .iter()
+        .map(|(_, p)| {
+            state.appender.send(
+                &state.options.topics.events,
+                Some(p.encoded.key.as_bytes()),
+                crate::kafka::event_headers(&p.encoded),
+                &p.encoded.payload,
+            )
+        })
+        .collect();
+    for ((i, p), pending) in to_send.iter().zip(pending) {
+        let result = pending.await;
+        count_append(EventType::Submitted, &result);
+        results[*i] = Some(match result {
+            Ok(at) => {
+                let v = accepted(p.id, p.initial_state, 1, at);
+                remember(&state, p, &v);
+                let mut v = v;
+                v["index"] = json!(i);
+                v
+            }
+            Err(e) => json!({"index": i, "error": ApiError::from(e).body()["error"]}),
+        });
+    }
+    for (i, first) in repeats {
+        let mut v = results[first].clone().unwrap_or(Value::Null);
+        if v.get("error").is_none() {
+            v["idempotent_replay"] = Value::Bool(true);
+        }
+        v["index"] = json!(i);
+        results[i] = Some(v);
+    }
+    let results: Vec<Value> = results.into_iter().map(|r| r.unwrap_or(Value::Null)).collect();
+    let failed = results.iter().filter(|r| r.get("error").is_some()).count();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "accepted": results.len() - failed,
+            "failed": failed,
+            "results": results,
+        })),
+    )
+        .into_response())
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id)
+        .map_err(|_| ApiError::bad_request("invalid_id", format!("{id:?} is not a task id (UUID)")))
+}
+
+fn query_pairs(query: &Option<String>) -> Vec<(String, String)> {
+    query
+        .as_deref()
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn single<'a>(pairs: &'a [(String, String)], name: &str) -> Result<Option<&'a str>, ApiError> {
+    let mut values = pairs.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("{name} may be given once"),
+        ));
+    }
+    Ok(first)
+}
+
+fn parse_number(name: &str, value: &str, min: i64, max: i64) -> Result<i64, ApiError> {
+    value
+        .parse::<i64>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("{name} must be a whole number from {min} to {max}, not {value:?}"),
+            )
+        })
+}
+
+/// Waits (on projector notifications, not by polling) until `check` gives a value or
+/// the deadline passes (then `None`).
+async fn wait_for<T, F, Fut>(state: &AppState, deadline: Instant, mut check: F) -> Result<Option<T>, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, ApiError>>,
+{
+    let mut changes = state.projection.clone();
+    loop {
+        changes.borrow_and_update();
+        if let Some(value) = check().await? {
+            return Ok(Some(value));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            // Deadline reached (or notifications gone): one last look.
+            _ => return check().await,
+        }
+    }
+}
+
+/// `Some(())` once the projector has applied (or rejected) the record at `offset`.
+async fn projected_past(state: &AppState, partition: i32, offset: i64) -> Result<Option<()>, ApiError> {
+    let offsets = state
+        .store
+        .projection_offsets(&state.options.topics.events)
+        .await?;
+    Ok((offsets.get(&partition).copied().unwrap_or(0) > offset).then_some(()))
+}
+
+/// `GET /v1/tasks/{id}?min_offset=[P:]O&wait_ms=N`
+pub async fn get_task(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<TaskRecord>, ApiError> {
+    let id = parse_id(&id)?;
+    let pairs = query_pairs(&query);
+    let max_wait = state.options.max_wait.as_millis() as i64;
+    let wait_ms = single(&pairs, "wait_ms")?
+        .map(|v| parse_number("wait_ms", v, 0, max_wait))
+        .transpose()?
+        .unwrap_or(0);
+    let min_offset = single(&pairs, "min_offset")?
+        .map(|v| parse_min_offset(v, id, state.options.partitions))
+        .transpose()?;
+    let deadline = Instant::now() + Duration::from_millis(wait_ms as u64);
+    let found = wait_for(&state, deadline, || async {
+        if let Some((partition, offset)) = min_offset
+            && projected_past(&state, partition, offset).await?.is_none()
+        {
+            return Ok(None);
+        }
+        let task = state.store.task(id).await?;
+        // With min_offset, the answer is final once the projection is past it.
+        Ok((task.is_some() || min_offset.is_some()).then_some(task))
+    })
+    .await?
+    .flatten();
+    found
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("task {id} does not exist (or is not projected yet)")))
+}
+
+fn parse_min_offset(value: &str, id: Uuid, partitions: i32) -> Result<(i32, i64), ApiError> {
+    let invalid = || {
+        ApiError::bad_request(
+            "invalid_query",
+            format!("min_offset must be OFFSET or PARTITION:OFFSET, not {value:?}"),
+        )
+    };
+    match value.split_once(':') {
+        Some((p, o)) => {
+            let p: i32 = p.parse().map_err(|_| invalid())?;
+            let o: i64 = o.parse().map_err(|_| invalid())?;
+            if p < 0 || o < 0 {
+                return Err(invalid());
+            }
+            Ok((p, o))
+        }
+        None => {
+            let o: i64 = value.parse().map_err(|_| invalid())?;
+            if o < 0 {
+                return Err(invalid());
+            }
+            Ok((partition_for_key(id.to_string().as_bytes(), partitions), o))
+        }
+    }
+}
+
+fn encode_cursor(at: DateTime<Utc>, id: Uuid) -> String {
+    let raw = format!("v1|{}|{}", at.timestamp_micros(), id);
+    URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
+    let invalid = || ApiError::bad_request("invalid_cursor", "the cursor is malformed");
+    let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| invalid())?;
+    let raw = String::from_utf8(raw).map_err(|_| invalid())?;
+    let mut parts = raw.split('|');
+    if parts.next() != Some("v1") {
+        return Err(invalid());
+    }
+    let micros: i64 = parts.next().and_then(|m| m.parse().ok()).ok_or_else(invalid)?;
+    let id = parts.next().and_then(|i| Uuid::parse_str(i).ok()).ok_or_else(invalid)?;
+    if parts.next().is_some() {
+        return Err(invalid());
+    }
+    let at = DateTime::from_timestamp_micros(micros).ok_or_else(invalid)?;
+    Ok((at, id))
+}
+
+/// `GET /v1/tasks?state=&type=&label=k=v&limit=&cursor=`
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let pairs = query_pairs(&query);
+    for (k, _) in &pairs {
+        if !matches!(k.as_str(), "state" | "type" | "label" | "limit" | "cursor") {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("unknown query parameter {k:?} (state, type, label, limit, cursor)"),
+            ));
+        }
+    }
+    let mut filter = TaskFilter {
+        limit: 100,
+        ..Default::default()
+    };
+    if let Some(s) = single(&pairs, "state")? {
+        filter.state = Some(TaskStatus::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("state {s:?} is not one of pending, queued, assigned, running, succeeded, failed, cancelled"),
+            )
+        })?);
+    }
+    filter.task_type = single(&pairs, "type")?.map(str::to_string);
+    for (k, v) in &pairs {
+        if k == "label" {
+            let (name, value) = v.split_once('=').filter(|(n, _)| !n.is_empty()).ok_or_else(|| {
+                ApiError::bad_request("invalid_query", format!("label {v:?} must be key=value"))
+            })?;
+            filter.labels.push((name.to_string(), value.to_string()));
+        }
+    }
+    if let Some(l) = single(&pairs, "limit")? {
+        filter.limit = parse_number("limit", l, 1, 1000)?;
+    }
+    if let Some(c) = single(&pairs, "cursor")? {
+        filter.after = Some(decode_cursor(c)?);
+    }
+    let tasks = state.store.list_tasks(&filter).await?;
+    let next_cursor = (tasks.len() as i64 == filter.limit)
+        .then(|| tasks.last().map(|t| encode_cursor(t.task.submitted_at, t.task.id)))
+        .flatten();
+    Ok(Json(json!({"tasks": tasks, "next_cursor": next_cursor})))
+}
+
+/// `GET /v1/tasks/{id}/events`
+pub async fn events(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    let events = state.store.task_events(id).await?;
+    if events.is_empty() {
+        return Err(ApiError::not_found(format!("task {id} does not exist")));
+    }
+    Ok(Json(json!({"task_id": id, "events": events})))
+}
+
+/// `POST /v1/tasks/{id}/cancel` with an optional `{"reason": ..., "message": ...}`.
+///
+/// Appends `cancel_requested` (and `cancelled` for a task that is not assigned or running)
+/// with the task's next seq, then waits for the projection to confirm. If another event
+/// won the race for that seq, it reads the task again and retries.
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let reason: ReasonData = match body {
+        Value::Null => ReasonData::default(),
+        other => serde_json::from_value(other).map_err(|e| {
+            ApiError::bad_request("invalid_body", format!("expected {{\"reason\", \"message\"}}: {e}"))
+        })?,
+    };
+    let reason = ReasonData {
+        reason: reason.reason.or_else(|| Some("user_requested".into())),
+        message: reason.message,
+    };
+    const ATTEMPTS: usize = 5;
+    for _ in 0..ATTEMPTS {
+        let Some(record) = state.store.task(id).await? else {
+            return Err(ApiError::not_found(format!("task {id} does not exist")));
+        };
+        let task = &record.task;
+        if task.state.is_terminal() {
+            return Err(ApiError::conflict(
+                "task_terminal",
+                format!("task {id} is already {}", task.state),
+            ));
+        }
+        let source = &state.options.source;
+        let mut to_append = vec![Event::new(source, id, task.seq + 1, Payload::CancelRequested(reason.clone())).encode()];
+        if matches!(task.state, TaskStatus::Pending | TaskStatus::Queued) {
+            to_append.push(Event::new(source, id, task.seq + 2, Payload::Cancelled(reason.clone())).encode());
+        }
+        let results = state
+            .appender
+            .append_all(&state.options.topics.events, &to_append)
+            .await;
+        for (e, r) in to_append.iter().zip(&results) {
+            count_append(e.event_type, r);
+        }
+        let mut last = None;
+        for r in results {
+            last = Some(r?);
+        }
+        let Some(last) = last else { break };
+
+        let deadline = Instant::now() + state.options.cancel_wait;
+        let caught_up = wait_for(&state, deadline, || projected_past(&state, last.partition, last.offset)).await?;
+        if caught_up.is_none() {
+            return Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "id": id,
+                    "cancel": "requested",
+                    "applied": false,
+                    "message": "the cancel is on the log; the projection has not applied it yet",
+                    "event": {"partition": last.partition, "offset": last.offset},
+                })),
+            )
+                .into_response());
+        }
+        match state.store.event_outcome(&to_append[0].ce_id).await? {
+            Some(EventOutcome::Applied) => {
+                let record = state.store.task(id).await?;
+                return Ok((StatusCode::ACCEPTED, Json(json!({
+                    "id": id,
+                    "cancel": "requested",
+                    "applied": true,
+                    "task": record,
+                }))).into_response());
+            }
+            Some(EventOutcome::Rejected { reason, .. }) if reason == "seq_conflict" => continue,
+            Some(EventOutcome::Rejected { reason, message }) => {
+                return Err(ApiError::conflict(
+                    "cancel_rejected",
+                    format!("the cancel was not applied ({reason}): {message}"),
+                ));
+            }
+            None => continue,
+        }
+    }
+    Err(ApiError::conflict(
+        "cancel_contended",
+        format!("task {id} kept changing; the cancel lost the race {ATTEMPTS} times"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_stable_tasks() {
+        assert_eq!(task_id_for_key("abc"), task_id_for_key("abc"));
+        assert_ne!(task_id_for_key("abc"), task_id_for_key("abd"));
+    }
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
+        let id = Uuid::now_v7();
+        assert_eq!(decode_cursor(&encode_cursor(at, id)).unwrap(), (at, id));
+        for bad in ["", "!!!", "djF8MTIz", &URL_SAFE_NO_PAD.encode("v2|1|x")] {
+            assert_eq!(decode_cursor(bad).unwrap_err().code, "invalid_cursor", "{bad}");
+        }
+    }
+
+    #[test]
+    fn min_offset_forms() {
+        let id = Uuid::now_v7();
+        assert_eq!(parse_min_offset("3:17", id, 12).unwrap(), (3, 17));
+        let (p, o) = parse_min_offset("17", id, 12).unwrap();
+        assert_eq!(o, 17);
+        assert_eq!(p, partition_for_key(id.to_string().as_bytes(), 12));
+        for bad in ["x", "1:", ":1", "-1", "1:-2"] {
+            assert!(parse_min_offset(bad, id, 12).is_err(), "{bad}");
+        }
+    }
+}

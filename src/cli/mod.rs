@@ -1,0 +1,276 @@
+//! The `tasklog` command line: servers (`up`, `dev-broker`, `server`, `projector`),
+//! client commands (`submit`, `get`, `ls`, `events`, `cancel`) and benchmarks.
+
+mod client;
+mod servers;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::kafka::{DEFAULT_BROKERS, DEFAULT_PARTITIONS};
+use crate::store::DEFAULT_DATABASE_URL;
+
+/// tasklog: event-sourced job orchestration and tracking on Kafka and Postgres.
+#[derive(Debug, Parser)]
+#[command(name = "tasklog", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run everything in one process: the API, the projector, and (unless
+    /// --kafka-brokers is given) the embedded development broker.
+    Up(UpArgs),
+    /// Run the embedded development broker (librdkafka's in-memory mock cluster).
+    DevBroker(DevBrokerArgs),
+    /// Run the HTTP API.
+    Server(ServerArgs),
+    /// Run the projector (events topic -> Postgres, exactly once).
+    Projector(ProjectorArgs),
+    /// Submit a task from a YAML or JSON file; prints its id.
+    Submit(SubmitArgs),
+    /// Show one task.
+    Get(GetArgs),
+    /// List tasks, newest first.
+    Ls(LsArgs),
+    /// Show a task's event history.
+    Events(EventsArgs),
+    /// Cancel a task.
+    Cancel(CancelArgs),
+    /// Benchmarks that print their figures beside raw Kafka and Postgres baselines.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// Kafka settings shared by the server roles.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long = "kafka-brokers", env = "TASKLOG_KAFKA_BROKERS", default_value = DEFAULT_BROKERS)]
+    pub brokers: String,
+    /// Prefix of the topic names (<prefix>.events, <prefix>.dlq).
+    #[arg(long, env = "TASKLOG_TOPIC_PREFIX", default_value = "tasklog")]
+    pub topic_prefix: String,
+    /// Partitions of topics tasklog creates.
+    #[arg(long, env = "TASKLOG_PARTITIONS", default_value_t = DEFAULT_PARTITIONS)]
+    pub partitions: i32,
+}
+
+/// Postgres settings shared by the server roles.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// Postgres URL.
+    #[arg(long, env = "TASKLOG_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+    /// Connections in the pool.
+    #[arg(long, env = "TASKLOG_DATABASE_POOL", default_value_t = 16)]
+    pub database_pool: usize,
+}
+
+/// API settings.
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Address of the HTTP API.
+    #[arg(long, env = "TASKLOG_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// How long an append may wait for the broker before the API answers 503.
+    #[arg(long, env = "TASKLOG_APPEND_TIMEOUT_MS", default_value_t = 10_000)]
+    pub append_timeout_ms: u64,
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    /// Kafka bootstrap servers; without it the embedded development broker runs.
+    #[arg(long = "kafka-brokers", env = "TASKLOG_KAFKA_BROKERS")]
+    brokers: Option<String>,
+    /// Where the embedded broker listens.
+    #[arg(long, env = "TASKLOG_DEV_BROKER_ADDR", default_value = DEFAULT_BROKERS)]
+    dev_broker_addr: SocketAddr,
+    /// Prefix of the topic names.
+    #[arg(long, env = "TASKLOG_TOPIC_PREFIX", default_value = "tasklog")]
+    topic_prefix: String,
+    /// Partitions of topics tasklog creates.
+    #[arg(long, env = "TASKLOG_PARTITIONS", default_value_t = DEFAULT_PARTITIONS)]
+    partitions: i32,
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    http: HttpArgs,
+}
+
+#[derive(Debug, Args)]
+struct DevBrokerArgs {
+    /// Address to serve the Kafka API on (port 0: any free port).
+    #[arg(long, default_value = DEFAULT_BROKERS)]
+    listen: SocketAddr,
+    /// Partitions of the topics created at start.
+    #[arg(long, env = "TASKLOG_PARTITIONS", default_value_t = DEFAULT_PARTITIONS)]
+    partitions: i32,
+    /// Prefix of the topics created at start.
+    #[arg(long, env = "TASKLOG_TOPIC_PREFIX", default_value = "tasklog")]
+    topic_prefix: String,
+    /// Optional control API (POST /broker/down, /broker/up, /topics) for tests.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+struct ServerArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    http: HttpArgs,
+}
+
+#[derive(Debug, Args)]
+struct ProjectorArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    db: DbArgs,
+    /// Consumer group.
+    #[arg(long, env = "TASKLOG_PROJECTOR_GROUP", default_value = crate::projector::DEFAULT_GROUP)]
+    group: String,
+    /// Where to serve /metrics and /healthz (none: not served).
+    #[arg(long, env = "TASKLOG_PROJECTOR_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Delete the projection and rebuild it from offset 0.
+    #[arg(long)]
+    rebuild: bool,
+    /// Consumer group session timeout: how soon a dead projector's partitions move.
+    #[arg(long, default_value_t = 10_000)]
+    session_timeout_ms: u64,
+}
+
+/// Where the API is, for client commands.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// Base URL of the tasklog API.
+    #[arg(long = "api", env = "TASKLOG_API_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+}
+
+#[derive(Debug, Args)]
+struct SubmitArgs {
+    /// Task spec file (YAML or JSON); `-` reads standard input.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Idempotency key: resubmitting with the same key returns the same task.
+    #[arg(long)]
+    key: Option<String>,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+struct GetArgs {
+    /// Task id.
+    id: String,
+    /// Wait up to this long for the task to appear.
+    #[arg(long, default_value_t = 0)]
+    wait_ms: u64,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+struct LsArgs {
+    /// Only tasks in this state.
+    #[arg(long)]
+    state: Option<String>,
+    /// Only tasks of this type.
+    #[arg(long = "type")]
+    task_type: Option<String>,
+    /// Only tasks with this label (k=v); repeatable.
+    #[arg(long)]
+    label: Vec<String>,
+    /// Most tasks to show.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+struct EventsArgs {
+    /// Task id.
+    id: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+struct CancelArgs {
+    /// Task id.
+    id: String,
+    /// Reason recorded on the event.
+    #[arg(long)]
+    reason: Option<String>,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Submission and projection throughput and latency.
+    Submit(crate::bench::SubmitBenchArgs),
+}
+
+/// Parses the command line and runs it. Returns the process exit code.
+pub async fn run() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(a) => servers::up(a).await,
+        Command::DevBroker(a) => servers::dev_broker(a).await,
+        Command::Server(a) => servers::server(a).await,
+        Command::Projector(a) => servers::projector(a).await,
+        Command::Submit(a) => client::submit(a).await,
+        Command::Get(a) => client::get(a).await,
+        Command::Ls(a) => client::ls(a).await,
+        Command::Events(a) => client::events(a).await,
+        Command::Cancel(a) => client::cancel(a).await,
+        Command::Bench(BenchCommand::Submit(a)) => crate::bench::submit(a).await,
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+/// Resolves when the process gets Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,630 @@
+//! The projector: consumes the events topic and folds it into Postgres, exactly once.
+//!
+//! Exactly once, because each batch is one Postgres transaction that writes the rows it
+//! produced *and* the next offset of every partition it read. On (re)assignment the
+//! consumer starts from the offsets stored in Postgres, not from Kafka's group offsets,
+//! and a batch whose records are below the stored offsets (a redelivery, or a zombie
+//! projector after a rebalance) skips them. Killed at any moment, restarted: every event
+//! is applied once.
+//!
+//! Records that cannot be applied (bad JSON, unknown type, schema violation, seq gap,
+//! illegal transition, duplicate `ce_id`, ...) are recorded in `rejected_events` and
+//! copied to the dead-letter topic, with the reason in headers; the projector goes on.
+//! The copy is produced and acknowledged *before* the batch commits, so a crash can
+//! repeat a dead letter (at-least-once, with the source partition/offset in headers to
+//! dedupe) but never lose one.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::events::{self, Event, RawRecord, Rejection};
+use crate::kafka::{self, AppendError, Appender, AppenderOptions, KafkaIoError, Topics};
+use crate::metrics::metrics;
+use crate::store::projection::{self, AppliedEvent, BatchWrite, RejectedRecord, TaskRow};
+use crate::store::{Store, StoreError};
+
+/// Default consumer group.
+pub const DEFAULT_GROUP: &str = "tasklog-projector";
+
+/// Headers added to a dead letter, beside the original record's own headers.
+pub mod dlq_header {
+    /// Reason code (`invalid_json`, `seq_conflict`, ...).
+    pub const REASON: &str = "tasklog_dlq_reason";
+    /// Human-readable detail.
+    pub const MESSAGE: &str = "tasklog_dlq_message";
+    /// Source topic.
+    pub const TOPIC: &str = "tasklog_dlq_topic";
+    /// Source partition.
+    pub const PARTITION: &str = "tasklog_dlq_partition";
+    /// Source offset.
+    pub const OFFSET: &str = "tasklog_dlq_offset";
+    /// When it was dead-lettered (RFC 3339).
+    pub const TIME: &str = "tasklog_dlq_time";
+}
+
+/// Settings of the projector.
+#[derive(Debug, Clone)]
+pub struct ProjectorOptions {
+    /// Broker list.
+    pub brokers: String,
+    /// Topics.
+    pub topics: Topics,
+    /// Consumer group id.
+    pub group_id: String,
+    /// Most records per batch (one transaction).
+    pub max_batch: usize,
+    /// How long to wait for more records once a batch has started.
+    pub linger: Duration,
+    /// Consumer group session timeout: how soon a dead projector's partitions move.
+    pub session_timeout: Duration,
+}
+
+impl ProjectorOptions {
+    /// Defaults for the given brokers and topics.
+    pub fn new(brokers: &str, topics: Topics) -> ProjectorOptions {
+        ProjectorOptions {
+            brokers: brokers.to_string(),
+            topics,
+            group_id: DEFAULT_GROUP.to_string(),
+            max_batch: 5000,
+            linger: Duration::from_millis(5),
+            session_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the projector stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    /// Kafka could not be reached or set up.
+    #[error(transparent)]
+    Kafka(#[from] KafkaIoError),
+    /// The consumer failed.
+    #[error("Kafka consumer error: {0}")]
+    Consumer(#[from] rdkafka::error::KafkaError),
+    /// Postgres failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Stored offsets are past the end of the log: this is not the log the projection
+    /// was built from.
+    #[error(
+        "the projection in Postgres has applied {topic} partition {partition} up to offset {stored}, \
+         but the broker's log ends at {high}: this is a different or truncated log. \
+         Rebuild the projection (`tasklog projector --rebuild`) or point tasklog at the right cluster"
+    )]
+    DivergedLog {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// Next offset stored in Postgres.
+        stored: i64,
+        /// The partition's high watermark.
+        high: i64,
+    },
+}
+
+/// Shared between the consumer's callbacks and the batch loop.
+struct Shared {
+    store: Store,
+    topic: String,
+    runtime: tokio::runtime::Handle,
+    /// Next offset to apply per assigned partition, as committed to Postgres.
+    next_offsets: Mutex<HashMap<i32, i64>>,
+}
+
+/// Consumer callbacks: seek to the Postgres offsets on assignment; publish lag.
+struct ProjectorContext(Arc<Shared>);
+
+impl ClientContext for ProjectorContext {
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.0.topic) else {
+            return;
+        };
+        let next = self.0.next_offsets.lock().unwrap_or_else(|e| e.into_inner());
+        for (partition, stats) in &topic.partitions {
+            if let Some(next) = next.get(partition)
+                && stats.hi_offset >= 0
+            {
+                metrics()
+                    .projector_lag
+                    .with_label_values(&[&self.0.topic, &partition.to_string()])
+                    .set((stats.hi_offset - next).max(0));
+            }
+        }
+    }
+}
+
+impl ConsumerContext for ProjectorContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // Kafka's group offsets are informational; Postgres holds the truth. The
+                // callback runs inside the consumer's poll on a runtime worker, so it may
+                // block that worker for one query.
+                let shared = self.0.clone();
+                let stored = tokio::task::block_in_place(|| {
+                    shared
+                        .runtime
+                        .block_on(shared.store.projection_offsets(&shared.topic))
+                });
+                let stored = match stored {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read projection offsets on assignment; not consuming");
+                        let _ = consumer.assign(&TopicPartitionList::new());
+                        return;
+                    }
+                };
+                let mut next = self.0.next_offsets.lock().unwrap_or_else(|e| e.into_inner());
+                next.clear();
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                for p in &partitions {
+                    let offset = stored.get(p).copied().unwrap_or(0);
+                    next.insert(*p, offset);
+                    let _ = tpl.set_partition_offset(&self.0.topic, *p, Offset::Offset(offset));
+                }
+                tracing::info!(?partitions, "partitions assigned; resuming from Postgres offsets");
+                if let Err(e) = consumer.assign(tpl) {
+                    tracing::error!(error = %e, "assign failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!("partitions revoked");
+                self.0
+                    .next_offsets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+                let _ = consumer.unassign();
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// Checks that no stored offset is beyond the broker's high watermark.
+pub async fn check_log_matches(
+    store: &Store,
+    brokers: &str,
+    topic: &str,
+) -> Result<(), ProjectorError> {
+    let stored = store.projection_offsets(topic).await?;
+    let marks = kafka::watermarks(brokers, topic).await?;
+    for (partition, next) in stored {
+        let high = marks
+            .get(partition as usize)
+            .map(|(_, high)| *high)
+            .unwrap_or(0);
+        if next > high {
+            return Err(ProjectorError::DivergedLog {
+                topic: topic.to_string(),
+                partition,
+                stored: next,
+                high,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A consumed record, decoded (or not).
+struct Decoded {
+    message: OwnedMessage,
+    event: Result<Event, Rejection>,
+}
+
+/// Runs the projector until `shutdown` resolves. Returns an error only for conditions
+/// it cannot recover from by retrying (a diverged log, an unusable configuration).
+pub async fn run(
+    options: ProjectorOptions,
+    store: Store,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ProjectorError> {
+    let topic = options.topics.events.clone();
+    kafka::ensure_topics(&options.brokers, &options.topics.all(), kafka::DEFAULT_PARTITIONS).await?;
+    let partitions = kafka::list_topics(&options.brokers)
+        .await?
+        .into_iter()
+        .find(|(name, _)| *name == topic)
+        .map(|(_, n)| n)
+        .unwrap_or(0);
+    {
+        let mut client = store.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(crate::store::ctx("begin"))?;
+        projection::init_offsets(&tx, &topic, partitions).await?;
+        tx.commit().await.map_err(crate::store::ctx("commit"))?;
+    }
+    check_log_matches(&store, &options.brokers, &topic).await?;
+
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        topic: topic.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        next_offsets: Mutex::new(HashMap::new()),
+    });
+    let consumer: StreamConsumer<ProjectorContext> = kafka::client_config(&options.brokers)
+        .set("group.id", &options.group_id)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", options.session_timeout.as_millis().to_string())
+        .set("heartbeat.interval.ms", (options.session_timeout.as_millis() / 4).max(100).to_string())
+        .set("statistics.interval.ms", "5000")
+        .set("fetch.wait.max.ms", "10")
+        .create_with_context(ProjectorContext(shared.clone()))?;
+    consumer.subscribe(&[&topic])?;
+    let dlq = Appender::new(&AppenderOptions::new(&options.brokers))?;
+    let projector = Batcher {
+        consumer,
+        shared,
+        dlq,
+        topic,
+        dlq_topic: options.topics.dlq.clone(),
+    };
+    tracing::info!(group = %options.group_id, topic = %projector.topic, "projector running");
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let batch = tokio::select! {
+            _ = &mut shutdown => break,
+            batch = projector.next_batch(options.max_batch, options.linger) => batch,
+        };
+        match projector.apply(batch).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err((e, rewind)) => {
+                tracing::error!(error = %e, "batch failed; rewinding and retrying");
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                projector.rewind(&rewind);
+            }
+        }
+    }
+    projector.consumer.unsubscribe();
+    Ok(())
+}
+
+/// The batch loop's state.
+struct Batcher {
+    consumer: StreamConsumer<ProjectorContext>,
+    shared: Arc<Shared>,
+    dlq: Appender,
+    topic: String,
+    dlq_topic: String,
+}
+
+/// A failed batch: the error and, per partition, the first offset to read again.
+type BatchFailure = (BatchError, HashMap<i32, i64>);
+
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("dead-lettering failed: {0}")]
+    Dlq(#[from] AppendError),
+}
+
+impl Batcher {
+    /// Waits for one record, then takes whatever else arrives within `linger`.
+    async fn next_batch(&self, max: usize, linger: Duration) -> Vec<OwnedMessage> {
+        let mut batch = Vec::new();
+        loop {
+            match self.consumer.recv().await {
+                Ok(m) => {
+                    batch.push(m.detach());
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < max {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// Seeks partitions back so that failed records are read again.
+    fn rewind(&self, to: &HashMap<i32, i64>) {
+        for (partition, offset) in to {
+            if let Err(e) = self.consumer.seek(
+                &self.topic,
+                *partition,
+                Offset::Offset(*offset),
+                Duration::from_secs(5),
+            ) {
+                // Not assigned any more (rebalanced): the new owner starts from Postgres.
+                tracing::warn!(partition, offset, error = %e, "rewind failed");
+            }
+        }
+    }
+
+    async fn apply(&self, batch: Vec<OwnedMessage>) -> Result<(), BatchFailure> {
+        let started = Instant::now();
+        let mut first_offsets: HashMap<i32, i64> = HashMap::new();
+        for m in &batch {
+            first_offsets.entry(m.partition()).or_insert(m.offset());
+        }
+        let fail = |e: BatchError| (e, first_offsets.clone());
+
+        let decoded: Vec<Decoded> = batch
+            .into_iter()
+            .map(|message| {
+                let event = decode(&message);
+                Decoded { message, event }
+            })
+            .collect();
+        let mut partitions: Vec<i32> = first_offsets.keys().copied().collect();
+        partitions.sort_unstable();
+
+        let mut client = self.shared.store.client().await.map_err(|e| fail(e.into()))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| fail(StoreError::Query { context: "begin batch", source: e }.into()))?;
+        let stored = projection::lock_offsets(&tx, &self.topic, &partitions)
+            .await
+            .map_err(|e| fail(e.into()))?;
+
+        // Records below the stored offset were applied by an earlier (or concurrent) run.
+        let mut behind: HashMap<i32, i64> = HashMap::new();
+        let fresh: Vec<&Decoded> = decoded
+            .iter()
+            .filter(|d| {
+                let next = stored.get(&d.message.partition()).copied().unwrap_or(0);
+                if d.message.offset() < next {
+                    behind.insert(d.message.partition(), next);
+                    false
+                } else {
+                    true
+                }
+            })
+            .collect();
+
+        let ids: Vec<Uuid> = fresh
+            .iter()
+            .filter_map(|d| d.event.as_ref().ok().map(|e| e.task_id))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let ce_ids: Vec<String> = fresh
+            .iter()
+            .filter_map(|d| d.event.as_ref().ok().map(|e| e.envelope.id.clone()))
+            .collect();
+        let mut states = projection::load_tasks(&tx, &ids).await.map_err(|e| fail(e.into()))?;
+        let mut seen = projection::applied_ce_ids(&tx, &ce_ids)
+            .await
+            .map_err(|e| fail(e.into()))?;
+
+        let mut write = BatchWrite::default();
+        // The source record of each entry of `write.rejected`, in the same order.
+        let mut rejected_sources: Vec<&OwnedMessage> = Vec::new();
+        let mut touched: HashMap<Uuid, (i32, i64)> = HashMap::new();
+        for d in &fresh {
+            let (partition, offset) = (d.message.partition(), d.message.offset());
+            write.next_offsets.insert(partition, offset + 1);
+            let outcome = d.event.clone().and_then(|event| {
+                if seen.contains(&event.envelope.id) {
+                    return Err(Rejection::DuplicateCeId(event.envelope.id.clone()));
+                }
+                let before = states.get(&event.task_id);
+                let after = events::apply(before, &event)?;
+                Ok((event, before.map(|b| b.state), after))
+            });
+            match outcome {
+                Ok((event, before, after)) => {
+                    if let Some(b) = before {
+                        *write.state_deltas.entry(b.as_str()).or_default() -= 1;
+                    }
+                    *write.state_deltas.entry(after.state.as_str()).or_default() += 1;
+                    seen.insert(event.envelope.id.clone());
+                    touched.insert(event.task_id, (partition, offset));
+                    write.events.push(AppliedEvent {
+                        ce_id: event.envelope.id.clone(),
+                        task_id: event.task_id,
+                        seq: event.seq as i64,
+                        event_type: event.envelope.event_type.as_str(),
+                        time: event.envelope.time,
+                        source: event.envelope.source.clone(),
+                        partition,
+                        offset,
+                        data: event.data,
+                    });
+                    states.insert(after.id, after);
+                }
+                Err(rejection) => {
+                    write
+                        .rejected
+                        .push(rejected_record(&self.topic, &d.message, &rejection));
+                    rejected_sources.push(&d.message);
+                }
+            }
+        }
+        for (id, (partition, last_offset)) in &touched {
+            if let Some(state) = states.remove(id) {
+                write.tasks.push(TaskRow {
+                    state,
+                    partition: *partition,
+                    last_offset: *last_offset,
+                });
+            }
+        }
+
+        if !write.next_offsets.is_empty() {
+            projection::write_batch(&tx, &self.topic, &write)
+                .await
+                .map_err(|e| fail(e.into()))?;
+            // Dead letters are acknowledged before the commit: a crash may repeat one,
+            // never lose one.
+            let pending: Vec<_> = write
+                .rejected
+                .iter()
+                .zip(&rejected_sources)
+                .map(|(r, source)| {
+                    self.dlq.send(
+                        &self.dlq_topic,
+                        source.key(),
+                        dlq_headers(source, r),
+                        source.payload().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            for p in pending {
+                p.await.map_err(|e| fail(e.into()))?;
+            }
+            tx.commit()
+                .await
+                .map_err(|e| fail(StoreError::Query { context: "commit batch", source: e }.into()))?;
+        }
+
+        // Committed. Publish progress: in memory (lag), to Kafka (informational), metrics.
+        {
+            let mut next = self.shared.next_offsets.lock().unwrap_or_else(|e| e.into_inner());
+            for (p, o) in &write.next_offsets {
+                next.insert(*p, *o);
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &write.next_offsets {
+            let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o));
+        }
+        if tpl.count() > 0
+            && let Err(e) = self.consumer.store_offsets(&tpl)
+        {
+            tracing::debug!(error = %e, "storing Kafka offsets failed (informational only)");
+        }
+        let m = metrics();
+        for e in &write.events {
+            m.events_applied.with_label_values(&[e.event_type]).inc();
+        }
+        for r in &write.rejected {
+            m.events_rejected.with_label_values(&[r.reason]).inc();
+            m.dead_letters.with_label_values(&[r.reason]).inc();
+            tracing::warn!(partition = r.partition, offset = r.offset, reason = r.reason, message = %r.message, "record rejected and dead-lettered");
+        }
+        m.batch_size.observe(decoded.len() as f64);
+        m.batch_duration.observe(started.elapsed().as_secs_f64());
+
+        // This consumer was behind Postgres on some partitions: skip ahead.
+        let skip: HashMap<i32, i64> = behind
+            .into_iter()
+            .filter(|(p, _)| !write.next_offsets.contains_key(p))
+            .collect();
+        if !skip.is_empty() {
+            tracing::info!(?skip, "records already applied elsewhere; skipping ahead");
+            self.rewind(&skip);
+        }
+        Ok(())
+    }
+}
+
+fn decode(message: &OwnedMessage) -> Result<Event, Rejection> {
+    let headers: Vec<(&str, Option<&[u8]>)> = message
+        .headers()
+        .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+        .unwrap_or_default();
+    Event::decode(&RawRecord {
+        key: message.key(),
+        headers,
+        payload: message.payload(),
+    })
+}
+
+fn header_str<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    message.headers().and_then(|h| {
+        h.iter()
+            .filter(|h| h.key == name)
+            .last()
+            .and_then(|h| h.value.and_then(|v| std::str::from_utf8(v).ok()))
+    })
+}
+
+fn rejected_record(topic: &str, message: &OwnedMessage, rejection: &Rejection) -> RejectedRecord {
+    let headers: Vec<Value> = message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    Value::Array(vec![
+                        Value::String(h.key.to_string()),
+                        h.value
+                            .map(|v| Value::String(String::from_utf8_lossy(v).into_owned()))
+                            .unwrap_or(Value::Null),
+                    ])
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    RejectedRecord {
+        topic: topic.to_string(),
+        partition: message.partition(),
+        offset: message.offset(),
+        ce_id: header_str(message, events::header::ID).map(str::to_string),
+        ce_type: header_str(message, events::header::TYPE).map(str::to_string),
+        subject: header_str(message, events::header::SUBJECT).map(str::to_string),
+        reason: rejection.code(),
+        message: rejection.to_string(),
+        key: message.key().map(<[u8]>::to_vec),
+        headers: Value::Array(headers),
+        payload: message.payload().map(<[u8]>::to_vec),
+    }
+}
+
+fn dlq_headers(message: &OwnedMessage, rejected: &RejectedRecord) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    if let Some(original) = message.headers() {
+        for h in original.iter() {
+            headers = headers.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
+        }
+    }
+    let extra = [
+        (dlq_header::REASON, rejected.reason.to_string()),
+        (dlq_header::MESSAGE, rejected.message.clone()),
+        (dlq_header::TOPIC, rejected.topic.clone()),
+        (dlq_header::PARTITION, rejected.partition.to_string()),
+        (dlq_header::OFFSET, rejected.offset.to_string()),
+        (dlq_header::TIME, Utc::now().to_rfc3339()),
+    ];
+    for (k, v) in &extra {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v.as_bytes()),
+        });
+    }
+    headers
+}

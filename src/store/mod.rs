@@ -1,0 +1,455 @@
+//! Postgres: the connection pool, migrations, the projection's tables and the read side.
+//!
+//! Postgres holds projections only. Every row here can be rebuilt from the events topic
+//! (`tasklog projector --rebuild`).
+
+pub mod projection;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio_postgres::{AsyncMessage, NoTls};
+use uuid::Uuid;
+
+use crate::events::{TaskState, TaskStatus};
+
+/// Default database URL.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://tasklog:tasklog@127.0.0.1:5432/tasklog";
+
+/// The channel the projector notifies after every committed batch.
+pub const PROJECTION_CHANNEL: &str = "tasklog_projection";
+
+/// Migrations, applied in order at start. Never edit one that has shipped: add a new one.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("migrations/0001_projection.sql"))];
+
+/// Errors from the store, with context.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database URL does not parse.
+    #[error("invalid database URL: {0}")]
+    Url(String),
+    /// No connection could be had.
+    #[error("cannot connect to Postgres: {0}")]
+    Pool(String),
+    /// A query failed.
+    #[error("Postgres query failed ({context}): {source}")]
+    Query {
+        /// What was being done.
+        context: &'static str,
+        /// The underlying error.
+        source: tokio_postgres::Error,
+    },
+    /// A stored document does not decode (a bug or a foreign writer).
+    #[error("stored row does not decode ({context}): {message}")]
+    Corrupt {
+        /// What was being read.
+        context: &'static str,
+        /// The decode error.
+        message: String,
+    },
+}
+
+/// Shorthand to attach context to a Postgres error.
+pub(crate) fn ctx(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+    move |source| StoreError::Query { context, source }
+}
+
+/// A pooled Postgres handle.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    url: String,
+}
+
+/// A projected task with where its last event sits on the log.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskRecord {
+    /// The folded state.
+    #[serde(flatten)]
+    pub task: TaskState,
+    /// Partition of the task's events.
+    pub partition: i32,
+    /// Offset of the last applied event.
+    pub last_offset: i64,
+}
+
+/// One applied event of a task's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    /// `ce_type`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Per-task sequence number.
+    pub seq: i64,
+    /// `ce_time`.
+    pub time: DateTime<Utc>,
+    /// `ce_source`.
+    pub source: String,
+    /// `ce_id`.
+    pub ce_id: String,
+    /// Kafka partition.
+    pub partition: i32,
+    /// Kafka offset.
+    pub offset: i64,
+    /// The event data.
+    pub data: Value,
+}
+
+/// What became of an event, looked up by `ce_id`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventOutcome {
+    /// Applied with this seq.
+    Applied,
+    /// Rejected with this reason code and message.
+    Rejected {
+        /// Reason code.
+        reason: String,
+        /// Detail.
+        message: String,
+    },
+}
+
+/// Filter and page of a task listing.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    /// Only tasks in this state.
+    pub state: Option<TaskStatus>,
+    /// Only tasks of this type.
+    pub task_type: Option<String>,
+    /// Only tasks carrying all these labels.
+    pub labels: Vec<(String, String)>,
+    /// Continue after this (submitted_at, id).
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    /// Page size.
+    pub limit: i64,
+}
+
+impl Store {
+    /// Connects a pool of at most `max_size` connections (lazily) to `url`.
+    pub fn connect(url: &str, max_size: usize) -> Result<Store, StoreError> {
+        let config =
+            tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(max_size)
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        Ok(Store {
+            pool,
+            url: url.to_string(),
+        })
+    }
+
+    /// The URL this store connects to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A pooled connection.
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Pool(e.to_string()))
+    }
+
+    /// Applies pending migrations, under an advisory lock so concurrent starts are safe.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(ctx("begin migration"))?;
+        tx.execute("SELECT pg_advisory_xact_lock(7305547060521713)", &[])
+            .await
+            .map_err(ctx("lock for migration"))?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(ctx("create schema_migrations"))?;
+        let applied: Vec<i32> = tx
+            .query("SELECT version FROM schema_migrations", &[])
+            .await
+            .map_err(ctx("read schema_migrations"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for (version, sql) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            tx.batch_execute(sql).await.map_err(ctx("apply migration"))?;
+            tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version])
+                .await
+                .map_err(ctx("record migration"))?;
+        }
+        tx.commit().await.map_err(ctx("commit migration"))
+    }
+
+    /// Checks that Postgres answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .simple_query("SELECT 1")
+            .await
+            .map(|_| ())
+            .map_err(ctx("ping"))
+    }
+
+    /// One task, or `None`.
+    pub async fn task(&self, id: Uuid) -> Result<Option<TaskRecord>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT doc, event_partition, last_offset FROM tasks WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(ctx("read task"))?;
+        row.map(|r| task_record(&r)).transpose()
+    }
+
+    /// A page of tasks, newest first (by submission time, then id).
+    pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>, StoreError> {
+        let mut sql = String::from("SELECT doc, event_partition, last_offset FROM tasks WHERE true");
+        let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
+        let mut push = |sql: &mut String, clause: &str, p: Box<dyn tokio_postgres::types::ToSql + Sync + Send>| {
+            params.push(p);
+            sql.push_str(&clause.replace('?', &format!("${}", params.len())));
+        };
+        if let Some(state) = filter.state {
+            push(&mut sql, " AND state = ?", Box::new(state.as_str().to_string()));
+        }
+        if let Some(t) = &filter.task_type {
+            push(&mut sql, " AND type = ?", Box::new(t.clone()));
+        }
+        if !filter.labels.is_empty() {
+            let labels: serde_json::Map<String, Value> = filter
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            push(&mut sql, " AND labels @> ?", Box::new(Value::Object(labels)));
+        }
+        if let Some((at, id)) = filter.after {
+            push(&mut sql, " AND (submitted_at, id) < (?", Box::new(at));
+            push(&mut sql, ", ?)", Box::new(id));
+        }
+        push(
+            &mut sql,
+            " ORDER BY submitted_at DESC, id DESC LIMIT ?",
+            Box::new(filter.limit),
+        );
+        let client = self.client().await?;
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref() as _).collect();
+        let rows = client.query(&sql, &refs).await.map_err(ctx("list tasks"))?;
+        rows.iter().map(task_record).collect()
+    }
+
+    /// A task's applied events in order.
+    pub async fn task_events(&self, id: Uuid) -> Result<Vec<EventRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT type, seq, time, source, ce_id, partition, \"offset\", data
+                 FROM task_events WHERE task_id = $1 ORDER BY seq",
+                &[&id],
+            )
+            .await
+            .map_err(ctx("read task events"))?;
+        Ok(rows
+            .iter()
+            .map(|r| EventRecord {
+                event_type: r.get(0),
+                seq: r.get(1),
+                time: r.get(2),
+                source: r.get(3),
+                ce_id: r.get(4),
+                partition: r.get(5),
+                offset: r.get(6),
+                data: r.get(7),
+            })
+            .collect())
+    }
+
+    /// What became of the event with this `ce_id`, if the projector has reached it.
+    pub async fn event_outcome(&self, ce_id: &str) -> Result<Option<EventOutcome>, StoreError> {
+        let client = self.client().await?;
+        let applied = client
+            .query_opt("SELECT 1 FROM task_events WHERE ce_id = $1", &[&ce_id])
+            .await
+            .map_err(ctx("find applied event"))?;
+        if applied.is_some() {
+            return Ok(Some(EventOutcome::Applied));
+        }
+        let rejected = client
+            .query_opt(
+                "SELECT reason, message FROM rejected_events WHERE ce_id = $1
+                 ORDER BY rejected_at DESC LIMIT 1",
+                &[&ce_id],
+            )
+            .await
+            .map_err(ctx("find rejected event"))?;
+        Ok(rejected.map(|r| EventOutcome::Rejected {
+            reason: r.get(0),
+            message: r.get(1),
+        }))
+    }
+
+    /// The next offset to apply, per partition of `topic`.
+    pub async fn projection_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT partition, next_offset FROM projection_offsets WHERE topic = $1",
+                &[&topic],
+            )
+            .await
+            .map_err(ctx("read projection offsets"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Tasks per state.
+    pub async fn state_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT state, count FROM task_state_counts", &[])
+            .await
+            .map_err(ctx("read state counts"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Deletes every projected row and offset, so the projector rebuilds from offset 0.
+    pub async fn reset_projection(&self) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .batch_execute(
+                "TRUNCATE tasks, task_events, rejected_events, projection_offsets, task_state_counts",
+            )
+            .await
+            .map_err(ctx("reset projection"))
+    }
+
+    /// Follows `NOTIFY` on [`PROJECTION_CHANNEL`]: the returned counter changes after
+    /// every committed projector batch (and after a reconnect, when one may have been
+    /// missed). Reconnects by itself.
+    pub fn follow_projection(&self) -> watch::Receiver<u64> {
+        let (tx, rx) = watch::channel(0u64);
+        let url = self.url.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                if let Err(e) = listen_once(&url, &tx).await {
+                    tracing::warn!(error = %e, "projection notifications lost; reconnecting");
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tx.send_modify(|n| *n += 1);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
+        rx
+    }
+}
+
+async fn listen_once(url: &str, tx: &watch::Sender<u64>) -> Result<(), tokio_postgres::Error> {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let statement = format!("LISTEN {PROJECTION_CHANNEL}");
+    {
+    // The connection must be driven while LISTEN runs.
+    let mut listen = std::pin::pin!(client.batch_execute(&statement));
+    loop {
+        tokio::select! {
+            result = &mut listen => { result?; break; }
+            message = messages.next() => match message {
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+    }
+    // Anything committed before LISTEN took effect must be re-checked by waiters.
+    tx.send_modify(|n| *n += 1);
+    while let Some(message) = messages.next().await {
+        match message? {
+            AsyncMessage::Notification(_) => tx.send_modify(|n| *n += 1),
+            _ => {}
+        }
+        if tx.is_closed() {
+            break;
+        }
+    }
+    drop(client);
+    Ok(())
+}
+
+fn task_record(row: &tokio_postgres::Row) -> Result<TaskRecord, StoreError> {
+    let doc: Value = row.get(0);
+    let task: TaskState = serde_json::from_value(doc).map_err(|e| StoreError::Corrupt {
+        context: "tasks.doc",
+        message: e.to_string(),
+    })?;
+    Ok(TaskRecord {
+        task,
+        partition: row.get(1),
+        last_offset: row.get(2),
+    })
+}
+
+/// Creates the database named in `url` when it does not exist, connecting to the
+/// server's `postgres` database with the same credentials.
+pub async fn ensure_database(url: &str) -> Result<(), StoreError> {
+    let mut config =
+        tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
+    let name = config
+        .get_dbname()
+        .map(str::to_string)
+        .ok_or_else(|| StoreError::Url("the URL names no database".into()))?;
+    config.dbname("postgres");
+    let (client, connection) = config.connect(NoTls).await.map_err(ctx("connect to postgres"))?;
+    let driver = tokio::spawn(connection);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .map_err(ctx("look up database"))?
+        .is_some();
+    if !exists {
+        let quoted = name.replace('"', "\"\"");
+        if let Err(e) = client
+            .batch_execute(&format!("CREATE DATABASE \"{quoted}\""))
+            .await
+        {
+            // Another process may have created it meanwhile.
+            if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) {
+                return Err(StoreError::Query {
+                    context: "create database",
+                    source: e,
+                });
+            }
+        }
+    }
+    drop(client);
+    let _ = driver.await;
+    Ok(())
+}
