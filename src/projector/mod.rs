@@ -32,6 +32,33 @@ use crate::metrics::metrics;
 use crate::store::projection::{self, AppliedEvent, BatchWrite, RejectedRecord, TaskRow};
 use crate::store::{Store, StoreError};
 
+/// Test-only crash points. `TASKLOG_FAILPOINT=<point>:<n>` makes the projector abort the
+/// process (as abruptly as SIGKILL) the n-th time it reaches `<point>`:
+/// `before_commit` (batch written, dead letters sent, transaction not committed) or
+/// `after_commit` (committed, Kafka offsets not stored yet). Unset in normal runs.
+mod failpoint {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+
+    pub fn hit(point: &str) {
+        let armed = ARMED.get_or_init(|| {
+            let value = std::env::var("TASKLOG_FAILPOINT").ok()?;
+            let (name, n) = value.split_once(':')?;
+            Some((name.to_string(), n.parse().ok()?))
+        });
+        if let Some((name, n)) = armed
+            && name == point
+            && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n
+        {
+            eprintln!("tasklog projector: failpoint {point} reached; aborting");
+            std::process::abort();
+        }
+    }
+}
+
 /// Default consumer group.
 pub const DEFAULT_GROUP: &str = "tasklog-projector";
 
@@ -504,9 +531,11 @@ impl Batcher {
             for p in pending {
                 p.await.map_err(|e| fail(e.into()))?;
             }
+            failpoint::hit("before_commit");
             tx.commit()
                 .await
                 .map_err(|e| fail(StoreError::Query { context: "commit batch", source: e }.into()))?;
+            failpoint::hit("after_commit");
         }
 
         // Committed. Publish progress: in memory (lag), to Kafka (informational), metrics.

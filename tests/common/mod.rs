@@ -1,0 +1,446 @@
+//! The shared integration-test harness.
+//!
+//! Starts (or locates) the broker and Postgres, gives each test its own topics and its
+//! own database, runs tasklog's roles as real child processes (so tests can SIGKILL
+//! them), and cleans everything up on drop.
+//!
+//! - Broker: each test starts its own `tasklog dev-broker` on a free loopback port, so its
+//!   topics are its own. With `TASKLOG_TEST_KAFKA_BROKERS` set, tests use that cluster
+//!   instead, with a unique topic prefix per test.
+//! - Postgres: `TASKLOG_TEST_DATABASE_URL` (default
+//!   `postgres://tasklog:tasklog@127.0.0.1:5432/postgres`) is the admin connection; each
+//!   test gets a fresh database, dropped at the end.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+use tokio_postgres::NoTls;
+
+/// Path of the tasklog binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tasklog")
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes. The pause between checks
+/// is a polling interval, not a stand-in for the condition.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    child: Child,
+    pub name: &'static str,
+}
+
+impl Proc {
+    /// Wraps a spawned child.
+    pub fn wrap(child: Child, name: &'static str) -> Proc {
+        Proc { child, name }
+    }
+
+    /// Exit code and captured stderr of a child that has exited (stderr must be piped).
+    pub fn finish(&mut self) -> (Option<i32>, String) {
+        let status = self.child.wait().ok().and_then(|s| s.code());
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut stderr);
+        }
+        (status, stderr)
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Kafka broker for one test.
+pub struct Broker {
+    pub addr: String,
+    pub admin: Option<String>,
+    pub prefix: String,
+    _proc: Option<Proc>,
+}
+
+impl Broker {
+    /// Starts a dev broker with 12 partitions (or uses TASKLOG_TEST_KAFKA_BROKERS).
+    pub fn start() -> Broker {
+        Broker::start_with_partitions(12)
+    }
+
+    /// Starts a dev broker with `partitions` partitions per topic.
+    pub fn start_with_partitions(partitions: i32) -> Broker {
+        Broker::start_with(partitions, unique("t"))
+    }
+
+    /// Starts a dev broker whose topics use `prefix`.
+    pub fn start_with(partitions: i32, prefix: String) -> Broker {
+        if let Ok(addr) = std::env::var("TASKLOG_TEST_KAFKA_BROKERS") {
+            return Broker {
+                addr,
+                admin: None,
+                prefix,
+                _proc: None,
+            };
+        }
+        let mut child = Command::new(bin())
+            .args(["dev-broker", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--partitions", &partitions.to_string(), "--topic-prefix", &prefix])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tasklog dev-broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        let mut reader = BufReader::new(stdout);
+        reader.read_line(&mut line).expect("read dev-broker banner");
+        // Keep draining, so the broker never writes to a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        // "tasklog dev-broker listening on ADDR admin ADDR"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let addr = words.get(4).unwrap_or_else(|| panic!("unexpected banner {line:?}")).to_string();
+        let admin = words.get(6).map(|a| format!("http://{a}"));
+        Broker {
+            addr,
+            admin,
+            prefix,
+            _proc: Some(Proc { child, name: "dev-broker" }),
+        }
+    }
+
+    pub fn events_topic(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
+    pub fn dlq_topic(&self) -> String {
+        format!("{}.dlq", self.prefix)
+    }
+
+    /// Cuts (false) or restores (true) every connection to the broker.
+    pub async fn set_reachable(&self, up: bool) {
+        let admin = self.admin.as_ref().expect("needs the dev broker");
+        let path = if up { "/broker/up" } else { "/broker/down" };
+        let r = reqwest::Client::new().post(format!("{admin}{path}")).send().await.expect("admin call");
+        assert!(r.status().is_success());
+    }
+
+    /// A plain idempotent producer, as an outside producer would use.
+    pub fn producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random")
+            .create()
+            .expect("producer")
+    }
+
+    /// Produces a record with string headers; returns (partition, offset).
+    pub async fn produce(&self, topic: &str, key: Option<&str>, headers: &[(&str, &str)], payload: &[u8]) -> (i32, i64) {
+        let producer = self.producer();
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
+        }
+        let mut record = FutureRecord::to(topic).payload(payload).headers(h);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        let d = producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("produce");
+        (d.partition, d.offset)
+    }
+
+    /// Every record of `topic` from offset 0 to the current end: (partition, offset, headers, value).
+    pub fn read_all(&self, topic: &str) -> Vec<Record> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        let partitions = metadata.topics()[0].partitions().len() as i32;
+        let mut tpl = TopicPartitionList::new();
+        let mut remaining = 0i64;
+        for p in 0..partitions {
+            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+            remaining += high - low;
+            tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let mut records = Vec::with_capacity(remaining as usize);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (records.len() as i64) < remaining {
+            assert!(Instant::now() < deadline, "read only {} of {remaining} records", records.len());
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                records.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    headers,
+                    value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                });
+            }
+        }
+        records
+    }
+}
+
+/// One record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub value: Vec<u8>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A fresh database for one test, dropped at the end.
+pub struct Db {
+    pub url: String,
+    name: String,
+    admin_url: String,
+}
+
+impl Db {
+    pub async fn create() -> Db {
+        let admin_url = std::env::var("TASKLOG_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://tasklog:tasklog@127.0.0.1:5432/postgres".into());
+        let name = unique("tasklog_test");
+        let (client, conn) = tokio_postgres::connect(&admin_url, NoTls).await.expect(
+            "connect to Postgres (run scripts/test, which starts it and creates the tasklog role)",
+        );
+        tokio::spawn(conn);
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        let base = admin_url.rsplit_once('/').map(|(b, _)| b.to_string()).expect("url has a database");
+        Db {
+            url: format!("{base}/{name}"),
+            name,
+            admin_url,
+        }
+    }
+
+    /// A direct connection to this test's database.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, NoTls).await.expect("connect test db");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// A single number from a query.
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.client().await.query_one(sql, &[]).await.expect(sql).get(0)
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs outside async context: use a short-lived runtime on a fresh thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let (client, conn) = tokio_postgres::connect(&admin_url, NoTls).await.ok()?;
+                tokio::spawn(conn);
+                client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// Environment for a tasklog role pointed at this broker and database.
+pub fn role(broker: &Broker, db: &Db, args: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.args(args)
+        .env("TASKLOG_KAFKA_BROKERS", &broker.addr)
+        .env("TASKLOG_TOPIC_PREFIX", &broker.prefix)
+        .env("TASKLOG_DATABASE_URL", &db.url)
+        .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// `tasklog server` on a free port.
+pub async fn start_server(broker: &Broker, db: &Db, extra_env: &[(&str, &str)]) -> (Proc, String) {
+    let port = free_port();
+    let mut cmd = role(broker, db, &["server", "--http-addr", &format!("127.0.0.1:{port}")]);
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn server");
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let probe = format!("{url}/healthz");
+    eventually("the API to answer /healthz", Duration::from_secs(60), || {
+        let r = http.get(&probe).send();
+        async move { r.await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+    })
+    .await;
+    (Proc { child, name: "server" }, url)
+}
+
+/// `tasklog projector` (session timeout short, so a killed one's partitions move fast).
+pub fn start_projector(broker: &Broker, db: &Db) -> Proc {
+    start_projector_with(broker, db, &[])
+}
+
+/// `tasklog projector` with extra environment (e.g. a failpoint).
+pub fn start_projector_with(broker: &Broker, db: &Db, env: &[(&str, &str)]) -> Proc {
+    let mut cmd = role(broker, db, &["projector", "--session-timeout-ms", "6000"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn projector");
+    Proc { child, name: "projector" }
+}
+
+/// Waits for a child to exit by itself; returns whether it did within `timeout`.
+pub async fn exits_within(p: &mut Proc, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !p.running() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Broker, database, API server and projector, all for one test.
+/// Fields drop in order: the roles stop before the broker and the database go.
+pub struct Stack {
+    pub server: Proc,
+    pub projector: Proc,
+    pub broker: Broker,
+    pub db: Db,
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        let broker = Broker::start();
+        let db = Db::create().await;
+        let (server, url) = start_server(&broker, &db, &[]).await;
+        let projector = start_projector(&broker, &db);
+        Stack { server, projector, broker, db, url, http: reqwest::Client::new() }
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.http.post(format!("{}{path}", self.url)).json(body).send().await.expect("POST");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("POST");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.http.get(format!("{}{path}", self.url)).send().await.expect("GET");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the task is projected and returns it.
+    pub async fn task(&self, id: &str) -> Value {
+        let (status, body) = self.get(&format!("/v1/tasks/{id}?wait_ms=20000")).await;
+        assert_eq!(status, 200, "task {id}: {body}");
+        body
+    }
+
+    /// Waits until the projection has applied or rejected `n` records in total.
+    pub async fn wait_projected(&self, n: i64) {
+        let db = &self.db;
+        eventually(&format!("{n} records projected"), Duration::from_secs(120), || async move {
+            let done = db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets").await;
+            (done >= n).then_some(())
+        })
+        .await;
+    }
+}
+
+/// CloudEvents binary-mode headers for a hand-made event.
+pub fn ce_headers(ce_type: &str, subject: &str, ce_id: &str) -> Vec<(String, String)> {
+    vec![
+        ("ce_specversion".into(), "1.0".into()),
+        ("ce_id".into(), ce_id.into()),
+        ("ce_source".into(), "test://outside-producer".into()),
+        ("ce_type".into(), ce_type.into()),
+        ("ce_time".into(), chrono::Utc::now().to_rfc3339()),
+        ("ce_subject".into(), subject.into()),
+        ("content-type".into(), "application/json".into()),
+    ]
+}

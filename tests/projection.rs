@@ -1,0 +1,97 @@
+//! The projection's guarantees about the log it is built from: it refuses a log that is
+//! not the one it applied, and it rebuilds identically from offset 0.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Broker, Stack, exits_within, role, start_projector};
+use serde_json::json;
+
+
+async fn snapshot(s: &Stack) -> Vec<String> {
+    let client = s.db.client().await;
+    let mut rows: Vec<String> = client
+        .query("SELECT id::text || ' ' || state || ' ' || seq || ' ' || doc::text FROM tasks ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    rows.extend(
+        client
+            .query("SELECT ce_id || ' ' || task_id || ' ' || seq || ' ' || partition || ':' || \"offset\" || ' ' || data::text FROM task_events ORDER BY ce_id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0)),
+    );
+    rows.extend(
+        client
+            .query("SELECT partition || ':' || \"offset\" || ' ' || reason FROM rejected_events ORDER BY 1", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0)),
+    );
+    rows.extend(
+        client
+            .query("SELECT state || '=' || count FROM task_state_counts WHERE count <> 0 ORDER BY 1", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0)),
+    );
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rebuild_from_offset_zero_gives_the_same_projection() {
+    let mut s = Stack::start().await;
+    let tasks: Vec<_> = (0..300).map(|i| json!({"name": format!("r{i}"), "shell": "true", "labels": {"i": i.to_string()}})).collect();
+    let (_, body) = s.post("/v1/tasks/batch", &json!({"tasks": tasks})).await;
+    let first = body["results"][0]["id"].as_str().unwrap().to_string();
+    s.task(&first).await;
+    let (status, _) = s.post(&format!("/v1/tasks/{first}/cancel"), &json!({})).await;
+    assert_eq!(status, 202);
+    s.broker.produce(&s.broker.events_topic(), Some(&first), &[("ce_specversion", "1.0")], b"junk").await;
+    s.wait_projected(303).await;
+    let before = snapshot(&s).await;
+    assert!(before.len() > 600);
+
+    s.projector.kill();
+    let mut rebuild = role(&s.broker, &s.db, &["projector", "--rebuild", "--session-timeout-ms", "6000"])
+        .spawn()
+        .expect("spawn projector --rebuild");
+    s.wait_projected(303).await;
+    let after = snapshot(&s).await;
+    let _ = rebuild.kill();
+    let _ = rebuild.wait();
+    assert_eq!(before, after);
+    s.projector = start_projector(&s.broker, &s.db);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn projector_refuses_a_log_that_is_not_the_one_it_applied() {
+    let mut s = Stack::start().await;
+    let tasks: Vec<_> = (0..50).map(|_| json!({"shell": "true"})).collect();
+    s.post("/v1/tasks/batch", &json!({"tasks": tasks})).await;
+    s.wait_projected(50).await;
+    s.projector.kill();
+
+    // A fresh, empty broker with the same topics (as after restarting the in-memory
+    // dev broker, or pointing at another cluster).
+    let empty = Broker::start_with(12, s.broker.prefix.clone());
+    let child = role(&empty, &s.db, &["projector"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn projector");
+    let mut p = common::Proc::wrap(child, "projector");
+    assert!(exits_within(&mut p, Duration::from_secs(60)).await, "the projector must refuse, not run");
+    let (code, stderr) = p.finish();
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("different or truncated log"), "{stderr}");
+    // Nothing was touched.
+    assert_eq!(s.db.count("SELECT count(*) FROM tasks").await, 50);
+}
