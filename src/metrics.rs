@@ -5,7 +5,8 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric tasklog exports.
@@ -35,26 +36,33 @@ pub struct Metrics {
 
 fn build() -> Result<Metrics, prometheus::Error> {
     let registry = Registry::new();
-    let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-        registry.register(Box::new(c.clone()))?;
-        Ok(c)
-    };
-    let gauge = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
-        let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-        registry.register(Box::new(g.clone()))?;
-        Ok(g)
-    };
-    let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| -> Result<HistogramVec, prometheus::Error> {
+    let counter =
+        |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+    let gauge =
+        |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+    let histogram = |name: &str,
+                     help: &str,
+                     labels: &[&str],
+                     buckets: Vec<f64>|
+     -> Result<HistogramVec, prometheus::Error> {
         let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
         registry.register(Box::new(h.clone()))?;
         Ok(h)
     };
-    let plain_histogram = |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, prometheus::Error> {
-        let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
-        registry.register(Box::new(h.clone()))?;
-        Ok(h)
-    };
+    let plain_histogram =
+        |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, prometheus::Error> {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
     let latency = vec![
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ];
@@ -103,9 +111,15 @@ fn build() -> Result<Metrics, prometheus::Error> {
         batch_size: plain_histogram(
             "tasklog_projector_batch_size",
             "Records per projector batch.",
-            vec![1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0],
+            vec![
+                1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+            ],
         )?,
-        tasks: gauge("tasklog_tasks", "Tasks per state, from the projection.", &["state"])?,
+        tasks: gauge(
+            "tasklog_tasks",
+            "Tasks per state, from the projection.",
+            &["state"],
+        )?,
         registry,
     })
 }
@@ -138,6 +152,8 @@ mod tests {
             .with_label_values(&["dev.tasklog.task.submitted.v1"])
             .inc();
         let text = render();
-        assert!(text.contains("tasklog_events_appended_total{type=\"dev.tasklog.task.submitted.v1\"}"));
+        assert!(
+            text.contains("tasklog_events_appended_total{type=\"dev.tasklog.task.submitted.v1\"}")
+        );
     }
 }

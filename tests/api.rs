@@ -23,7 +23,9 @@ async fn submit_then_get_list_events() {
 
     // Read-your-writes: wait for exactly this event.
     let (status, task) = s
-        .get(&format!("/v1/tasks/{id}?min_offset={partition}:{offset}&wait_ms=20000"))
+        .get(&format!(
+            "/v1/tasks/{id}?min_offset={partition}:{offset}&wait_ms=20000"
+        ))
         .await;
     assert_eq!(status, 200, "{task}");
     assert_eq!(task["state"], "queued");
@@ -33,10 +35,14 @@ async fn submit_then_get_list_events() {
     assert_eq!(task["last_offset"].as_i64(), Some(offset));
 
     // The bare-offset form locates the partition by the key, like Kafka's partitioner.
-    let (status, _) = s.get(&format!("/v1/tasks/{id}?min_offset={offset}&wait_ms=5000")).await;
+    let (status, _) = s
+        .get(&format!("/v1/tasks/{id}?min_offset={offset}&wait_ms=5000"))
+        .await;
     assert_eq!(status, 200);
 
-    let (status, list) = s.get("/v1/tasks?state=queued&label=team=vision&type=train").await;
+    let (status, list) = s
+        .get("/v1/tasks?state=queued&label=team=vision&type=train")
+        .await;
     assert_eq!(status, 200);
     assert_eq!(list["tasks"].as_array().map(Vec::len), Some(1));
     let (_, none) = s.get("/v1/tasks?label=team=audio").await;
@@ -51,7 +57,11 @@ async fn submit_then_get_list_events() {
     assert_eq!(events[0]["partition"].as_i64(), Some(partition));
     assert_eq!(events[0]["offset"].as_i64(), Some(offset));
     assert!(events[0]["ce_id"].as_str().is_some_and(|c| !c.is_empty()));
-    assert!(events[0]["source"].as_str().is_some_and(|c| c.starts_with("tasklog://api/")));
+    assert!(
+        events[0]["source"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("tasklog://api/"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -107,13 +117,16 @@ async fn idempotent_resubmission() {
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_of_1000_gives_exactly_1000_tasks() {
     let s = Stack::start().await;
-    let tasks: Vec<Value> = (0..1000).map(|i| json!({"name": format!("t{i}"), "shell": "true"})).collect();
+    let tasks: Vec<Value> = (0..1000)
+        .map(|i| json!({"name": format!("t{i}"), "shell": "true"}))
+        .collect();
     let (status, body) = s.post("/v1/tasks/batch", &json!({"tasks": tasks})).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["accepted"], 1000);
     assert_eq!(body["failed"], 0);
     let results = body["results"].as_array().unwrap();
-    let ids: std::collections::HashSet<&str> = results.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    let ids: std::collections::HashSet<&str> =
+        results.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 1000);
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r["index"], i);
@@ -135,7 +148,11 @@ async fn batch_of_1000_gives_exactly_1000_tasks() {
         assert_eq!(status, 200, "{page}");
         pages += 1;
         for t in page["tasks"].as_array().unwrap() {
-            assert!(seen.insert(t["id"].as_str().unwrap().to_string()), "repeated {}", t["id"]);
+            assert!(
+                seen.insert(t["id"].as_str().unwrap().to_string()),
+                "repeated {}",
+                t["id"]
+            );
         }
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_string()),
@@ -163,7 +180,14 @@ async fn one_bad_item_does_not_sink_the_batch() {
     let r = body["results"].as_array().unwrap();
     assert!(r[0]["id"].is_string());
     assert_eq!(r[1]["error"]["code"], "invalid_spec");
-    assert!(r[1]["error"]["message"].as_str().unwrap().starts_with("priority"), "{}", r[1]);
+    assert!(
+        r[1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("priority"),
+        "{}",
+        r[1]
+    );
     assert_eq!(r[2]["error"]["code"], "invalid_spec");
     assert_eq!(r[3]["error"]["code"], "invalid_spec");
     assert_eq!(r[4]["id"], r[5]["id"], "same key in one batch is one task");
@@ -177,33 +201,196 @@ async fn one_bad_item_does_not_sink_the_batch() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_a_json_4xx_naming_the_problem() {
     let s = Stack::start().await;
-    let cases: Vec<(&str, &str, &str, u16, &str, Option<&str>)> = vec![
+    // (method, path, body, status, error code, a word the message must contain)
+    type Case<'a> = (&'a str, &'a str, &'a str, u16, &'a str, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         ("POST", "/v1/tasks", "{not json", 400, "invalid_json", None),
         ("POST", "/v1/tasks", "[1,2]", 400, "invalid_spec", None),
-        ("POST", "/v1/tasks", r#"{"shell":"true","colour":"red"}"#, 400, "invalid_spec", Some("colour")),
-        ("POST", "/v1/tasks", r#"{"shell":"true","priority":101}"#, 400, "invalid_spec", Some("priority")),
-        ("POST", "/v1/tasks", r#"{"shell":"true","priority":-1}"#, 400, "invalid_spec", Some("priority")),
-        ("POST", "/v1/tasks", r#"{"shell":"true","resources":{"cpu":0}}"#, 400, "invalid_spec", Some("resources.cpu")),
-        ("POST", "/v1/tasks", r#"{"shell":"true","resources":{"memory":"lots"}}"#, 400, "invalid_spec", Some("resources.memory")),
-        ("POST", "/v1/tasks", r#"{"shell":"true","timeout":"soon"}"#, 400, "invalid_spec", Some("timeout")),
-        ("POST", "/v1/tasks", r#"{"shell":"true","after":["nope"]}"#, 400, "invalid_spec", Some("after")),
-        ("POST", "/v1/tasks", r#"{"name":"no command"}"#, 400, "invalid_spec", None),
-        ("POST", "/v1/tasks", r#"{"command":["a"],"shell":"b"}"#, 400, "invalid_spec", None),
-        ("POST", "/v1/tasks/batch", r#"{"tasks":[]}"#, 400, "invalid_batch", None),
-        ("POST", "/v1/tasks/batch", r#"{"items":[]}"#, 400, "invalid_batch", None),
+        (
+            "POST",
+            "/v1/tasks",
+            r#"{"shell":"true","colour":"red"}"#,
+            400,
+            "invalid_spec",
+            Some("colour"),
+        ),
+        (
+            "POST",
+            "/v1/tasks",
+            r#"{"shell":"true","priority":101}"#,
+            400,
+            "invalid_spec",
+            Some("priority"),
+        ),
+        (
+            "POST",
+            "/v1/tasks",
+            r#"{"shell":"true","priority":-1}"#,
+            400,
+            "invalid_spec",
+            Some("priority"),
+        ),
+        (
+            "POST",
+            "/v1/tasks",
+            r#"{"shell":"true","resources":{"cpu":0}}"#,
+            400,
+            "invalid_spec",
+            Some("resources.cpu"),
+        ),
+        (
+            "POST",
+            "/v1/tasks",
+            r#"{"shell":"true","resources":{"memory":"lots"}}"#,
+            400,
+            "invalid_spec",
+            Some("resources.memory"),
+        ),
+        (
+            "POST",
+            "/v1/tasks",
+            r#"{"shell":"true","timeout":"soon"}"#,
+            400,
+            "invalid_spec",
+            Some("timeout"),
+        ),
+        (
+            "POST",
+            "/v1/tasks",
+            r#"{"shell":"true","after":["nope"]}"#,
+            400,
+            "invalid_spec",
+            Some("after"),
+        ),
+        (
+            "POST",
+            "/v1/tasks",
+            r#"{"name":"no command"}"#,
+            400,
+            "invalid_spec",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/tasks",
+            r#"{"command":["a"],"shell":"b"}"#,
+            400,
+            "invalid_spec",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/tasks/batch",
+            r#"{"tasks":[]}"#,
+            400,
+            "invalid_batch",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/tasks/batch",
+            r#"{"items":[]}"#,
+            400,
+            "invalid_batch",
+            None,
+        ),
         ("GET", "/v1/tasks/not-a-uuid", "", 400, "invalid_id", None),
-        ("GET", "/v1/tasks/01a1fb73-818f-7375-a8fd-214a8f0ca45f", "", 404, "not_found", None),
-        ("GET", "/v1/tasks/01a1fb73-818f-7375-a8fd-214a8f0ca45f?wait_ms=-5", "", 400, "invalid_query", None),
-        ("GET", "/v1/tasks/01a1fb73-818f-7375-a8fd-214a8f0ca45f?wait_ms=999999999", "", 400, "invalid_query", None),
-        ("GET", "/v1/tasks/01a1fb73-818f-7375-a8fd-214a8f0ca45f?min_offset=x", "", 400, "invalid_query", None),
-        ("GET", "/v1/tasks?limit=0", "", 400, "invalid_query", Some("limit")),
-        ("GET", "/v1/tasks?limit=1001", "", 400, "invalid_query", Some("limit")),
-        ("GET", "/v1/tasks?state=sleeping", "", 400, "invalid_query", Some("state")),
-        ("GET", "/v1/tasks?label=novalue", "", 400, "invalid_query", Some("label")),
-        ("GET", "/v1/tasks?cursor=garbage", "", 400, "invalid_cursor", None),
-        ("GET", "/v1/tasks?colour=red", "", 400, "invalid_query", Some("colour")),
-        ("GET", "/v1/tasks/01a1fb73-818f-7375-a8fd-214a8f0ca45f/events", "", 404, "not_found", None),
-        ("POST", "/v1/tasks/01a1fb73-818f-7375-a8fd-214a8f0ca45f/cancel", "", 404, "not_found", None),
+        (
+            "GET",
+            "/v1/tasks/01a1fb73-818f-7375-a8fd-214a8f0ca45f",
+            "",
+            404,
+            "not_found",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/tasks/01a1fb73-818f-7375-a8fd-214a8f0ca45f?wait_ms=-5",
+            "",
+            400,
+            "invalid_query",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/tasks/01a1fb73-818f-7375-a8fd-214a8f0ca45f?wait_ms=999999999",
+            "",
+            400,
+            "invalid_query",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/tasks/01a1fb73-818f-7375-a8fd-214a8f0ca45f?min_offset=x",
+            "",
+            400,
+            "invalid_query",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/tasks?limit=0",
+            "",
+            400,
+            "invalid_query",
+            Some("limit"),
+        ),
+        (
+            "GET",
+            "/v1/tasks?limit=1001",
+            "",
+            400,
+            "invalid_query",
+            Some("limit"),
+        ),
+        (
+            "GET",
+            "/v1/tasks?state=sleeping",
+            "",
+            400,
+            "invalid_query",
+            Some("state"),
+        ),
+        (
+            "GET",
+            "/v1/tasks?label=novalue",
+            "",
+            400,
+            "invalid_query",
+            Some("label"),
+        ),
+        (
+            "GET",
+            "/v1/tasks?cursor=garbage",
+            "",
+            400,
+            "invalid_cursor",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/tasks?colour=red",
+            "",
+            400,
+            "invalid_query",
+            Some("colour"),
+        ),
+        (
+            "GET",
+            "/v1/tasks/01a1fb73-818f-7375-a8fd-214a8f0ca45f/events",
+            "",
+            404,
+            "not_found",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/tasks/01a1fb73-818f-7375-a8fd-214a8f0ca45f/cancel",
+            "",
+            404,
+            "not_found",
+            None,
+        ),
         ("POST", "/v1/tasks/nope/cancel", "", 400, "invalid_id", None),
         ("GET", "/v1/nothing-here", "", 404, "not_found", None),
         ("DELETE", "/v1/tasks", "", 405, "method_not_allowed", None),
@@ -211,7 +398,11 @@ async fn bad_input_is_a_json_4xx_naming_the_problem() {
     for (method, path, body, want_status, want_code, mentions) in cases {
         let url = format!("{}{path}", s.url);
         let request = match method {
-            "POST" => s.http.post(&url).header("content-type", "application/json").body(body.to_string()),
+            "POST" => s
+                .http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.to_string()),
             "GET" => s.http.get(&url),
             _ => s.http.delete(&url),
         };
@@ -219,11 +410,17 @@ async fn bad_input_is_a_json_4xx_naming_the_problem() {
         let status = response.status().as_u16();
         let json: Value = response.json().await.unwrap_or(Value::Null);
         assert_eq!(status, want_status, "{method} {path} {body}: {json}");
-        assert_eq!(json["error"]["code"], want_code, "{method} {path} {body}: {json}");
+        assert_eq!(
+            json["error"]["code"], want_code,
+            "{method} {path} {body}: {json}"
+        );
         let message = json["error"]["message"].as_str().unwrap_or("");
         assert!(!message.is_empty(), "{method} {path}: no message");
         if let Some(m) = mentions {
-            assert!(message.contains(m), "{method} {path} {body}: {message:?} should mention {m}");
+            assert!(
+                message.contains(m),
+                "{method} {path} {body}: {message:?} should mention {m}"
+            );
         }
     }
     // A huge spec is refused with 413 rather than failing at the broker.
@@ -241,15 +438,32 @@ async fn cancel_queued_task_and_refuse_terminal() {
     let (_, body) = s.post("/v1/tasks", &json!({"shell": "sleep 100"})).await;
     let id = body["id"].as_str().unwrap().to_string();
     s.task(&id).await;
-    let (status, body) = s.post(&format!("/v1/tasks/{id}/cancel"), &json!({"reason": "not needed"})).await;
+    let (status, body) = s
+        .post(
+            &format!("/v1/tasks/{id}/cancel"),
+            &json!({"reason": "not needed"}),
+        )
+        .await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["applied"], true);
     assert_eq!(body["task"]["state"], "cancelled");
     assert_eq!(body["task"]["reason"], "not needed");
     assert_eq!(body["task"]["seq"], 3);
     let (_, history) = s.get(&format!("/v1/tasks/{id}/events")).await;
-    let types: Vec<&str> = history["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
-    assert_eq!(types, ["dev.tasklog.task.submitted.v1", "dev.tasklog.task.cancel_requested.v1", "dev.tasklog.task.cancelled.v1"]);
+    let types: Vec<&str> = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "dev.tasklog.task.submitted.v1",
+            "dev.tasklog.task.cancel_requested.v1",
+            "dev.tasklog.task.cancelled.v1"
+        ]
+    );
     let (status, body) = s.post(&format!("/v1/tasks/{id}/cancel"), &json!({})).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "task_terminal");
@@ -263,7 +477,15 @@ async fn health_readiness_and_metrics() {
     let (_, body) = s.post("/v1/tasks", &json!({"shell": "true"})).await;
     s.task(body["id"].as_str().unwrap()).await;
     s.post_raw("/v1/tasks", "{bad").await;
-    let text = s.http.get(format!("{}/metrics", s.url)).send().await.unwrap().text().await.unwrap();
+    let text = s
+        .http
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for needle in [
         "tasklog_events_appended_total{type=\"dev.tasklog.task.submitted.v1\"} 1",
         "tasklog_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/tasks\",status=\"202\"",

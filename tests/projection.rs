@@ -9,7 +9,6 @@ use std::time::Duration;
 use common::{Broker, Stack, exits_within, role, start_projector};
 use serde_json::json;
 
-
 async fn snapshot(s: &Stack) -> Vec<String> {
     let client = s.db.client().await;
     let mut rows: Vec<String> = client
@@ -37,7 +36,10 @@ async fn snapshot(s: &Stack) -> Vec<String> {
     );
     rows.extend(
         client
-            .query("SELECT state || '=' || count FROM task_state_counts WHERE count <> 0 ORDER BY 1", &[])
+            .query(
+                "SELECT state || '=' || count FROM task_state_counts WHERE count <> 0 ORDER BY 1",
+                &[],
+            )
             .await
             .unwrap()
             .iter()
@@ -49,21 +51,36 @@ async fn snapshot(s: &Stack) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn rebuild_from_offset_zero_gives_the_same_projection() {
     let mut s = Stack::start().await;
-    let tasks: Vec<_> = (0..300).map(|i| json!({"name": format!("r{i}"), "shell": "true", "labels": {"i": i.to_string()}})).collect();
+    let tasks: Vec<_> = (0..300)
+        .map(|i| json!({"name": format!("r{i}"), "shell": "true", "labels": {"i": i.to_string()}}))
+        .collect();
     let (_, body) = s.post("/v1/tasks/batch", &json!({"tasks": tasks})).await;
     let first = body["results"][0]["id"].as_str().unwrap().to_string();
     s.task(&first).await;
-    let (status, _) = s.post(&format!("/v1/tasks/{first}/cancel"), &json!({})).await;
+    let (status, _) = s
+        .post(&format!("/v1/tasks/{first}/cancel"), &json!({}))
+        .await;
     assert_eq!(status, 202);
-    s.broker.produce(&s.broker.events_topic(), Some(&first), &[("ce_specversion", "1.0")], b"junk").await;
+    s.broker
+        .produce(
+            &s.broker.events_topic(),
+            Some(&first),
+            &[("ce_specversion", "1.0")],
+            b"junk",
+        )
+        .await;
     s.wait_projected(303).await;
     let before = snapshot(&s).await;
     assert!(before.len() > 600);
 
     s.projector.kill();
-    let mut rebuild = role(&s.broker, &s.db, &["projector", "--rebuild", "--session-timeout-ms", "6000"])
-        .spawn()
-        .expect("spawn projector --rebuild");
+    let mut rebuild = role(
+        &s.broker,
+        &s.db,
+        &["projector", "--rebuild", "--session-timeout-ms", "6000"],
+    )
+    .spawn()
+    .expect("spawn projector --rebuild");
     s.wait_projected(303).await;
     let after = snapshot(&s).await;
     let _ = rebuild.kill();
@@ -88,7 +105,10 @@ async fn projector_refuses_a_log_that_is_not_the_one_it_applied() {
         .spawn()
         .expect("spawn projector");
     let mut p = common::Proc::wrap(child, "projector");
-    assert!(exits_within(&mut p, Duration::from_secs(60)).await, "the projector must refuse, not run");
+    assert!(
+        exits_within(&mut p, Duration::from_secs(60)).await,
+        "the projector must refuse, not run"
+    );
     let (code, stderr) = p.finish();
     assert_ne!(code, Some(0));
     assert!(stderr.contains("different or truncated log"), "{stderr}");

@@ -60,19 +60,27 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         tracing::error!(error = %e, "store error");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", e.to_string())
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            e.to_string(),
+        )
     }
 }
 
 impl From<AppendError> for ApiError {
     fn from(e: AppendError) -> ApiError {
         match e {
-            AppendError::Unavailable(..) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", e.to_string())
-            }
-            AppendError::Refused(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "append_refused", e.to_string())
-            }
+            AppendError::Unavailable(..) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker_unavailable",
+                e.to_string(),
+            ),
+            AppendError::Refused(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "append_refused",
+                e.to_string(),
+            ),
         }
     }
 }

@@ -180,7 +180,8 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
-    let not_ready = |what: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", what);
+    let not_ready =
+        |what: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", what);
     match tokio::time::timeout(Duration::from_secs(3), state.store.ping()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(not_ready(format!("postgres: {e}"))),
@@ -206,7 +207,10 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         }
     }
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         render(),
     )
 }
@@ -233,8 +237,8 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(JsonBody(serde_json::Value::Null));
         }
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+        })
     }
 }

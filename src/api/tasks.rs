@@ -60,15 +60,18 @@ fn prepare(state: &AppState, body: Value, header_key: Option<&str>) -> Result<Pr
                 ));
             }
             _ => {
-                object.insert("idempotency_key".into(), Value::String(header_key.to_string()));
+                object.insert(
+                    "idempotency_key".into(),
+                    Value::String(header_key.to_string()),
+                );
             }
         }
     }
     let body = Value::Object(object);
     events::schema::validate_task_spec(&body)
         .map_err(|m| ApiError::bad_request("invalid_spec", m))?;
-    let spec: TaskSpec =
-        serde_json::from_value(body).map_err(|e| ApiError::bad_request("invalid_spec", e.to_string()))?;
+    let spec: TaskSpec = serde_json::from_value(body)
+        .map_err(|e| ApiError::bad_request("invalid_spec", e.to_string()))?;
     spec.check()
         .map_err(|e| ApiError::bad_request("invalid_spec", e.to_string()))?;
     let (id, keyed) = match &spec.idempotency_key {
@@ -80,7 +83,14 @@ fn prepare(state: &AppState, body: Value, header_key: Option<&str>) -> Result<Pr
     } else {
         TaskStatus::Pending
     };
-    let event = Event::new(&state.options.source, id, 1, Payload::Submitted { spec: spec.clone() });
+    let event = Event::new(
+        &state.options.source,
+        id,
+        1,
+        Payload::Submitted {
+            spec: Box::new(spec.clone()),
+        },
+    );
     let encoded = event.encode();
     if encoded.payload.len() > MAX_EVENT_BYTES {
         return Err(ApiError::new(
@@ -267,8 +277,10 @@ pub async fn submit_batch(
         ));
     }
 
-    let prepared: Vec<Result<Prepared, ApiError>> =
-        items.into_iter().map(|item| prepare(&state, item, None)).collect();
+    let prepared: Vec<Result<Prepared, ApiError>> = items
+        .into_iter()
+        .map(|item| prepare(&state, item, None))
+        .collect();
     let keyed_ids: Vec<Uuid> = prepared
         .iter()
         .filter_map(|p| p.as_ref().ok().filter(|p| p.keyed).map(|p| p.id))
@@ -297,7 +309,10 @@ pub async fn submit_batch(
         if p.keyed
             && let Some(&first) = first_of_key.get(&p.id)
         {
-            let same = prepared[first].as_ref().map(|f| f.spec == p.spec).unwrap_or(false);
+            let same = prepared[first]
+                .as_ref()
+                .map(|f| f.spec == p.spec)
+                .unwrap_or(false);
             if same {
                 repeats.push((i, first));
             } else {
@@ -353,7 +368,10 @@ pub async fn submit_batch(
         v["index"] = json!(i);
         results[i] = Some(v);
     }
-    let results: Vec<Value> = results.into_iter().map(|r| r.unwrap_or(Value::Null)).collect();
+    let results: Vec<Value> = results
+        .into_iter()
+        .map(|r| r.unwrap_or(Value::Null))
+        .collect();
     let failed = results.iter().filter(|r| r.get("error").is_some()).count();
     Ok((
         StatusCode::ACCEPTED,
@@ -383,7 +401,10 @@ fn query_pairs(query: &Option<String>) -> Vec<(String, String)> {
 }
 
 fn single<'a>(pairs: &'a [(String, String)], name: &str) -> Result<Option<&'a str>, ApiError> {
-    let mut values = pairs.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let mut values = pairs
+        .iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str());
     let first = values.next();
     if values.next().is_some() {
         return Err(ApiError::bad_request(
@@ -409,7 +430,11 @@ fn parse_number(name: &str, value: &str, min: i64, max: i64) -> Result<i64, ApiE
 
 /// Waits (on projector notifications, not by polling) until `check` gives a value or
 /// the deadline passes (then `None`).
-async fn wait_for<T, F, Fut>(state: &AppState, deadline: Instant, mut check: F) -> Result<Option<T>, ApiError>
+async fn wait_for<T, F, Fut>(
+    state: &AppState,
+    deadline: Instant,
+    mut check: F,
+) -> Result<Option<T>, ApiError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>, ApiError>>,
@@ -432,7 +457,11 @@ where
 }
 
 /// `Some(())` once the projector has applied (or rejected) the record at `offset`.
-async fn projected_past(state: &AppState, partition: i32, offset: i64) -> Result<Option<()>, ApiError> {
+async fn projected_past(
+    state: &AppState,
+    partition: i32,
+    offset: i64,
+) -> Result<Option<()>, ApiError> {
     let offsets = state
         .store
         .projection_offsets(&state.options.topics.events)
@@ -469,9 +498,11 @@ pub async fn get_task(
     })
     .await?
     .flatten();
-    found
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("task {id} does not exist (or is not projected yet)")))
+    found.map(Json).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "task {id} does not exist (or is not projected yet)"
+        ))
+    })
 }
 
 fn parse_min_offset(value: &str, id: Uuid, partitions: i32) -> Result<(i32, i64), ApiError> {
@@ -513,8 +544,14 @@ fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
     if parts.next() != Some("v1") {
         return Err(invalid());
     }
-    let micros: i64 = parts.next().and_then(|m| m.parse().ok()).ok_or_else(invalid)?;
-    let id = parts.next().and_then(|i| Uuid::parse_str(i).ok()).ok_or_else(invalid)?;
+    let micros: i64 = parts
+        .next()
+        .and_then(|m| m.parse().ok())
+        .ok_or_else(invalid)?;
+    let id = parts
+        .next()
+        .and_then(|i| Uuid::parse_str(i).ok())
+        .ok_or_else(invalid)?;
     if parts.next().is_some() {
         return Err(invalid());
     }
@@ -551,9 +588,12 @@ pub async fn list(
     filter.task_type = single(&pairs, "type")?.map(str::to_string);
     for (k, v) in &pairs {
         if k == "label" {
-            let (name, value) = v.split_once('=').filter(|(n, _)| !n.is_empty()).ok_or_else(|| {
-                ApiError::bad_request("invalid_query", format!("label {v:?} must be key=value"))
-            })?;
+            let (name, value) = v
+                .split_once('=')
+                .filter(|(n, _)| !n.is_empty())
+                .ok_or_else(|| {
+                    ApiError::bad_request("invalid_query", format!("label {v:?} must be key=value"))
+                })?;
             filter.labels.push((name.to_string(), value.to_string()));
         }
     }
@@ -565,7 +605,11 @@ pub async fn list(
     }
     let tasks = state.store.list_tasks(&filter).await?;
     let next_cursor = (tasks.len() as i64 == filter.limit)
-        .then(|| tasks.last().map(|t| encode_cursor(t.task.submitted_at, t.task.id)))
+        .then(|| {
+            tasks
+                .last()
+                .map(|t| encode_cursor(t.task.submitted_at, t.task.id))
+        })
         .flatten();
     Ok(Json(json!({"tasks": tasks, "next_cursor": next_cursor})))
 }
@@ -597,7 +641,10 @@ pub async fn cancel(
     let reason: ReasonData = match body {
         Value::Null => ReasonData::default(),
         other => serde_json::from_value(other).map_err(|e| {
-            ApiError::bad_request("invalid_body", format!("expected {{\"reason\", \"message\"}}: {e}"))
+            ApiError::bad_request(
+                "invalid_body",
+                format!("expected {{\"reason\", \"message\"}}: {e}"),
+            )
         })?,
     };
     let reason = ReasonData {
@@ -617,9 +664,19 @@ pub async fn cancel(
             ));
         }
         let source = &state.options.source;
-        let mut to_append = vec![Event::new(source, id, task.seq + 1, Payload::CancelRequested(reason.clone())).encode()];
+        let mut to_append = vec![
+            Event::new(
+                source,
+                id,
+                task.seq + 1,
+                Payload::CancelRequested(reason.clone()),
+            )
+            .encode(),
+        ];
         if matches!(task.state, TaskStatus::Pending | TaskStatus::Queued) {
-            to_append.push(Event::new(source, id, task.seq + 2, Payload::Cancelled(reason.clone())).encode());
+            to_append.push(
+                Event::new(source, id, task.seq + 2, Payload::Cancelled(reason.clone())).encode(),
+            );
         }
         let results = state
             .appender
@@ -635,7 +692,10 @@ pub async fn cancel(
         let Some(last) = last else { break };
 
         let deadline = Instant::now() + state.options.cancel_wait;
-        let caught_up = wait_for(&state, deadline, || projected_past(&state, last.partition, last.offset)).await?;
+        let caught_up = wait_for(&state, deadline, || {
+            projected_past(&state, last.partition, last.offset)
+        })
+        .await?;
         if caught_up.is_none() {
             return Ok((
                 StatusCode::ACCEPTED,
@@ -652,12 +712,16 @@ pub async fn cancel(
         match state.store.event_outcome(&to_append[0].ce_id).await? {
             Some(EventOutcome::Applied) => {
                 let record = state.store.task(id).await?;
-                return Ok((StatusCode::ACCEPTED, Json(json!({
-                    "id": id,
-                    "cancel": "requested",
-                    "applied": true,
-                    "task": record,
-                }))).into_response());
+                return Ok((
+                    StatusCode::ACCEPTED,
+                    Json(json!({
+                        "id": id,
+                        "cancel": "requested",
+                        "applied": true,
+                        "task": record,
+                    })),
+                )
+                    .into_response());
             }
             Some(EventOutcome::Rejected { reason, .. }) if reason == "seq_conflict" => continue,
             Some(EventOutcome::Rejected { reason, message }) => {
@@ -691,7 +755,11 @@ mod tests {
         let id = Uuid::now_v7();
         assert_eq!(decode_cursor(&encode_cursor(at, id)).unwrap(), (at, id));
         for bad in ["", "!!!", "djF8MTIz", &URL_SAFE_NO_PAD.encode("v2|1|x")] {
-            assert_eq!(decode_cursor(bad).unwrap_err().code, "invalid_cursor", "{bad}");
+            assert_eq!(
+                decode_cursor(bad).unwrap_err().code,
+                "invalid_cursor",
+                "{bad}"
+            );
         }
     }
 

@@ -27,14 +27,20 @@ impl ApiClient {
     /// Sends a request and returns the JSON body, or the API's error as an error.
     pub async fn call(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
         let response = request.send().await.with_context(|| {
-            format!("cannot reach the tasklog API at {} (is `tasklog up` running? set TASKLOG_API_URL)", self.base)
+            format!(
+                "cannot reach the tasklog API at {} (is `tasklog up` running? set TASKLOG_API_URL)",
+                self.base
+            )
         })?;
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         if status.is_success() {
             return Ok(body);
         }
-        match (body["error"]["code"].as_str(), body["error"]["message"].as_str()) {
+        match (
+            body["error"]["code"].as_str(),
+            body["error"]["message"].as_str(),
+        ) {
             (Some(code), Some(message)) => bail!("{code}: {message} (HTTP {status})"),
             _ => bail!("HTTP {status}"),
         }
@@ -54,7 +60,8 @@ pub fn read_spec(path: &std::path::Path) -> anyhow::Result<Value> {
     } else {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
     };
-    serde_yaml_ng::from_str(&text).with_context(|| format!("{} is not valid YAML or JSON", path.display()))
+    serde_yaml_ng::from_str(&text)
+        .with_context(|| format!("{} is not valid YAML or JSON", path.display()))
 }
 
 pub(super) async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
@@ -88,10 +95,14 @@ pub(super) async fn ls(args: LsArgs) -> anyhow::Result<()> {
     let mut cursor: Option<String> = None;
     let mut shown = 0usize;
     if !args.json {
-        println!("{:<36}  {:<9}  {:<10}  {:>3}  {:<24}  NAME", "ID", "STATE", "TYPE", "PRI", "SUBMITTED");
+        println!(
+            "{:<36}  {:<9}  {:<10}  {:>3}  {:<24}  NAME",
+            "ID", "STATE", "TYPE", "PRI", "SUBMITTED"
+        );
     }
     while shown < args.limit {
-        let mut query: Vec<(&str, String)> = vec![("limit", (args.limit - shown).min(1000).to_string())];
+        let mut query: Vec<(&str, String)> =
+            vec![("limit", (args.limit - shown).min(1000).to_string())];
         if let Some(s) = &args.state {
             query.push(("state", s.clone()));
         }
@@ -118,7 +129,12 @@ pub(super) async fn ls(args: LsArgs) -> anyhow::Result<()> {
                     t["state"].as_str().unwrap_or(""),
                     t["spec"]["type"].as_str().unwrap_or("batch"),
                     t["spec"]["priority"].as_i64().unwrap_or(50),
-                    t["submitted_at"].as_str().unwrap_or("").chars().take(23).collect::<String>(),
+                    t["submitted_at"]
+                        .as_str()
+                        .unwrap_or("")
+                        .chars()
+                        .take(23)
+                        .collect::<String>(),
                     t["spec"]["name"].as_str().unwrap_or(""),
                 );
             }
@@ -135,13 +151,20 @@ pub(super) async fn ls(args: LsArgs) -> anyhow::Result<()> {
 pub(super) async fn events(args: EventsArgs) -> anyhow::Result<()> {
     let client = ApiClient::new(&args.api)?;
     let body = client
-        .call(client.http.get(client.url(&format!("/v1/tasks/{}/events", args.id))))
+        .call(
+            client
+                .http
+                .get(client.url(&format!("/v1/tasks/{}/events", args.id))),
+        )
         .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(());
     }
-    println!("{:>4}  {:<38}  {:<27}  {:>9}  SOURCE", "SEQ", "TYPE", "TIME", "P:OFFSET");
+    println!(
+        "{:>4}  {:<38}  {:<27}  {:>9}  SOURCE",
+        "SEQ", "TYPE", "TIME", "P:OFFSET"
+    );
     for e in body["events"].as_array().cloned().unwrap_or_default() {
         println!(
             "{:>4}  {:<38}  {:<27}  {:>9}  {}",

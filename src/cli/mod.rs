@@ -152,7 +152,11 @@ struct ProjectorArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ApiArgs {
     /// Base URL of the tasklog API.
-    #[arg(long = "api", env = "TASKLOG_API_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long = "api",
+        env = "TASKLOG_API_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub url: String,
 }
 
@@ -257,13 +261,14 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

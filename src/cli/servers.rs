@@ -80,7 +80,9 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
                 topics: vec![topics.events.clone(), topics.dlq.clone()],
             })
             .await
-            .context("starting the embedded broker (is another tasklog up or dev-broker running?)")?;
+            .context(
+                "starting the embedded broker (is another tasklog up or dev-broker running?)",
+            )?;
             let addr = broker.addr().to_string();
             _embedded = Some(broker);
             addr
@@ -115,7 +117,10 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("  API:      http://{addr}/v1/tasks");
     println!("  metrics:  http://{addr}/metrics");
     println!("  health:   http://{addr}/readyz");
-    println!("  kafka:    {brokers} (topics {}, {})", topics.events, topics.dlq);
+    println!(
+        "  kafka:    {brokers} (topics {}, {})",
+        topics.events, topics.dlq
+    );
     println!("  postgres: {}", redact(&args.db.database_url));
     println!("Try: tasklog submit -f examples/hello.yaml && tasklog ls     (Ctrl-C stops)");
 
@@ -187,7 +192,10 @@ pub(super) async fn dev_broker(args: DevBrokerArgs) -> anyhow::Result<()> {
     };
     // One parseable line for scripts and tests, then a human one.
     match admin_addr {
-        Some(a) => println!("tasklog dev-broker listening on {} admin {a}", broker.addr()),
+        Some(a) => println!(
+            "tasklog dev-broker listening on {} admin {a}",
+            broker.addr()
+        ),
         None => println!("tasklog dev-broker listening on {}", broker.addr()),
     }
     println!(
@@ -217,7 +225,9 @@ async fn create_topic(
     broker
         .create_topic(&body.name, body.partitions)
         .map_err(|e| api::ApiError::bad_request("invalid_topic", e.to_string()))?;
-    Ok(Json(serde_json::json!({"name": body.name, "partitions": body.partitions})))
+    Ok(Json(
+        serde_json::json!({"name": body.name, "partitions": body.partitions}),
+    ))
 }
 
 pub(super) async fn server(args: ServerArgs) -> anyhow::Result<()> {
@@ -228,7 +238,10 @@ pub(super) async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let listener = api::bind(args.http.http_addr)
         .await
         .with_context(|| format!("listening on {}", args.http.http_addr))?;
-    println!("tasklog server listening on http://{}", listener.local_addr()?);
+    println!(
+        "tasklog server listening on http://{}",
+        listener.local_addr()?
+    );
     api::serve(listener, state, shutdown_signal()).await?;
     Ok(())
 }
@@ -247,7 +260,10 @@ pub(super) async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
             .with_context(|| format!("metrics listener on {addr}"))?;
         let app = axum::Router::new()
             .route("/metrics", get(|| async { crate::metrics::render() }))
-            .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }));
+            .route(
+                "/healthz",
+                get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+            );
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

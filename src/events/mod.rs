@@ -135,7 +135,7 @@ pub enum Payload {
     /// A new task.
     Submitted {
         /// The spec as submitted.
-        spec: TaskSpec,
+        spec: Box<TaskSpec>,
     },
     /// A request to cancel.
     CancelRequested(ReasonData),
@@ -427,7 +427,9 @@ fn data_to_payload(event_type: EventType, data: &Value) -> Result<(Uuid, u64, Pa
             d.spec
                 .check()
                 .map_err(|e| Rejection::SchemaViolation(format!("spec.{e}")))?;
-            Payload::Submitted { spec: d.spec }
+            Payload::Submitted {
+                spec: Box::new(d.spec),
+            }
         }
         EventType::CancelRequested => Payload::CancelRequested(typed(data)?),
         EventType::Cancelled => Payload::Cancelled(typed(data)?),
@@ -484,8 +486,14 @@ fn payload_to_data(task_id: Uuid, seq: u64, payload: &Payload) -> Value {
             put("spec", serde_json::to_value(spec).unwrap_or(Value::Null));
         }
         Payload::CancelRequested(r) | Payload::Cancelled(r) | Payload::Queued(r) => {
-            put("reason", serde_json::to_value(&r.reason).unwrap_or_default());
-            put("message", serde_json::to_value(&r.message).unwrap_or_default());
+            put(
+                "reason",
+                serde_json::to_value(&r.reason).unwrap_or_default(),
+            );
+            put(
+                "message",
+                serde_json::to_value(&r.message).unwrap_or_default(),
+            );
         }
         Payload::Assigned { worker_id, attempt } => {
             put("worker_id", Value::from(worker_id.clone()));
@@ -497,7 +505,10 @@ fn payload_to_data(task_id: Uuid, seq: u64, payload: &Payload) -> Value {
             pid,
         } => {
             put("attempt", Value::from(*attempt));
-            put("worker_id", serde_json::to_value(worker_id).unwrap_or_default());
+            put(
+                "worker_id",
+                serde_json::to_value(worker_id).unwrap_or_default(),
+            );
             put("pid", serde_json::to_value(pid).unwrap_or_default());
         }
         Payload::Succeeded {
@@ -506,8 +517,14 @@ fn payload_to_data(task_id: Uuid, seq: u64, payload: &Payload) -> Value {
             duration_ms,
         } => {
             put("attempt", serde_json::to_value(attempt).unwrap_or_default());
-            put("exit_code", serde_json::to_value(exit_code).unwrap_or_default());
-            put("duration_ms", serde_json::to_value(duration_ms).unwrap_or_default());
+            put(
+                "exit_code",
+                serde_json::to_value(exit_code).unwrap_or_default(),
+            );
+            put(
+                "duration_ms",
+                serde_json::to_value(duration_ms).unwrap_or_default(),
+            );
         }
         Payload::Failed {
             attempt,
@@ -518,9 +535,15 @@ fn payload_to_data(task_id: Uuid, seq: u64, payload: &Payload) -> Value {
             message,
         } => {
             put("attempt", serde_json::to_value(attempt).unwrap_or_default());
-            put("exit_code", serde_json::to_value(exit_code).unwrap_or_default());
+            put(
+                "exit_code",
+                serde_json::to_value(exit_code).unwrap_or_default(),
+            );
             put("signal", serde_json::to_value(signal).unwrap_or_default());
-            put("duration_ms", serde_json::to_value(duration_ms).unwrap_or_default());
+            put(
+                "duration_ms",
+                serde_json::to_value(duration_ms).unwrap_or_default(),
+            );
             put("reason", Value::from(reason.clone()));
             put("message", serde_json::to_value(message).unwrap_or_default());
         }
@@ -537,13 +560,24 @@ mod tests {
             shell: Some("echo hi".into()),
             ..Default::default()
         };
-        Event::new("tasklog://test", Uuid::now_v7(), 1, Payload::Submitted { spec })
+        Event::new(
+            "tasklog://test",
+            Uuid::now_v7(),
+            1,
+            Payload::Submitted {
+                spec: Box::new(spec),
+            },
+        )
     }
 
     fn raw(e: &EncodedEvent) -> RawRecord<'_> {
         RawRecord {
             key: Some(e.key.as_bytes()),
-            headers: e.headers.iter().map(|(k, v)| (*k, Some(v.as_bytes()))).collect(),
+            headers: e
+                .headers
+                .iter()
+                .map(|(k, v)| (*k, Some(v.as_bytes())))
+                .collect(),
             payload: Some(&e.payload),
         }
     }
@@ -606,15 +640,23 @@ mod tests {
         }
     }
 
-    fn rejection_code(mutate: impl FnOnce(&mut Vec<(&'static str, String)>, &mut Vec<u8>)) -> String {
+    fn rejection_code(
+        mutate: impl FnOnce(&mut Vec<(&'static str, String)>, &mut Vec<u8>),
+    ) -> String {
         let mut encoded = submitted().encode();
         mutate(&mut encoded.headers, &mut encoded.payload);
-        Event::decode(&raw(&encoded)).unwrap_err().code().to_string()
+        Event::decode(&raw(&encoded))
+            .unwrap_err()
+            .code()
+            .to_string()
     }
 
     #[test]
     fn malformed_records_are_rejected_with_their_reason() {
-        assert_eq!(rejection_code(|_, p| *p = b"{not json".to_vec()), "invalid_json");
+        assert_eq!(
+            rejection_code(|_, p| *p = b"{not json".to_vec()),
+            "invalid_json"
+        );
         assert_eq!(
             rejection_code(|h, _| h.retain(|(k, _)| *k != header::ID)),
             "invalid_envelope"
@@ -654,7 +696,10 @@ mod tests {
         let encoded = submitted().encode();
         let mut record = raw(&encoded);
         record.key = Some(b"someone-else");
-        assert_eq!(Event::decode(&record).unwrap_err().code(), "subject_mismatch");
+        assert_eq!(
+            Event::decode(&record).unwrap_err().code(),
+            "subject_mismatch"
+        );
         record.key = None;
         assert!(Event::decode(&record).is_ok(), "a missing key is tolerated");
     }

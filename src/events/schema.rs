@@ -126,8 +126,7 @@ mod tests {
         assert!(err.starts_with("priority:"), "{err}");
         let err = validate_task_spec(&json!({"shell": "x", "colour": "red"})).unwrap_err();
         assert!(err.contains("colour"), "{err}");
-        let err =
-            validate_task_spec(&json!({"shell": "x", "resources": {"cpu": -1}})).unwrap_err();
+        let err = validate_task_spec(&json!({"shell": "x", "resources": {"cpu": -1}})).unwrap_err();
         assert!(err.starts_with("resources.cpu:"), "{err}");
         assert!(validate_task_spec(&json!({"command": ["a"], "shell": "b"})).is_err());
         assert!(validate_task_spec(&json!({"name": "no command"})).is_err());

@@ -216,7 +216,7 @@ pub fn apply(state: Option<&TaskState>, event: &Event) -> Result<TaskState, Reje
                     TaskStatus::Pending
                 },
                 seq: 1,
-                spec: spec.clone(),
+                spec: (**spec).clone(),
                 submitted_by: event.envelope.source.clone(),
                 submitted_at: time,
                 updated_at: time,
@@ -238,7 +238,7 @@ pub fn apply(state: Option<&TaskState>, event: &Event) -> Result<TaskState, Reje
     };
 
     if let Payload::Submitted { spec } = &event.payload {
-        return Err(if *spec == current.spec {
+        return Err(if **spec == current.spec {
             Rejection::DuplicateSubmission(current.id)
         } else {
             Rejection::IdempotencyConflict(current.id)
@@ -366,7 +366,14 @@ mod tests {
     }
 
     fn submitted(id: Uuid, spec: TaskSpec) -> Event {
-        Event::new("test", id, 1, Payload::Submitted { spec })
+        Event::new(
+            "test",
+            id,
+            1,
+            Payload::Submitted {
+                spec: Box::new(spec),
+            },
+        )
     }
 
     /// A task in `status` with seq 5 and attempt 1.
@@ -380,7 +387,9 @@ mod tests {
 
     fn payload_of(event_type: EventType, attempt: u32) -> Payload {
         match event_type {
-            EventType::Submitted => Payload::Submitted { spec: spec() },
+            EventType::Submitted => Payload::Submitted {
+                spec: Box::new(spec()),
+            },
             EventType::CancelRequested => Payload::CancelRequested(ReasonData::default()),
             EventType::Cancelled => Payload::Cancelled(ReasonData::default()),
             EventType::Queued => Payload::Queued(ReasonData::default()),
@@ -448,10 +457,7 @@ mod tests {
                         let r = result.expect_err(&format!("{from} + {event_type} is illegal"));
                         let code = r.code();
                         assert!(
-                            matches!(
-                                code,
-                                "illegal_transition" | "duplicate_submission"
-                            ),
+                            matches!(code, "illegal_transition" | "duplicate_submission"),
                             "{from} + {event_type}: {code}"
                         );
                     }
@@ -475,7 +481,14 @@ mod tests {
         let id = Uuid::now_v7();
         let e = Event::new("t", id, 1, Payload::Cancelled(ReasonData::default()));
         assert_eq!(apply(None, &e).unwrap_err(), Rejection::UnknownTask(id));
-        let e = Event::new("t", id, 2, Payload::Submitted { spec: spec() });
+        let e = Event::new(
+            "t",
+            id,
+            2,
+            Payload::Submitted {
+                spec: Box::new(spec()),
+            },
+        );
         assert_eq!(apply(None, &e).unwrap_err().code(), "seq_conflict");
     }
 
@@ -483,10 +496,18 @@ mod tests {
     fn seq_must_follow() {
         let task = task_in(TaskStatus::Queued);
         for seq in [5, 7, 100] {
-            let e = Event::new("t", task.id, seq, Payload::CancelRequested(ReasonData::default()));
+            let e = Event::new(
+                "t",
+                task.id,
+                seq,
+                Payload::CancelRequested(ReasonData::default()),
+            );
             assert_eq!(
                 apply(Some(&task), &e).unwrap_err(),
-                Rejection::SeqConflict { current: 5, got: seq }
+                Rejection::SeqConflict {
+                    current: 5,
+                    got: seq
+                }
             );
         }
     }
@@ -512,7 +533,10 @@ mod tests {
         let mut task = task_in(TaskStatus::Queued);
         task.cancel_requested = true;
         let e = Event::new("t", task.id, 6, payload_of(EventType::Assigned, 1));
-        assert_eq!(apply(Some(&task), &e).unwrap_err().code(), "illegal_transition");
+        assert_eq!(
+            apply(Some(&task), &e).unwrap_err().code(),
+            "illegal_transition"
+        );
     }
 
     #[test]
@@ -529,11 +553,17 @@ mod tests {
         );
         assert_eq!(
             apply(Some(&task), &e).unwrap_err(),
-            Rejection::AttemptMismatch { expected: 2, got: 5 }
+            Rejection::AttemptMismatch {
+                expected: 2,
+                got: 5
+            }
         );
         let task = task_in(TaskStatus::Running);
         let e = Event::new("t", task.id, 6, payload_of(EventType::Succeeded, 3));
-        assert_eq!(apply(Some(&task), &e).unwrap_err().code(), "attempt_mismatch");
+        assert_eq!(
+            apply(Some(&task), &e).unwrap_err().code(),
+            "attempt_mismatch"
+        );
     }
 
     #[test]

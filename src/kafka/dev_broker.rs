@@ -72,12 +72,13 @@ pub struct DevBroker {
 impl DevBroker {
     /// Starts the mock cluster, creates the topics, and serves it on `options.listen`.
     pub async fn start(options: &DevBrokerOptions) -> Result<DevBroker, DevBrokerError> {
-        let listener = TcpListener::bind(options.listen)
-            .await
-            .map_err(|source| DevBrokerError::Listen {
-                addr: options.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(options.listen)
+                .await
+                .map_err(|source| DevBrokerError::Listen {
+                    addr: options.listen,
+                    source,
+                })?;
         let addr = listener
             .local_addr()
             .map_err(|source| DevBrokerError::Listen {
@@ -94,7 +95,9 @@ impl DevBroker {
         // cluster; the handle lives no longer than `client` (see `MockHandle`).
         let raw = unsafe { rdsys::rd_kafka_handle_mock_cluster(client.client().native_ptr()) };
         if raw.is_null() {
-            return Err(DevBrokerError::Mock("the client has no mock cluster".into()));
+            return Err(DevBrokerError::Mock(
+                "the client has no mock cluster".into(),
+            ));
         }
         let mock = MockHandle(raw);
         // SAFETY: valid cluster pointer (above); librdkafka returns a NUL-terminated
@@ -108,11 +111,17 @@ impl DevBroker {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| DevBrokerError::Mock(format!("unexpected bootstrap {upstream:?}")))?;
 
-        let host = CString::new(addr.ip().to_string()).map_err(|e| DevBrokerError::Mock(e.to_string()))?;
+        let host =
+            CString::new(addr.ip().to_string()).map_err(|e| DevBrokerError::Mock(e.to_string()))?;
         // SAFETY: valid cluster pointer; librdkafka copies the host string.
         unsafe {
             // Advertise the relay, so clients never bypass it.
-            rdsys::rd_kafka_mock_broker_set_host_port(raw, 1, host.as_ptr(), i32::from(addr.port()));
+            rdsys::rd_kafka_mock_broker_set_host_port(
+                raw,
+                1,
+                host.as_ptr(),
+                i32::from(addr.port()),
+            );
             // A real broker's default delay (3 s) only slows tests and restarts here.
             rdsys::rd_kafka_mock_group_initial_rebalance_delay_ms(raw, 0);
         }
@@ -141,13 +150,17 @@ impl DevBroker {
     pub fn create_topic(&self, name: &str, partitions: i32) -> Result<(), DevBrokerError> {
         let name_c = CString::new(name).map_err(|e| DevBrokerError::Mock(e.to_string()))?;
         // SAFETY: valid cluster pointer; librdkafka copies the name.
-        let err = unsafe { rdsys::rd_kafka_mock_topic_create(self.mock.0, name_c.as_ptr(), partitions, 1) };
+        let err = unsafe {
+            rdsys::rd_kafka_mock_topic_create(self.mock.0, name_c.as_ptr(), partitions, 1)
+        };
         if err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
             || err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS
         {
             Ok(())
         } else {
-            Err(DevBrokerError::Mock(format!("create topic {name}: {err:?}")))
+            Err(DevBrokerError::Mock(format!(
+                "create topic {name}: {err:?}"
+            )))
         }
     }
 

@@ -159,7 +159,10 @@ pub fn producer_config(options: &AppenderOptions) -> ClientConfig {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", options.linger.as_millis().to_string())
-        .set("message.timeout.ms", options.timeout.as_millis().max(1).to_string())
+        .set(
+            "message.timeout.ms",
+            options.timeout.as_millis().max(1).to_string(),
+        )
         .set("socket.connection.setup.timeout.ms", "5000")
         .set("queue.buffering.max.messages", "1000000")
         // Same partition for the same key as Java clients and Kafka Streams.
@@ -178,12 +181,13 @@ pub struct Appender {
 impl Appender {
     /// Creates the producer. It connects lazily.
     pub fn new(options: &AppenderOptions) -> Result<Appender, KafkaIoError> {
-        let producer = producer_config(options)
-            .create()
-            .map_err(|source| KafkaIoError::Client {
-                brokers: options.brokers.clone(),
-                source,
-            })?;
+        let producer =
+            producer_config(options)
+                .create()
+                .map_err(|source| KafkaIoError::Client {
+                    brokers: options.brokers.clone(),
+                    source,
+                })?;
         Ok(Appender {
             producer,
             timeout: options.timeout,
@@ -236,7 +240,10 @@ impl Appender {
             // librdkafka enforces message.timeout.ms itself; the outer timeout only
             // guards against a delivery report that never comes.
             match tokio::time::timeout(timeout + Duration::from_secs(2), delivery).await {
-                Err(_) => Err(AppendError::Unavailable(timeout, "no delivery report".into())),
+                Err(_) => Err(AppendError::Unavailable(
+                    timeout,
+                    "no delivery report".into(),
+                )),
                 Ok(Err(_cancelled)) => Err(AppendError::Unavailable(
                     timeout,
                     "the producer was shut down".into(),
@@ -334,8 +341,7 @@ pub async fn ensure_topics(
         .iter()
         .zip(&retention)
         .map(|(t, r)| {
-            NewTopic::new(&t.name, partitions, TopicReplication::Fixed(-1))
-                .set("retention.ms", r)
+            NewTopic::new(&t.name, partitions, TopicReplication::Fixed(-1)).set("retention.ms", r)
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));

@@ -157,7 +157,11 @@ impl ClientContext for ProjectorContext {
         let Some(topic) = statistics.topics.get(&self.0.topic) else {
             return;
         };
-        let next = self.0.next_offsets.lock().unwrap_or_else(|e| e.into_inner());
+        let next = self
+            .0
+            .next_offsets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for (partition, stats) in &topic.partitions {
             if let Some(next) = next.get(partition)
                 && stats.hi_offset >= 0
@@ -197,7 +201,11 @@ impl ConsumerContext for ProjectorContext {
                         return;
                     }
                 };
-                let mut next = self.0.next_offsets.lock().unwrap_or_else(|e| e.into_inner());
+                let mut next = self
+                    .0
+                    .next_offsets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 next.clear();
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 for p in &partitions {
@@ -205,7 +213,10 @@ impl ConsumerContext for ProjectorContext {
                     next.insert(*p, offset);
                     let _ = tpl.set_partition_offset(&self.0.topic, *p, Offset::Offset(offset));
                 }
-                tracing::info!(?partitions, "partitions assigned; resuming from Postgres offsets");
+                tracing::info!(
+                    ?partitions,
+                    "partitions assigned; resuming from Postgres offsets"
+                );
                 if let Err(e) = consumer.assign(tpl) {
                     tracing::error!(error = %e, "assign failed");
                 }
@@ -266,7 +277,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ProjectorError> {
     let topic = options.topics.events.clone();
-    kafka::ensure_topics(&options.brokers, &options.topics.all(), kafka::DEFAULT_PARTITIONS).await?;
+    kafka::ensure_topics(
+        &options.brokers,
+        &options.topics.all(),
+        kafka::DEFAULT_PARTITIONS,
+    )
+    .await?;
     let partitions = kafka::list_topics(&options.brokers)
         .await?
         .into_iter()
@@ -296,8 +312,16 @@ pub async fn run(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
-        .set("session.timeout.ms", options.session_timeout.as_millis().to_string())
-        .set("heartbeat.interval.ms", (options.session_timeout.as_millis() / 4).max(100).to_string())
+        .set(
+            "session.timeout.ms",
+            options.session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (options.session_timeout.as_millis() / 4)
+                .max(100)
+                .to_string(),
+        )
         .set("statistics.interval.ms", "5000")
         .set("fetch.wait.max.ms", "10")
         .create_with_context(ProjectorContext(shared.clone()))?;
@@ -416,11 +440,21 @@ impl Batcher {
         let mut partitions: Vec<i32> = first_offsets.keys().copied().collect();
         partitions.sort_unstable();
 
-        let mut client = self.shared.store.client().await.map_err(|e| fail(e.into()))?;
-        let tx = client
-            .transaction()
+        let mut client = self
+            .shared
+            .store
+            .client()
             .await
-            .map_err(|e| fail(StoreError::Query { context: "begin batch", source: e }.into()))?;
+            .map_err(|e| fail(e.into()))?;
+        let tx = client.transaction().await.map_err(|e| {
+            fail(
+                StoreError::Query {
+                    context: "begin batch",
+                    source: e,
+                }
+                .into(),
+            )
+        })?;
         let stored = projection::lock_offsets(&tx, &self.topic, &partitions)
             .await
             .map_err(|e| fail(e.into()))?;
@@ -450,7 +484,9 @@ impl Batcher {
             .iter()
             .filter_map(|d| d.event.as_ref().ok().map(|e| e.envelope.id.clone()))
             .collect();
-        let mut states = projection::load_tasks(&tx, &ids).await.map_err(|e| fail(e.into()))?;
+        let mut states = projection::load_tasks(&tx, &ids)
+            .await
+            .map_err(|e| fail(e.into()))?;
         let mut seen = projection::applied_ce_ids(&tx, &ce_ids)
             .await
             .map_err(|e| fail(e.into()))?;
@@ -532,15 +568,25 @@ impl Batcher {
                 p.await.map_err(|e| fail(e.into()))?;
             }
             failpoint::hit("before_commit");
-            tx.commit()
-                .await
-                .map_err(|e| fail(StoreError::Query { context: "commit batch", source: e }.into()))?;
+            tx.commit().await.map_err(|e| {
+                fail(
+                    StoreError::Query {
+                        context: "commit batch",
+                        source: e,
+                    }
+                    .into(),
+                )
+            })?;
             failpoint::hit("after_commit");
         }
 
         // Committed. Publish progress: in memory (lag), to Kafka (informational), metrics.
         {
-            let mut next = self.shared.next_offsets.lock().unwrap_or_else(|e| e.into_inner());
+            let mut next = self
+                .shared
+                .next_offsets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             for (p, o) in &write.next_offsets {
                 next.insert(*p, *o);
             }

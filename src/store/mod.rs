@@ -194,10 +194,15 @@ impl Store {
             if applied.contains(version) {
                 continue;
             }
-            tx.batch_execute(sql).await.map_err(ctx("apply migration"))?;
-            tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version])
+            tx.batch_execute(sql)
                 .await
-                .map_err(ctx("record migration"))?;
+                .map_err(ctx("apply migration"))?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await
+            .map_err(ctx("record migration"))?;
         }
         tx.commit().await.map_err(ctx("commit migration"))
     }
@@ -227,14 +232,22 @@ impl Store {
 
     /// A page of tasks, newest first (by submission time, then id).
     pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>, StoreError> {
-        let mut sql = String::from("SELECT doc, event_partition, last_offset FROM tasks WHERE true");
+        let mut sql =
+            String::from("SELECT doc, event_partition, last_offset FROM tasks WHERE true");
         let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
-        let mut push = |sql: &mut String, clause: &str, p: Box<dyn tokio_postgres::types::ToSql + Sync + Send>| {
-            params.push(p);
-            sql.push_str(&clause.replace('?', &format!("${}", params.len())));
-        };
+        let mut push =
+            |sql: &mut String,
+             clause: &str,
+             p: Box<dyn tokio_postgres::types::ToSql + Sync + Send>| {
+                params.push(p);
+                sql.push_str(&clause.replace('?', &format!("${}", params.len())));
+            };
         if let Some(state) = filter.state {
-            push(&mut sql, " AND state = ?", Box::new(state.as_str().to_string()));
+            push(
+                &mut sql,
+                " AND state = ?",
+                Box::new(state.as_str().to_string()),
+            );
         }
         if let Some(t) = &filter.task_type {
             push(&mut sql, " AND type = ?", Box::new(t.clone()));
@@ -245,7 +258,11 @@ impl Store {
                 .iter()
                 .map(|(k, v)| (k.clone(), Value::String(v.clone())))
                 .collect();
-            push(&mut sql, " AND labels @> ?", Box::new(Value::Object(labels)));
+            push(
+                &mut sql,
+                " AND labels @> ?",
+                Box::new(Value::Object(labels)),
+            );
         }
         if let Some((at, id)) = filter.after {
             push(&mut sql, " AND (submitted_at, id) < (?", Box::new(at));
@@ -376,25 +393,24 @@ async fn listen_once(url: &str, tx: &watch::Sender<u64>) -> Result<(), tokio_pos
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
     let statement = format!("LISTEN {PROJECTION_CHANNEL}");
     {
-    // The connection must be driven while LISTEN runs.
-    let mut listen = std::pin::pin!(client.batch_execute(&statement));
-    loop {
-        tokio::select! {
-            result = &mut listen => { result?; break; }
-            message = messages.next() => match message {
-                Some(Err(e)) => return Err(e),
-                None => return Ok(()),
-                Some(Ok(_)) => {}
+        // The connection must be driven while LISTEN runs.
+        let mut listen = std::pin::pin!(client.batch_execute(&statement));
+        loop {
+            tokio::select! {
+                result = &mut listen => { result?; break; }
+                message = messages.next() => match message {
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
+                    Some(Ok(_)) => {}
+                }
             }
         }
-    }
     }
     // Anything committed before LISTEN took effect must be re-checked by waiters.
     tx.send_modify(|n| *n += 1);
     while let Some(message) = messages.next().await {
-        match message? {
-            AsyncMessage::Notification(_) => tx.send_modify(|n| *n += 1),
-            _ => {}
+        if let AsyncMessage::Notification(_) = message? {
+            tx.send_modify(|n| *n += 1);
         }
         if tx.is_closed() {
             break;
@@ -427,7 +443,10 @@ pub async fn ensure_database(url: &str) -> Result<(), StoreError> {
         .map(str::to_string)
         .ok_or_else(|| StoreError::Url("the URL names no database".into()))?;
     config.dbname("postgres");
-    let (client, connection) = config.connect(NoTls).await.map_err(ctx("connect to postgres"))?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(ctx("connect to postgres"))?;
     let driver = tokio::spawn(connection);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])

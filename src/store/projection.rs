@@ -161,7 +161,10 @@ pub async fn applied_ce_ids(
         return Ok(HashSet::new());
     }
     let rows = tx
-        .query("SELECT ce_id FROM task_events WHERE ce_id = ANY($1)", &[&ce_ids])
+        .query(
+            "SELECT ce_id FROM task_events WHERE ce_id = ANY($1)",
+            &[&ce_ids],
+        )
         .await
         .map_err(ctx("look up applied ce_ids"))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -217,8 +220,19 @@ pub async fn write_batch(
                  event_partition = EXCLUDED.event_partition, last_offset = EXCLUDED.last_offset,
                  doc = EXCLUDED.doc",
             &[
-                &ids, &states, &seqs, &types, &names, &priorities, &labels, &keys, &submitted,
-                &updated, &partitions, &offsets, &docs,
+                &ids,
+                &states,
+                &seqs,
+                &types,
+                &names,
+                &priorities,
+                &labels,
+                &keys,
+                &submitted,
+                &updated,
+                &partitions,
+                &offsets,
+                &docs,
             ],
         )
         .await
@@ -252,8 +266,17 @@ pub async fn write_batch(
                                           reason, message, record_key, headers, payload)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             &[
-                &r.topic, &r.partition, &r.offset, &r.ce_id, &r.ce_type, &r.subject, &r.reason,
-                &r.message, &r.key, &r.headers, &r.payload,
+                &r.topic,
+                &r.partition,
+                &r.offset,
+                &r.ce_id,
+                &r.ce_type,
+                &r.subject,
+                &r.reason,
+                &r.message,
+                &r.key,
+                &r.headers,
+                &r.payload,
             ],
         )
         .await

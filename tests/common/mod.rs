@@ -45,7 +45,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -126,8 +129,19 @@ impl Broker {
             };
         }
         let mut child = Command::new(bin())
-            .args(["dev-broker", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(["--partitions", &partitions.to_string(), "--topic-prefix", &prefix])
+            .args([
+                "dev-broker",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--partitions",
+                &partitions.to_string(),
+                "--topic-prefix",
+                &prefix,
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -140,13 +154,19 @@ impl Broker {
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         // "tasklog dev-broker listening on ADDR admin ADDR"
         let words: Vec<&str> = line.split_whitespace().collect();
-        let addr = words.get(4).unwrap_or_else(|| panic!("unexpected banner {line:?}")).to_string();
+        let addr = words
+            .get(4)
+            .unwrap_or_else(|| panic!("unexpected banner {line:?}"))
+            .to_string();
         let admin = words.get(6).map(|a| format!("http://{a}"));
         Broker {
             addr,
             admin,
             prefix,
-            _proc: Some(Proc { child, name: "dev-broker" }),
+            _proc: Some(Proc {
+                child,
+                name: "dev-broker",
+            }),
         }
     }
 
@@ -162,7 +182,11 @@ impl Broker {
     pub async fn set_reachable(&self, up: bool) {
         let admin = self.admin.as_ref().expect("needs the dev broker");
         let path = if up { "/broker/up" } else { "/broker/down" };
-        let r = reqwest::Client::new().post(format!("{admin}{path}")).send().await.expect("admin call");
+        let r = reqwest::Client::new()
+            .post(format!("{admin}{path}"))
+            .send()
+            .await
+            .expect("admin call");
         assert!(r.status().is_success());
     }
 
@@ -177,17 +201,30 @@ impl Broker {
     }
 
     /// Produces a record with string headers; returns (partition, offset).
-    pub async fn produce(&self, topic: &str, key: Option<&str>, headers: &[(&str, &str)], payload: &[u8]) -> (i32, i64) {
+    pub async fn produce(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+        payload: &[u8],
+    ) -> (i32, i64) {
         let producer = self.producer();
         let mut h = OwnedHeaders::new();
         for (k, v) in headers {
-            h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
         }
         let mut record = FutureRecord::to(topic).payload(payload).headers(h);
         if let Some(k) = key {
             record = record.key(k);
         }
-        let d = producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("produce");
+        let d = producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce");
         (d.partition, d.offset)
     }
 
@@ -199,26 +236,42 @@ impl Broker {
             .set("enable.auto.commit", "false")
             .create()
             .expect("consumer");
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
         let partitions = metadata.topics()[0].partitions().len() as i32;
         let mut tpl = TopicPartitionList::new();
         let mut remaining = 0i64;
         for p in 0..partitions {
-            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks");
             remaining += high - low;
-            tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("tpl");
         }
         consumer.assign(&tpl).expect("assign");
         let mut records = Vec::with_capacity(remaining as usize);
         let deadline = Instant::now() + Duration::from_secs(120);
         while (records.len() as i64) < remaining {
-            assert!(Instant::now() < deadline, "read only {} of {remaining} records", records.len());
+            assert!(
+                Instant::now() < deadline,
+                "read only {} of {remaining} records",
+                records.len()
+            );
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
                 let headers = m
                     .headers()
                     .map(|h| {
                         h.iter()
-                            .map(|h| (h.key.to_string(), h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    h.value
+                                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                                        .unwrap_or_default(),
+                                )
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -247,7 +300,11 @@ pub struct Record {
 
 impl Record {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -267,8 +324,14 @@ impl Db {
             "connect to Postgres (run scripts/test, which starts it and creates the tasklog role)",
         );
         tokio::spawn(conn);
-        client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
-        let base = admin_url.rsplit_once('/').map(|(b, _)| b.to_string()).expect("url has a database");
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_string())
+            .expect("url has a database");
         Db {
             url: format!("{base}/{name}"),
             name,
@@ -278,14 +341,21 @@ impl Db {
 
     /// A direct connection to this test's database.
     pub async fn client(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url, NoTls).await.expect("connect test db");
+        let (client, conn) = tokio_postgres::connect(&self.url, NoTls)
+            .await
+            .expect("connect test db");
         tokio::spawn(conn);
         client
     }
 
     /// A single number from a query.
     pub async fn count(&self, sql: &str) -> i64 {
-        self.client().await.query_one(sql, &[]).await.expect(sql).get(0)
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .expect(sql)
+            .get(0)
     }
 }
 
@@ -295,11 +365,17 @@ impl Drop for Db {
         let name = self.name.clone();
         // Drop runs outside async context: use a short-lived runtime on a fresh thread.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
                 let (client, conn) = tokio_postgres::connect(&admin_url, NoTls).await.ok()?;
                 tokio::spawn(conn);
-                client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.ok()
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
             })
         })
         .join();
@@ -313,20 +389,31 @@ pub fn role(broker: &Broker, db: &Db, args: &[&str]) -> Command {
         .env("TASKLOG_KAFKA_BROKERS", &broker.addr)
         .env("TASKLOG_TOPIC_PREFIX", &broker.prefix)
         .env("TASKLOG_DATABASE_URL", &db.url)
-        .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     c
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// `tasklog server` on a free port.
 pub async fn start_server(broker: &Broker, db: &Db, extra_env: &[(&str, &str)]) -> (Proc, String) {
     let port = free_port();
-    let mut cmd = role(broker, db, &["server", "--http-addr", &format!("127.0.0.1:{port}")]);
+    let mut cmd = role(
+        broker,
+        db,
+        &["server", "--http-addr", &format!("127.0.0.1:{port}")],
+    );
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
@@ -334,12 +421,22 @@ pub async fn start_server(broker: &Broker, db: &Db, extra_env: &[(&str, &str)]) 
     let url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let probe = format!("{url}/healthz");
-    eventually("the API to answer /healthz", Duration::from_secs(60), || {
-        let r = http.get(&probe).send();
-        async move { r.await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
-    })
+    eventually(
+        "the API to answer /healthz",
+        Duration::from_secs(60),
+        || {
+            let r = http.get(&probe).send();
+            async move { r.await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        },
+    )
     .await;
-    (Proc { child, name: "server" }, url)
+    (
+        Proc {
+            child,
+            name: "server",
+        },
+        url,
+    )
 }
 
 /// `tasklog projector` (session timeout short, so a killed one's partitions move fast).
@@ -354,7 +451,10 @@ pub fn start_projector_with(broker: &Broker, db: &Db, env: &[(&str, &str)]) -> P
         cmd.env(k, v);
     }
     let child = cmd.spawn().expect("spawn projector");
-    Proc { child, name: "projector" }
+    Proc {
+        child,
+        name: "projector",
+    }
 }
 
 /// Waits for a child to exit by itself; returns whether it did within `timeout`.
@@ -386,11 +486,24 @@ impl Stack {
         let db = Db::create().await;
         let (server, url) = start_server(&broker, &db, &[]).await;
         let projector = start_projector(&broker, &db);
-        Stack { server, projector, broker, db, url, http: reqwest::Client::new() }
+        Stack {
+            server,
+            projector,
+            broker,
+            db,
+            url,
+            http: reqwest::Client::new(),
+        }
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.http.post(format!("{}{path}", self.url)).json(body).send().await.expect("POST");
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await
+            .expect("POST");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -409,7 +522,12 @@ impl Stack {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http.get(format!("{}{path}", self.url)).send().await.expect("GET");
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("GET");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -424,10 +542,16 @@ impl Stack {
     /// Waits until the projection has applied or rejected `n` records in total.
     pub async fn wait_projected(&self, n: i64) {
         let db = &self.db;
-        eventually(&format!("{n} records projected"), Duration::from_secs(120), || async move {
-            let done = db.count("SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets").await;
-            (done >= n).then_some(())
-        })
+        eventually(
+            &format!("{n} records projected"),
+            Duration::from_secs(120),
+            || async move {
+                let done = db
+                    .count("SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets")
+                    .await;
+                (done >= n).then_some(())
+            },
+        )
         .await;
     }
 }

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Shared by scripts/up and scripts/test: installs and starts what tasklog needs on a
+# Debian machine. Every step checks first, so running it twice is safe.
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+APT_UPDATED=""
+
+say() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+
+apt_install() {
+    if [ -z "$APT_UPDATED" ]; then
+        say "apt-get update"
+        $SUDO apt-get update -qq
+        APT_UPDATED=1
+    fi
+    say "apt-get install $*"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+# The Rust toolchain and what librdkafka's bundled C build needs.
+ensure_toolchain() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "cargo is not installed: install Rust (https://rustup.rs), then run this again" >&2
+        exit 1
+    fi
+    local missing=()
+    command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+    command -v make >/dev/null 2>&1 || missing+=(make)
+    command -v perl >/dev/null 2>&1 || missing+=(perl)
+    command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+    dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
+    if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
+# Debian's PostgreSQL (15 on bookworm), running, with the tasklog role and database.
+ensure_postgres() {
+    if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+        apt_install postgresql postgresql-client
+    fi
+    local version
+    version="$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)"
+    if [ -z "$version" ]; then
+        echo "PostgreSQL is installed but has no cluster under /etc/postgresql" >&2
+        exit 1
+    fi
+    if ! pg_lsclusters -h 2>/dev/null | awk -v v="$version" '$1 == v && $2 == "main" && $4 == "online" {found=1} END {exit !found}'; then
+        say "starting PostgreSQL $version"
+        $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start || $SUDO pg_ctlcluster "$version" main start
+    fi
+    for _ in $(seq 1 60); do
+        pg_isready -q -h 127.0.0.1 -p 5432 && break
+        sleep 0.5
+    done
+    pg_isready -q -h 127.0.0.1 -p 5432 || { echo "PostgreSQL does not answer on 127.0.0.1:5432" >&2; exit 1; }
+    local psql_admin=(psql -v ON_ERROR_STOP=1 -qtA)
+    if [ "$(id -u)" -eq 0 ] && id postgres >/dev/null 2>&1; then
+        psql_admin=(runuser -u postgres -- psql -v ON_ERROR_STOP=1 -qtA)
+    elif [ -n "$SUDO" ]; then
+        psql_admin=(sudo -u postgres psql -v ON_ERROR_STOP=1 -qtA)
+    fi
+    "${psql_admin[@]}" -c "DO \$\$ BEGIN
+        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tasklog') THEN
+            CREATE ROLE tasklog LOGIN PASSWORD 'tasklog' CREATEDB;
+        END IF; END \$\$;"
+    if [ "$("${psql_admin[@]}" -c "SELECT 1 FROM pg_database WHERE datname = 'tasklog'")" != "1" ]; then
+        "${psql_admin[@]}" -c "CREATE DATABASE tasklog OWNER tasklog"
+    fi
+}
+
+# kcat: the tests publish with it exactly as the README shows outside producers doing.
+ensure_kcat() {
+    command -v kcat >/dev/null 2>&1 || apt_install kcat
+}
