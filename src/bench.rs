@@ -82,7 +82,10 @@ pub async fn submit(args: SubmitBenchArgs) -> anyhow::Result<()> {
     let brokers = match &args.brokers {
         Some(b) => {
             let mut all = topics.all();
-            all.push(kafka::TopicSpec { name: raw_topic.clone(), retention_ms: 3_600_000 });
+            all.push(kafka::TopicSpec {
+                name: raw_topic.clone(),
+                retention_ms: 3_600_000,
+            });
             kafka::ensure_topics(b, &all, args.partitions).await?;
             b.clone()
         }
@@ -103,7 +106,11 @@ pub async fn submit(args: SubmitBenchArgs) -> anyhow::Result<()> {
     let mut config: tokio_postgres::Config = args.database_url.parse().context("database URL")?;
     let db_name = format!("tasklog_bench_{run}");
     config.dbname(&db_name);
-    let base = args.database_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&args.database_url);
+    let base = args
+        .database_url
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .unwrap_or(&args.database_url);
     let url = format!("{base}/{db_name}");
     store::ensure_database(&url).await?;
     let result = run_all(&args, &brokers, &topics, &raw_topic, &url).await;
@@ -112,7 +119,9 @@ pub async fn submit(args: SubmitBenchArgs) -> anyhow::Result<()> {
 }
 
 async fn drop_database(admin_url: &str, name: &str) {
-    let Ok(mut config) = admin_url.parse::<tokio_postgres::Config>() else { return };
+    let Ok(mut config) = admin_url.parse::<tokio_postgres::Config>() else {
+        return;
+    };
     config.dbname("postgres");
     if let Ok((client, conn)) = config.connect(tokio_postgres::NoTls).await {
         tokio::spawn(conn);
@@ -132,14 +141,25 @@ async fn run_all(
     let store = Store::connect(url, 16)?;
     store.migrate().await?;
     let n = args.tasks;
-    println!("tasklog bench submit: {n} tasks, {} partitions, broker {brokers}", args.partitions);
+    println!(
+        "tasklog bench submit: {n} tasks, {} partitions, broker {brokers}",
+        args.partitions
+    );
 
     // Baseline 1: the same records produced straight to Kafka, same producer settings.
     let appender = Appender::new(&AppenderOptions::new(brokers))?;
     let encoded: Vec<_> = (0..n)
         .map(|i| {
             let spec: TaskSpec = serde_json::from_value(sample_spec(i)).unwrap_or_default();
-            Event::new("tasklog://bench", Uuid::now_v7(), 1, Payload::Submitted { spec: Box::new(spec) }).encode()
+            Event::new(
+                "tasklog://bench",
+                Uuid::now_v7(),
+                1,
+                Payload::Submitted {
+                    spec: Box::new(spec),
+                },
+            )
+            .encode()
         })
         .collect();
     let record_bytes = encoded.iter().map(|e| e.payload.len()).sum::<usize>() / n.max(1);
@@ -166,7 +186,9 @@ async fn run_all(
         let _ = server_stop.wait_for(|s| *s).await;
     }));
     let base = format!("http://{addr}");
-    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
 
     // Batch submission.
     let batches: Vec<Vec<Value>> = (0..n)
@@ -185,8 +207,16 @@ async fn run_all(
         workers.push(tokio::spawn(async move {
             let mut accepted = 0usize;
             loop {
-                let Some(batch) = queue.lock().await.next() else { break };
-                let body: Value = http.post(&url).json(&json!({"tasks": batch})).send().await?.json().await?;
+                let Some(batch) = queue.lock().await.next() else {
+                    break;
+                };
+                let body: Value = http
+                    .post(&url)
+                    .json(&json!({"tasks": batch}))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
                 accepted += body["accepted"].as_u64().unwrap_or(0) as usize;
             }
             anyhow::Ok(accepted)
@@ -203,8 +233,16 @@ async fn run_all(
     let mut latencies = Vec::with_capacity(args.single);
     for i in 0..args.single {
         let t = Instant::now();
-        let r = http.post(format!("{base}/v1/tasks")).json(&sample_spec(n + i)).send().await?;
-        anyhow::ensure!(r.status().as_u16() == 202, "single submit answered {}", r.status());
+        let r = http
+            .post(format!("{base}/v1/tasks"))
+            .json(&sample_spec(n + i))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().as_u16() == 202,
+            "single submit answered {}",
+            r.status()
+        );
         latencies.push(t.elapsed());
     }
     latencies.sort();
@@ -222,11 +260,18 @@ async fn run_all(
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         changes.borrow_and_update();
-        let done: i64 = store.projection_offsets(&topics.events).await?.values().sum();
+        let done: i64 = store
+            .projection_offsets(&topics.events)
+            .await?
+            .values()
+            .sum();
         if done >= total {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "projection did not finish in 10 minutes");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "projection did not finish in 10 minutes"
+        );
         let _ = tokio::time::timeout(Duration::from_millis(500), changes.changed()).await;
     }
     let projection = started.elapsed();
@@ -237,15 +282,36 @@ async fn run_all(
     let rate = |count: usize, d: Duration| count as f64 / d.as_secs_f64().max(1e-9);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!();
-    println!("{:<44} {:>14}   {}", "measure", "result", "aim / baseline");
-    println!("{:<44} {:>10.0} /s   raw produce, same records and settings: {:.0} /s ({record_bytes} B each)",
-        "batch submit (HTTP, 1000/batch)", rate(n, batch_elapsed), rate(n, raw_produce));
-    println!("{:<44} {:>11.2} ms   aim <= 10 ms", "single submit p50", ms(percentile(&latencies, 50.0)));
-    println!("{:<44} {:>11.2} ms   aim <= 10 ms (p99.9 {:.2} ms, max {:.2} ms)", "single submit p99",
-        ms(percentile(&latencies, 99.0)), ms(percentile(&latencies, 99.9)), ms(latencies.last().copied().unwrap_or_default()));
-    println!("{:<44} {:>10.0} /s   raw batched insert, same rows: {:.0} rows/s",
-        "projection (backlog of all tasks)", rate(total as usize, projection), rate(n, raw_insert));
-    println!("{:<44} {:>10.0} MiB", "peak resident memory (whole run)", peak_rss_mib().unwrap_or(0.0));
+    println!("{:<44} {:>14}   aim / baseline", "measure", "result");
+    println!(
+        "{:<44} {:>10.0} /s   raw produce, same records and settings: {:.0} /s ({record_bytes} B each)",
+        "batch submit (HTTP, 1000/batch)",
+        rate(n, batch_elapsed),
+        rate(n, raw_produce)
+    );
+    println!(
+        "{:<44} {:>11.2} ms   aim <= 10 ms",
+        "single submit p50",
+        ms(percentile(&latencies, 50.0))
+    );
+    println!(
+        "{:<44} {:>11.2} ms   aim <= 10 ms (p99.9 {:.2} ms, max {:.2} ms)",
+        "single submit p99",
+        ms(percentile(&latencies, 99.0)),
+        ms(percentile(&latencies, 99.9)),
+        ms(latencies.last().copied().unwrap_or_default())
+    );
+    println!(
+        "{:<44} {:>10.0} /s   raw batched insert, same rows: {:.0} rows/s",
+        "projection (backlog of all tasks)",
+        rate(total as usize, projection),
+        rate(n, raw_insert)
+    );
+    println!(
+        "{:<44} {:>10.0} MiB",
+        "peak resident memory (whole run)",
+        peak_rss_mib().unwrap_or(0.0)
+    );
     println!();
     println!("aims: batch submit >= 20000 /s, single p99 <= 10 ms, projection >= 20000 events/s");
     Ok(())
@@ -253,7 +319,10 @@ async fn run_all(
 
 /// The same task rows, inserted straight into a copy of the tasks table with the same
 /// unnest statement the projector uses, 5000 per transaction.
-async fn raw_insert(store: &Store, encoded: &[crate::events::EncodedEvent]) -> anyhow::Result<Duration> {
+async fn raw_insert(
+    store: &Store,
+    encoded: &[crate::events::EncodedEvent],
+) -> anyhow::Result<Duration> {
     use crate::events::RawRecord;
     let mut client = store.client().await?;
     client
@@ -264,7 +333,11 @@ async fn raw_insert(store: &Store, encoded: &[crate::events::EncodedEvent]) -> a
         .filter_map(|e| {
             let record = RawRecord {
                 key: Some(e.key.as_bytes()),
-                headers: e.headers.iter().map(|(k, v)| (*k, Some(v.as_bytes()))).collect(),
+                headers: e
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (*k, Some(v.as_bytes())))
+                    .collect(),
                 payload: Some(&e.payload),
             };
             let event = Event::decode(&record).ok()?;
@@ -280,18 +353,28 @@ async fn raw_insert(store: &Store, encoded: &[crate::events::EncodedEvent]) -> a
         let types: Vec<&str> = chunk.iter().map(|t| t.spec.task_type()).collect();
         let names: Vec<Option<&str>> = chunk.iter().map(|t| t.spec.name.as_deref()).collect();
         let priorities: Vec<i32> = chunk.iter().map(|t| t.spec.priority() as i32).collect();
-        let labels: Vec<Value> = chunk.iter().map(|t| serde_json::to_value(&t.spec.labels).unwrap_or_default()).collect();
-        let keys: Vec<Option<&str>> = chunk.iter().map(|t| t.spec.idempotency_key.as_deref()).collect();
-        let times: Vec<chrono::DateTime<chrono::Utc>> = chunk.iter().map(|t| t.submitted_at).collect();
+        let labels: Vec<Value> = chunk
+            .iter()
+            .map(|t| serde_json::to_value(&t.spec.labels).unwrap_or_default())
+            .collect();
+        let keys: Vec<Option<&str>> = chunk
+            .iter()
+            .map(|t| t.spec.idempotency_key.as_deref())
+            .collect();
+        let times: Vec<chrono::DateTime<chrono::Utc>> =
+            chunk.iter().map(|t| t.submitted_at).collect();
         let partitions: Vec<i32> = chunk.iter().map(|_| 0).collect();
         let offsets: Vec<i64> = (0..chunk.len() as i64).collect();
-        let docs: Vec<Value> = chunk.iter().map(|t| serde_json::to_value(t).unwrap_or_default()).collect();
+        let docs: Vec<Value> = chunk
+            .iter()
+            .map(|t| serde_json::to_value(t).unwrap_or_default())
+            .collect();
         tx.execute(
             "INSERT INTO bench_raw_tasks (id, state, seq, type, name, priority, labels, idempotency_key,
                                           submitted_at, updated_at, event_partition, last_offset, doc)
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[],
                                   $6::int[], $7::jsonb[], $8::text[], $9::timestamptz[],
-                                  $10::timestamptz[], $11::int[], $12::bigint[], $13::jsonb[])",
+                                  $10::timestamptz[], $11::int[], $12::bigint[], $13::json[])",
             &[&ids, &states, &seqs, &types, &names, &priorities, &labels, &keys, &times, &times, &partitions, &offsets, &docs],
         )
         .await?;

@@ -24,6 +24,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use serde_json::Value;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::events::{self, Event, RawRecord, Rejection};
@@ -327,50 +328,180 @@ pub async fn run(
         .create_with_context(ProjectorContext(shared.clone()))?;
     consumer.subscribe(&[&topic])?;
     let dlq = Appender::new(&AppenderOptions::new(&options.brokers))?;
+    let consumer = Arc::new(consumer);
     let projector = Batcher {
-        consumer,
-        shared,
+        consumer: consumer.clone(),
+        shared: shared.clone(),
         dlq,
         topic,
         dlq_topic: options.topics.dlq.clone(),
     };
     tracing::info!(group = %options.group_id, topic = %projector.topic, "projector running");
 
+    // The reader receives and decodes the next batch while this loop writes the current
+    // one to Postgres. After a failure or a skip the loop asks it to rewind: it then
+    // seeks every assigned partition back to the offsets committed in Postgres and
+    // starts a new epoch; batches of older epochs are dropped unapplied.
+    let (batches_tx, mut batches) = mpsc::channel::<DecodedBatch>(1);
+    let (rewind_tx, rewinds) = mpsc::unbounded_channel::<()>();
+    let reader = tokio::spawn(read_batches(
+        consumer.clone(),
+        shared,
+        options.max_batch,
+        options.linger,
+        batches_tx,
+        rewinds,
+    ));
+    let mut epoch = 0u64;
     let mut shutdown = std::pin::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     loop {
         let batch = tokio::select! {
             _ = &mut shutdown => break,
-            batch = projector.next_batch(options.max_batch, options.linger) => batch,
+            batch = batches.recv() => match batch {
+                Some(b) => b,
+                None => break,
+            },
         };
+        if batch.epoch != epoch {
+            continue;
+        }
         match projector.apply(batch).await {
-            Ok(()) => backoff = Duration::from_millis(100),
-            Err((e, rewind)) => {
+            Ok(Progress::Continue) => backoff = Duration::from_millis(100),
+            Ok(Progress::Rewind) => {
+                epoch += 1;
+                let _ = rewind_tx.send(());
+            }
+            Err(e) => {
                 tracing::error!(error = %e, "batch failed; rewinding and retrying");
                 tokio::select! {
                     _ = &mut shutdown => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
-                projector.rewind(&rewind);
+                epoch += 1;
+                let _ = rewind_tx.send(());
             }
         }
     }
-    projector.consumer.unsubscribe();
+    reader.abort();
+    consumer.unsubscribe();
     Ok(())
+}
+
+/// Decoded records of one batch, tagged with the reader's epoch.
+struct DecodedBatch {
+    epoch: u64,
+    records: Vec<Decoded>,
+    decode_time: Duration,
+}
+
+/// What the loop does after a committed batch.
+enum Progress {
+    /// Go on with the next batch.
+    Continue,
+    /// This consumer was behind Postgres: rewind (forward) to the stored offsets.
+    Rewind,
+}
+
+/// Receives batches, decodes them, and hands them over; rewinds on request.
+async fn read_batches(
+    consumer: Arc<StreamConsumer<ProjectorContext>>,
+    shared: Arc<Shared>,
+    max: usize,
+    linger: Duration,
+    batches: mpsc::Sender<DecodedBatch>,
+    mut rewinds: mpsc::UnboundedReceiver<()>,
+) {
+    let mut epoch = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            request = rewinds.recv() => {
+                if request.is_none() {
+                    return;
+                }
+                epoch += 1;
+                rewind_to_committed(&consumer, &shared);
+            }
+            messages = next_batch(&consumer, max, linger) => {
+                let received = Instant::now();
+                let records: Vec<Decoded> = messages
+                    .into_iter()
+                    .map(|message| {
+                        let event = decode(&message);
+                        Decoded { message, event }
+                    })
+                    .collect();
+                let batch = DecodedBatch { epoch, records, decode_time: received.elapsed() };
+                if batches.send(batch).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Seeks every assigned partition to the next offset committed in Postgres.
+fn rewind_to_committed(consumer: &StreamConsumer<ProjectorContext>, shared: &Shared) {
+    let targets: Vec<(i32, i64)> = shared
+        .next_offsets
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(p, o)| (*p, *o))
+        .collect();
+    for (partition, offset) in targets {
+        if let Err(e) = consumer.seek(
+            &shared.topic,
+            partition,
+            Offset::Offset(offset),
+            Duration::from_secs(5),
+        ) {
+            // Not assigned any more (rebalanced): the new owner starts from Postgres.
+            tracing::warn!(partition, offset, error = %e, "rewind failed");
+        }
+    }
+}
+
+/// Waits for one record, then takes whatever else arrives within `linger`.
+async fn next_batch(
+    consumer: &StreamConsumer<ProjectorContext>,
+    max: usize,
+    linger: Duration,
+) -> Vec<OwnedMessage> {
+    let mut batch = Vec::new();
+    loop {
+        match consumer.recv().await {
+            Ok(m) => {
+                batch.push(m.detach());
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + linger;
+    while batch.len() < max {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => batch.push(m.detach()),
+            Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 /// The batch loop's state.
 struct Batcher {
-    consumer: StreamConsumer<ProjectorContext>,
+    consumer: Arc<StreamConsumer<ProjectorContext>>,
     shared: Arc<Shared>,
     dlq: Appender,
     topic: String,
     dlq_topic: String,
 }
-
-/// A failed batch: the error and, per partition, the first offset to read again.
-type BatchFailure = (BatchError, HashMap<i32, i64>);
 
 #[derive(Debug, thiserror::Error)]
 enum BatchError {
@@ -381,83 +512,26 @@ enum BatchError {
 }
 
 impl Batcher {
-    /// Waits for one record, then takes whatever else arrives within `linger`.
-    async fn next_batch(&self, max: usize, linger: Duration) -> Vec<OwnedMessage> {
-        let mut batch = Vec::new();
-        loop {
-            match self.consumer.recv().await {
-                Ok(m) => {
-                    batch.push(m.detach());
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "consumer error");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-        let deadline = tokio::time::Instant::now() + linger;
-        while batch.len() < max {
-            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m.detach()),
-                Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-                Err(_) => break,
-            }
-        }
-        batch
-    }
-
-    /// Seeks partitions back so that failed records are read again.
-    fn rewind(&self, to: &HashMap<i32, i64>) {
-        for (partition, offset) in to {
-            if let Err(e) = self.consumer.seek(
-                &self.topic,
-                *partition,
-                Offset::Offset(*offset),
-                Duration::from_secs(5),
-            ) {
-                // Not assigned any more (rebalanced): the new owner starts from Postgres.
-                tracing::warn!(partition, offset, error = %e, "rewind failed");
-            }
-        }
-    }
-
-    async fn apply(&self, batch: Vec<OwnedMessage>) -> Result<(), BatchFailure> {
+    async fn apply(&self, batch: DecodedBatch) -> Result<Progress, BatchError> {
         let started = Instant::now();
-        let mut first_offsets: HashMap<i32, i64> = HashMap::new();
-        for m in &batch {
-            first_offsets.entry(m.partition()).or_insert(m.offset());
-        }
-        let fail = |e: BatchError| (e, first_offsets.clone());
-
-        let decoded: Vec<Decoded> = batch
+        let decoded = batch.records;
+        let decoded_at = batch.decode_time;
+        let mut partitions: Vec<i32> = decoded
+            .iter()
+            .map(|d| d.message.partition())
+            .collect::<HashSet<_>>()
             .into_iter()
-            .map(|message| {
-                let event = decode(&message);
-                Decoded { message, event }
-            })
             .collect();
-        let mut partitions: Vec<i32> = first_offsets.keys().copied().collect();
         partitions.sort_unstable();
 
-        let mut client = self
-            .shared
-            .store
-            .client()
+        let mut client = self.shared.store.client().await.map_err(BatchError::from)?;
+        let tx = client
+            .transaction()
             .await
-            .map_err(|e| fail(e.into()))?;
-        let tx = client.transaction().await.map_err(|e| {
-            fail(
-                StoreError::Query {
-                    context: "begin batch",
-                    source: e,
-                }
-                .into(),
-            )
-        })?;
+            .map_err(crate::store::ctx("begin batch"))?;
         let stored = projection::lock_offsets(&tx, &self.topic, &partitions)
             .await
-            .map_err(|e| fail(e.into()))?;
+            .map_err(BatchError::from)?;
 
         // Records below the stored offset were applied by an earlier (or concurrent) run.
         let mut behind: HashMap<i32, i64> = HashMap::new();
@@ -484,12 +558,12 @@ impl Batcher {
             .iter()
             .filter_map(|d| d.event.as_ref().ok().map(|e| e.envelope.id.clone()))
             .collect();
-        let mut states = projection::load_tasks(&tx, &ids)
-            .await
-            .map_err(|e| fail(e.into()))?;
-        let mut seen = projection::applied_ce_ids(&tx, &ce_ids)
-            .await
-            .map_err(|e| fail(e.into()))?;
+        // Both lookups go out together on the one connection (pipelined).
+        let (mut states, mut seen) = tokio::try_join!(
+            projection::load_tasks(&tx, &ids),
+            projection::applied_ce_ids(&tx, &ce_ids)
+        )?;
+        let existed: HashSet<Uuid> = states.keys().copied().collect();
 
         let mut write = BatchWrite::default();
         // The source record of each entry of `write.rejected`, in the same order.
@@ -523,7 +597,7 @@ impl Batcher {
                         source: event.envelope.source.clone(),
                         partition,
                         offset,
-                        data: event.data,
+                        data: d.message.payload().unwrap_or_default().to_vec(),
                     });
                     states.insert(after.id, after);
                 }
@@ -541,14 +615,17 @@ impl Batcher {
                     state,
                     partition: *partition,
                     last_offset: *last_offset,
+                    is_new: !existed.contains(id),
                 });
             }
         }
 
+        let folded_at = started.elapsed();
+        let mut written_at = folded_at;
         if !write.next_offsets.is_empty() {
             projection::write_batch(&tx, &self.topic, &write)
                 .await
-                .map_err(|e| fail(e.into()))?;
+                .map_err(BatchError::from)?;
             // Dead letters are acknowledged before the commit: a crash may repeat one,
             // never lose one.
             let pending: Vec<_> = write
@@ -565,18 +642,13 @@ impl Batcher {
                 })
                 .collect();
             for p in pending {
-                p.await.map_err(|e| fail(e.into()))?;
+                p.await.map_err(BatchError::from)?;
             }
+            written_at = started.elapsed();
             failpoint::hit("before_commit");
-            tx.commit().await.map_err(|e| {
-                fail(
-                    StoreError::Query {
-                        context: "commit batch",
-                        source: e,
-                    }
-                    .into(),
-                )
-            })?;
+            tx.commit()
+                .await
+                .map_err(crate::store::ctx("commit batch"))?;
             failpoint::hit("after_commit");
         }
 
@@ -600,6 +672,16 @@ impl Batcher {
         {
             tracing::debug!(error = %e, "storing Kafka offsets failed (informational only)");
         }
+        tracing::debug!(
+            records = decoded.len(),
+            applied = write.events.len(),
+            rejected = write.rejected.len(),
+            decode_ms = decoded_at.as_secs_f64() * 1e3,
+            load_fold_ms = (folded_at - decoded_at).as_secs_f64() * 1e3,
+            write_ms = (written_at - folded_at).as_secs_f64() * 1e3,
+            commit_ms = (started.elapsed() - written_at).as_secs_f64() * 1e3,
+            "batch applied"
+        );
         let m = metrics();
         for e in &write.events {
             m.events_applied.with_label_values(&[e.event_type]).inc();
@@ -617,11 +699,21 @@ impl Batcher {
             .into_iter()
             .filter(|(p, _)| !write.next_offsets.contains_key(p))
             .collect();
-        if !skip.is_empty() {
-            tracing::info!(?skip, "records already applied elsewhere; skipping ahead");
-            self.rewind(&skip);
+        if skip.is_empty() {
+            return Ok(Progress::Continue);
         }
-        Ok(())
+        tracing::info!(?skip, "records already applied elsewhere; skipping ahead");
+        let mut next = self
+            .shared
+            .next_offsets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (p, o) in skip {
+            if let Some(current) = next.get_mut(&p) {
+                *current = (*current).max(o);
+            }
+        }
+        Ok(Progress::Rewind)
     }
 }
 

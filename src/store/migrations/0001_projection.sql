@@ -14,12 +14,12 @@ CREATE TABLE tasks (
     -- Where the task's last applied event sits on the events topic.
     event_partition  integer     NOT NULL,
     last_offset      bigint      NOT NULL,
-    -- The full folded state (events::TaskState as JSON).
-    doc              jsonb       NOT NULL
+    -- The full folded state (events::TaskState as JSON). `json`, not `jsonb`: it is only
+    -- ever read whole, and storing text is much cheaper for the projector.
+    doc              json        NOT NULL
 );
 CREATE INDEX tasks_by_submission ON tasks (submitted_at DESC, id DESC);
 CREATE INDEX tasks_by_state ON tasks (state, submitted_at DESC, id DESC);
-CREATE INDEX tasks_by_type ON tasks (type, submitted_at DESC, id DESC);
 CREATE INDEX tasks_by_labels ON tasks USING gin (labels jsonb_path_ops);
 
 -- Every applied event, in per-task order: the task's history.
@@ -32,7 +32,7 @@ CREATE TABLE task_events (
     source      text        NOT NULL,
     partition   integer     NOT NULL,
     "offset"    bigint      NOT NULL,
-    data        jsonb       NOT NULL,
+    data        json        NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (task_id, seq)
 );
