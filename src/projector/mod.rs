@@ -1,18 +1,22 @@
-//! The projector: consumes the events topic and folds it into Postgres, exactly once.
+//! Projections: consumers that fold a topic into Postgres, exactly once.
 //!
 //! Exactly once, because each batch is one Postgres transaction that writes the rows it
 //! produced *and* the next offset of every partition it read. On (re)assignment the
 //! consumer starts from the offsets stored in Postgres, not from Kafka's group offsets,
 //! and a batch whose records are below the stored offsets (a redelivery, or a zombie
-//! projector after a rebalance) skips them. Killed at any moment, restarted: every event
+//! projector after a rebalance) skips them. Killed at any moment, restarted: every record
 //! is applied once.
 //!
-//! Records that cannot be applied (bad JSON, unknown type, schema violation, seq gap,
-//! illegal transition, duplicate `ce_id`, ...) are recorded in `rejected_events` and
-//! copied to the dead-letter topic, with the reason in headers; the projector goes on.
-//! The copy is produced and acknowledged *before* the batch commits, so a crash can
-//! repeat a dead letter (at-least-once, with the source partition/offset in headers to
-//! dedupe) but never lose one.
+//! Records that cannot be applied are recorded in `rejected_events` and copied to the
+//! dead-letter topic, with the reason in headers; the projection goes on. The copy is
+//! produced and acknowledged *before* the batch commits, so a crash can repeat a dead
+//! letter (at-least-once, with the source partition/offset in headers to dedupe) but
+//! never lose one.
+//!
+//! The runner here is generic; [`tasks::TaskProjection`] folds task events, and the log
+//! index ([`crate::logs::index`]) indexes log lines.
+
+pub mod tasks;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -25,13 +29,55 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use serde_json::Value;
 use tokio::sync::mpsc;
-use uuid::Uuid;
+use tokio_postgres::Transaction;
 
-use crate::events::{self, Event, RawRecord, Rejection};
+use crate::events;
 use crate::kafka::{self, AppendError, Appender, AppenderOptions, KafkaIoError, Topics};
 use crate::metrics::metrics;
-use crate::store::projection::{self, AppliedEvent, BatchWrite, RejectedRecord, TaskRow};
+use crate::store::projection::{self, RejectedRecord};
 use crate::store::{Store, StoreError};
+
+pub use tasks::TaskProjection;
+
+/// One consumed record and what [`Projection::decode`] made of it.
+pub struct Record<D> {
+    /// The Kafka record.
+    pub message: OwnedMessage,
+    /// Its decoded form.
+    pub decoded: D,
+}
+
+/// A record a projection refused, by index into the batch it was given.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// Index of the record in the slice passed to [`Projection::apply`].
+    pub index: usize,
+    /// Stable reason code.
+    pub reason: &'static str,
+    /// Detail.
+    pub message: String,
+}
+
+/// A fold of one topic into Postgres.
+pub trait Projection: Send + Sync + 'static {
+    /// What a record decodes to (computed off the write path, while the previous batch
+    /// is being written).
+    type Decoded: Send + Sync + 'static;
+
+    /// Decodes one record. Pure.
+    fn decode(message: &OwnedMessage) -> Self::Decoded;
+
+    /// Applies records (not yet applied, in offset order per partition) inside `tx`, and
+    /// says which it refused. It must not commit.
+    fn apply<'a>(
+        &'a self,
+        tx: &'a Transaction<'_>,
+        records: &'a [&'a Record<Self::Decoded>],
+    ) -> impl Future<Output = Result<Vec<Refusal>, StoreError>> + Send + 'a;
+
+    /// The `NOTIFY` channel signalled after each commit.
+    fn channel(&self) -> &'static str;
+}
 
 /// Test-only crash points. `TASKLOG_FAILPOINT=<point>:<n>` makes the projector abort the
 /// process (as abruptly as SIGKILL) the n-th time it reaches `<point>`:
@@ -84,7 +130,9 @@ pub mod dlq_header {
 pub struct ProjectorOptions {
     /// Broker list.
     pub brokers: String,
-    /// Topics.
+    /// The topic this projection consumes.
+    pub topic: String,
+    /// All of tasklog's topics (created when missing; the DLQ among them).
     pub topics: Topics,
     /// Consumer group id.
     pub group_id: String,
@@ -101,6 +149,7 @@ impl ProjectorOptions {
     pub fn new(brokers: &str, topics: Topics) -> ProjectorOptions {
         ProjectorOptions {
             brokers: brokers.to_string(),
+            topic: topics.events.clone(),
             topics,
             group_id: DEFAULT_GROUP.to_string(),
             max_batch: 5000,
@@ -264,20 +313,25 @@ pub async fn check_log_matches(
     Ok(())
 }
 
-/// A consumed record, decoded (or not).
-struct Decoded {
-    message: OwnedMessage,
-    event: Result<Event, Rejection>,
-}
-
-/// Runs the projector until `shutdown` resolves. Returns an error only for conditions
-/// it cannot recover from by retrying (a diverged log, an unusable configuration).
+/// Runs the task projection until `shutdown` resolves.
 pub async fn run(
     options: ProjectorOptions,
     store: Store,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ProjectorError> {
-    let topic = options.topics.events.clone();
+    run_projection(options, store, TaskProjection, shutdown).await
+}
+
+/// Runs `projection` over `options.topic` until `shutdown` resolves. Returns an error
+/// only for conditions it cannot recover from by retrying (a diverged log, an unusable
+/// configuration).
+pub async fn run_projection<P: Projection>(
+    options: ProjectorOptions,
+    store: Store,
+    projection: P,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ProjectorError> {
+    let topic = options.topic.clone();
     kafka::ensure_topics(
         &options.brokers,
         &options.topics.all(),
@@ -327,24 +381,24 @@ pub async fn run(
         .set("fetch.wait.max.ms", "10")
         .create_with_context(ProjectorContext(shared.clone()))?;
     consumer.subscribe(&[&topic])?;
-    let dlq = Appender::new(&AppenderOptions::new(&options.brokers))?;
     let consumer = Arc::new(consumer);
-    let projector = Batcher {
+    let runner = Runner {
         consumer: consumer.clone(),
         shared: shared.clone(),
-        dlq,
+        dlq: Appender::new(&AppenderOptions::new(&options.brokers))?,
         topic,
         dlq_topic: options.topics.dlq.clone(),
+        projection,
     };
-    tracing::info!(group = %options.group_id, topic = %projector.topic, "projector running");
+    tracing::info!(group = %options.group_id, topic = %runner.topic, "projection running");
 
     // The reader receives and decodes the next batch while this loop writes the current
     // one to Postgres. After a failure or a skip the loop asks it to rewind: it then
     // seeks every assigned partition back to the offsets committed in Postgres and
     // starts a new epoch; batches of older epochs are dropped unapplied.
-    let (batches_tx, mut batches) = mpsc::channel::<DecodedBatch>(1);
+    let (batches_tx, mut batches) = mpsc::channel::<DecodedBatch<P::Decoded>>(1);
     let (rewind_tx, rewinds) = mpsc::unbounded_channel::<()>();
-    let reader = tokio::spawn(read_batches(
+    let reader = tokio::spawn(read_batches::<P>(
         consumer.clone(),
         shared,
         options.max_batch,
@@ -366,7 +420,7 @@ pub async fn run(
         if batch.epoch != epoch {
             continue;
         }
-        match projector.apply(batch).await {
+        match runner.apply(batch).await {
             Ok(Progress::Continue) => backoff = Duration::from_millis(100),
             Ok(Progress::Rewind) => {
                 epoch += 1;
@@ -390,9 +444,9 @@ pub async fn run(
 }
 
 /// Decoded records of one batch, tagged with the reader's epoch.
-struct DecodedBatch {
+struct DecodedBatch<D> {
     epoch: u64,
-    records: Vec<Decoded>,
+    records: Vec<Record<D>>,
     decode_time: Duration,
 }
 
@@ -405,12 +459,12 @@ enum Progress {
 }
 
 /// Receives batches, decodes them, and hands them over; rewinds on request.
-async fn read_batches(
+async fn read_batches<P: Projection>(
     consumer: Arc<StreamConsumer<ProjectorContext>>,
     shared: Arc<Shared>,
     max: usize,
     linger: Duration,
-    batches: mpsc::Sender<DecodedBatch>,
+    batches: mpsc::Sender<DecodedBatch<P::Decoded>>,
     mut rewinds: mpsc::UnboundedReceiver<()>,
 ) {
     let mut epoch = 0u64;
@@ -426,11 +480,11 @@ async fn read_batches(
             }
             messages = next_batch(&consumer, max, linger) => {
                 let received = Instant::now();
-                let records: Vec<Decoded> = messages
+                let records: Vec<Record<P::Decoded>> = messages
                     .into_iter()
                     .map(|message| {
-                        let event = decode(&message);
-                        Decoded { message, event }
+                        let decoded = P::decode(&message);
+                        Record { message, decoded }
                     })
                     .collect();
                 let batch = DecodedBatch { epoch, records, decode_time: received.elapsed() };
@@ -494,13 +548,14 @@ async fn next_batch(
     batch
 }
 
-/// The batch loop's state.
-struct Batcher {
+/// The write loop's state.
+struct Runner<P> {
     consumer: Arc<StreamConsumer<ProjectorContext>>,
     shared: Arc<Shared>,
     dlq: Appender,
     topic: String,
     dlq_topic: String,
+    projection: P,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -511,127 +566,72 @@ enum BatchError {
     Dlq(#[from] AppendError),
 }
 
-impl Batcher {
-    async fn apply(&self, batch: DecodedBatch) -> Result<Progress, BatchError> {
+impl<P: Projection> Runner<P> {
+    async fn apply(&self, batch: DecodedBatch<P::Decoded>) -> Result<Progress, BatchError> {
         let started = Instant::now();
-        let decoded = batch.records;
-        let decoded_at = batch.decode_time;
-        let mut partitions: Vec<i32> = decoded
+        let records = batch.records;
+        let mut partitions: Vec<i32> = records
             .iter()
-            .map(|d| d.message.partition())
+            .map(|r| r.message.partition())
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
         partitions.sort_unstable();
 
-        let mut client = self.shared.store.client().await.map_err(BatchError::from)?;
+        let mut client = self.shared.store.client().await?;
         let tx = client
             .transaction()
             .await
             .map_err(crate::store::ctx("begin batch"))?;
-        let stored = projection::lock_offsets(&tx, &self.topic, &partitions)
-            .await
-            .map_err(BatchError::from)?;
+        let stored = projection::lock_offsets(&tx, &self.topic, &partitions).await?;
 
         // Records below the stored offset were applied by an earlier (or concurrent) run.
         let mut behind: HashMap<i32, i64> = HashMap::new();
-        let fresh: Vec<&Decoded> = decoded
+        let mut next_offsets: HashMap<i32, i64> = HashMap::new();
+        let fresh: Vec<&Record<P::Decoded>> = records
             .iter()
-            .filter(|d| {
-                let next = stored.get(&d.message.partition()).copied().unwrap_or(0);
-                if d.message.offset() < next {
-                    behind.insert(d.message.partition(), next);
+            .filter(|r| {
+                let (p, o) = (r.message.partition(), r.message.offset());
+                let next = stored.get(&p).copied().unwrap_or(0);
+                if o < next {
+                    behind.insert(p, next);
                     false
                 } else {
+                    next_offsets.insert(p, o + 1);
                     true
                 }
             })
             .collect();
 
-        let ids: Vec<Uuid> = fresh
-            .iter()
-            .filter_map(|d| d.event.as_ref().ok().map(|e| e.task_id))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        let ce_ids: Vec<String> = fresh
-            .iter()
-            .filter_map(|d| d.event.as_ref().ok().map(|e| e.envelope.id.clone()))
-            .collect();
-        // Both lookups go out together on the one connection (pipelined).
-        let (mut states, mut seen) = tokio::try_join!(
-            projection::load_tasks(&tx, &ids),
-            projection::applied_ce_ids(&tx, &ce_ids)
-        )?;
-        let existed: HashSet<Uuid> = states.keys().copied().collect();
-
-        let mut write = BatchWrite::default();
-        // The source record of each entry of `write.rejected`, in the same order.
-        let mut rejected_sources: Vec<&OwnedMessage> = Vec::new();
-        let mut touched: HashMap<Uuid, (i32, i64)> = HashMap::new();
-        for d in &fresh {
-            let (partition, offset) = (d.message.partition(), d.message.offset());
-            write.next_offsets.insert(partition, offset + 1);
-            let outcome = d.event.clone().and_then(|event| {
-                if seen.contains(&event.envelope.id) {
-                    return Err(Rejection::DuplicateCeId(event.envelope.id.clone()));
-                }
-                let before = states.get(&event.task_id);
-                let after = events::apply(before, &event)?;
-                Ok((event, before.map(|b| b.state), after))
-            });
-            match outcome {
-                Ok((event, before, after)) => {
-                    if let Some(b) = before {
-                        *write.state_deltas.entry(b.as_str()).or_default() -= 1;
-                    }
-                    *write.state_deltas.entry(after.state.as_str()).or_default() += 1;
-                    seen.insert(event.envelope.id.clone());
-                    touched.insert(event.task_id, (partition, offset));
-                    write.events.push(AppliedEvent {
-                        ce_id: event.envelope.id.clone(),
-                        task_id: event.task_id,
-                        seq: event.seq as i64,
-                        event_type: event.envelope.event_type.as_str(),
-                        time: event.envelope.time,
-                        source: event.envelope.source.clone(),
-                        partition,
-                        offset,
-                        data: d.message.payload().unwrap_or_default().to_vec(),
-                    });
-                    states.insert(after.id, after);
-                }
-                Err(rejection) => {
-                    write
-                        .rejected
-                        .push(rejected_record(&self.topic, &d.message, &rejection));
-                    rejected_sources.push(&d.message);
-                }
-            }
-        }
-        for (id, (partition, last_offset)) in &touched {
-            if let Some(state) = states.remove(id) {
-                write.tasks.push(TaskRow {
-                    state,
-                    partition: *partition,
-                    last_offset: *last_offset,
-                    is_new: !existed.contains(id),
-                });
-            }
-        }
-
+        let refusals = if fresh.is_empty() {
+            Vec::new()
+        } else {
+            self.projection.apply(&tx, &fresh).await?
+        };
         let folded_at = started.elapsed();
         let mut written_at = folded_at;
-        if !write.next_offsets.is_empty() {
-            projection::write_batch(&tx, &self.topic, &write)
-                .await
-                .map_err(BatchError::from)?;
+        let rejected: Vec<(RejectedRecord, &OwnedMessage)> = refusals
+            .iter()
+            .filter_map(|r| {
+                fresh
+                    .get(r.index)
+                    .map(|rec| (rejected_record(&self.topic, &rec.message, r), &rec.message))
+            })
+            .collect();
+        if !next_offsets.is_empty() {
+            let rows: Vec<RejectedRecord> = rejected.iter().map(|(r, _)| r.clone()).collect();
+            projection::finish_batch(
+                &tx,
+                &self.topic,
+                &rows,
+                &next_offsets,
+                self.projection.channel(),
+            )
+            .await?;
             // Dead letters are acknowledged before the commit: a crash may repeat one,
             // never lose one.
-            let pending: Vec<_> = write
-                .rejected
+            let pending: Vec<_> = rejected
                 .iter()
-                .zip(&rejected_sources)
                 .map(|(r, source)| {
                     self.dlq.send(
                         &self.dlq_topic,
@@ -642,7 +642,7 @@ impl Batcher {
                 })
                 .collect();
             for p in pending {
-                p.await.map_err(BatchError::from)?;
+                p.await?;
             }
             written_at = started.elapsed();
             failpoint::hit("before_commit");
@@ -659,12 +659,12 @@ impl Batcher {
                 .next_offsets
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            for (p, o) in &write.next_offsets {
+            for (p, o) in &next_offsets {
                 next.insert(*p, *o);
             }
         }
         let mut tpl = TopicPartitionList::new();
-        for (p, o) in &write.next_offsets {
+        for (p, o) in &next_offsets {
             let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o));
         }
         if tpl.count() > 0
@@ -673,31 +673,29 @@ impl Batcher {
             tracing::debug!(error = %e, "storing Kafka offsets failed (informational only)");
         }
         tracing::debug!(
-            records = decoded.len(),
-            applied = write.events.len(),
-            rejected = write.rejected.len(),
-            decode_ms = decoded_at.as_secs_f64() * 1e3,
-            load_fold_ms = (folded_at - decoded_at).as_secs_f64() * 1e3,
-            write_ms = (written_at - folded_at).as_secs_f64() * 1e3,
+            topic = %self.topic,
+            records = records.len(),
+            fresh = fresh.len(),
+            rejected = rejected.len(),
+            decode_ms = batch.decode_time.as_secs_f64() * 1e3,
+            apply_ms = folded_at.as_secs_f64() * 1e3,
+            dlq_ms = (written_at - folded_at).as_secs_f64() * 1e3,
             commit_ms = (started.elapsed() - written_at).as_secs_f64() * 1e3,
             "batch applied"
         );
         let m = metrics();
-        for e in &write.events {
-            m.events_applied.with_label_values(&[e.event_type]).inc();
-        }
-        for r in &write.rejected {
+        for (r, _) in &rejected {
             m.events_rejected.with_label_values(&[r.reason]).inc();
             m.dead_letters.with_label_values(&[r.reason]).inc();
-            tracing::warn!(partition = r.partition, offset = r.offset, reason = r.reason, message = %r.message, "record rejected and dead-lettered");
+            tracing::warn!(topic = %self.topic, partition = r.partition, offset = r.offset, reason = r.reason, message = %r.message, "record rejected and dead-lettered");
         }
-        m.batch_size.observe(decoded.len() as f64);
+        m.batch_size.observe(records.len() as f64);
         m.batch_duration.observe(started.elapsed().as_secs_f64());
 
         // This consumer was behind Postgres on some partitions: skip ahead.
         let skip: HashMap<i32, i64> = behind
             .into_iter()
-            .filter(|(p, _)| !write.next_offsets.contains_key(p))
+            .filter(|(p, _)| !next_offsets.contains_key(p))
             .collect();
         if skip.is_empty() {
             return Ok(Progress::Continue);
@@ -717,18 +715,6 @@ impl Batcher {
     }
 }
 
-fn decode(message: &OwnedMessage) -> Result<Event, Rejection> {
-    let headers: Vec<(&str, Option<&[u8]>)> = message
-        .headers()
-        .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-        .unwrap_or_default();
-    Event::decode(&RawRecord {
-        key: message.key(),
-        headers,
-        payload: message.payload(),
-    })
-}
-
 fn header_str<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> {
     message.headers().and_then(|h| {
         h.iter()
@@ -738,7 +724,7 @@ fn header_str<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> {
     })
 }
 
-fn rejected_record(topic: &str, message: &OwnedMessage, rejection: &Rejection) -> RejectedRecord {
+fn rejected_record(topic: &str, message: &OwnedMessage, refusal: &Refusal) -> RejectedRecord {
     let headers: Vec<Value> = message
         .headers()
         .map(|h| {
@@ -761,8 +747,8 @@ fn rejected_record(topic: &str, message: &OwnedMessage, rejection: &Rejection) -
         ce_id: header_str(message, events::header::ID).map(str::to_string),
         ce_type: header_str(message, events::header::TYPE).map(str::to_string),
         subject: header_str(message, events::header::SUBJECT).map(str::to_string),
-        reason: rejection.code(),
-        message: rejection.to_string(),
+        reason: refusal.reason,
+        message: refusal.message.clone(),
         key: message.key().map(<[u8]>::to_vec),
         headers: Value::Array(headers),
         payload: message.payload().map(<[u8]>::to_vec),

@@ -14,7 +14,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
-use super::{PROJECTION_CHANNEL, StoreError, ctx};
+use super::{StoreError, ctx};
 use crate::events::TaskState;
 
 /// A task row to upsert: its final state in this batch and where its last event sits.
@@ -101,17 +101,13 @@ pub struct RejectedRecord {
     pub payload: Option<Vec<u8>>,
 }
 
-/// Everything one batch writes.
+/// What one batch of the task projection writes.
 #[derive(Debug, Default)]
-pub struct BatchWrite {
+pub struct TaskBatchWrite {
     /// Task rows (one per task).
     pub tasks: Vec<TaskRow>,
     /// Applied events.
     pub events: Vec<AppliedEvent>,
-    /// Rejected records.
-    pub rejected: Vec<RejectedRecord>,
-    /// Next offset per partition after this batch.
-    pub next_offsets: HashMap<i32, i64>,
     /// Change in the number of tasks per state.
     pub state_deltas: HashMap<&'static str, i64>,
 }
@@ -202,11 +198,10 @@ pub async fn applied_ce_ids(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Writes the batch and notifies readers (delivered at commit).
-pub async fn write_batch(
+/// Writes the task projection's part of a batch.
+pub async fn write_task_batch(
     tx: &Transaction<'_>,
-    topic: &str,
-    batch: &BatchWrite,
+    batch: &TaskBatchWrite,
 ) -> Result<(), StoreError> {
     let (new_tasks, existing): (Vec<&TaskRow>, Vec<&TaskRow>) =
         batch.tasks.iter().partition(|t| t.is_new);
@@ -219,8 +214,37 @@ pub async fn write_batch(
     if !batch.events.is_empty() {
         copy_events(tx, &batch.events).await?;
     }
+    let deltas: Vec<(&str, i64)> = batch
+        .state_deltas
+        .iter()
+        .filter(|(_, d)| **d != 0)
+        .map(|(s, d)| (*s, *d))
+        .collect();
+    if !deltas.is_empty() {
+        let states: Vec<&str> = deltas.iter().map(|(s, _)| *s).collect();
+        let counts: Vec<i64> = deltas.iter().map(|(_, d)| *d).collect();
+        tx.execute(
+            "INSERT INTO task_state_counts (state, count)
+             SELECT * FROM unnest($1::text[], $2::bigint[])
+             ON CONFLICT (state) DO UPDATE SET count = task_state_counts.count + EXCLUDED.count",
+            &[&states, &counts],
+        )
+        .await
+        .map_err(ctx("update state counts"))?;
+    }
+    Ok(())
+}
 
-    for r in &batch.rejected {
+/// Writes what every projection's batch ends with: its rejections, the next offset of
+/// every partition it read, and a `NOTIFY` on `channel` (delivered at commit).
+pub async fn finish_batch(
+    tx: &Transaction<'_>,
+    topic: &str,
+    rejected: &[RejectedRecord],
+    next_offsets: &HashMap<i32, i64>,
+    channel: &str,
+) -> Result<(), StoreError> {
+    for r in rejected {
         tx.execute(
             "INSERT INTO rejected_events (topic, partition, \"offset\", ce_id, ce_type, subject,
                                           reason, message, record_key, headers, payload)
@@ -242,29 +266,9 @@ pub async fn write_batch(
         .await
         .map_err(ctx("insert rejected event"))?;
     }
-
-    let deltas: Vec<(&str, i64)> = batch
-        .state_deltas
-        .iter()
-        .filter(|(_, d)| **d != 0)
-        .map(|(s, d)| (*s, *d))
-        .collect();
-    if !deltas.is_empty() {
-        let states: Vec<&str> = deltas.iter().map(|(s, _)| *s).collect();
-        let counts: Vec<i64> = deltas.iter().map(|(_, d)| *d).collect();
-        tx.execute(
-            "INSERT INTO task_state_counts (state, count)
-             SELECT * FROM unnest($1::text[], $2::bigint[])
-             ON CONFLICT (state) DO UPDATE SET count = task_state_counts.count + EXCLUDED.count",
-            &[&states, &counts],
-        )
-        .await
-        .map_err(ctx("update state counts"))?;
-    }
-
-    if !batch.next_offsets.is_empty() {
-        let partitions: Vec<i32> = batch.next_offsets.keys().copied().collect();
-        let offsets: Vec<i64> = partitions.iter().map(|p| batch.next_offsets[p]).collect();
+    if !next_offsets.is_empty() {
+        let partitions: Vec<i32> = next_offsets.keys().copied().collect();
+        let offsets: Vec<i64> = partitions.iter().map(|p| next_offsets[p]).collect();
         tx.execute(
             "INSERT INTO projection_offsets (topic, partition, next_offset, updated_at)
              SELECT $1, p, o, now() FROM unnest($2::int[], $3::bigint[]) AS t(p, o)
@@ -275,8 +279,7 @@ pub async fn write_batch(
         .await
         .map_err(ctx("store projection offsets"))?;
     }
-
-    tx.execute(&format!("NOTIFY {PROJECTION_CHANNEL}"), &[])
+    tx.execute(&format!("NOTIFY {channel}"), &[])
         .await
         .map_err(ctx("notify"))?;
     Ok(())

@@ -1,0 +1,122 @@
+//! The task projection: folds task events into `tasks`, `task_events` and the per-state
+//! counts, with the pure state machine of [`crate::events`].
+
+use std::collections::{HashMap, HashSet};
+
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use tokio_postgres::Transaction;
+use uuid::Uuid;
+
+use super::{Projection, Record, Refusal};
+use crate::events::{self, Event, RawRecord, Rejection};
+use crate::metrics::metrics;
+use crate::store::projection::{self, AppliedEvent, TaskBatchWrite, TaskRow};
+use crate::store::{PROJECTION_CHANNEL, StoreError};
+
+/// Folds `tasklog.events` into the task tables.
+pub struct TaskProjection;
+
+impl Projection for TaskProjection {
+    type Decoded = Result<Event, Rejection>;
+
+    fn decode(message: &OwnedMessage) -> Self::Decoded {
+        let headers: Vec<(&str, Option<&[u8]>)> = message
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+            .unwrap_or_default();
+        Event::decode(&RawRecord {
+            key: message.key(),
+            headers,
+            payload: message.payload(),
+        })
+    }
+
+    fn channel(&self) -> &'static str {
+        PROJECTION_CHANNEL
+    }
+
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        records: &[&Record<Self::Decoded>],
+    ) -> Result<Vec<Refusal>, StoreError> {
+        let ids: Vec<Uuid> = records
+            .iter()
+            .filter_map(|r| r.decoded.as_ref().ok().map(|e| e.task_id))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let ce_ids: Vec<String> = records
+            .iter()
+            .filter_map(|r| r.decoded.as_ref().ok().map(|e| e.envelope.id.clone()))
+            .collect();
+        // Both lookups go out together on the one connection (pipelined).
+        let (mut states, mut seen) = tokio::try_join!(
+            projection::load_tasks(tx, &ids),
+            projection::applied_ce_ids(tx, &ce_ids)
+        )?;
+        let existed: HashSet<Uuid> = states.keys().copied().collect();
+
+        let mut write = TaskBatchWrite::default();
+        let mut refusals = Vec::new();
+        let mut touched: HashMap<Uuid, (i32, i64)> = HashMap::new();
+        for (index, record) in records.iter().enumerate() {
+            let (partition, offset) = (record.message.partition(), record.message.offset());
+            let outcome = record
+                .decoded
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|event| {
+                    if seen.contains(&event.envelope.id) {
+                        return Err(Rejection::DuplicateCeId(event.envelope.id.clone()));
+                    }
+                    let before = states.get(&event.task_id);
+                    let after = events::apply(before, event)?;
+                    Ok((event, before.map(|b| b.state), after))
+                });
+            match outcome {
+                Ok((event, before, after)) => {
+                    if let Some(b) = before {
+                        *write.state_deltas.entry(b.as_str()).or_default() -= 1;
+                    }
+                    *write.state_deltas.entry(after.state.as_str()).or_default() += 1;
+                    seen.insert(event.envelope.id.clone());
+                    touched.insert(event.task_id, (partition, offset));
+                    write.events.push(AppliedEvent {
+                        ce_id: event.envelope.id.clone(),
+                        task_id: event.task_id,
+                        seq: event.seq as i64,
+                        event_type: event.envelope.event_type.as_str(),
+                        time: event.envelope.time,
+                        source: event.envelope.source.clone(),
+                        partition,
+                        offset,
+                        data: record.message.payload().unwrap_or_default().to_vec(),
+                    });
+                    states.insert(after.id, after);
+                }
+                Err(rejection) => refusals.push(Refusal {
+                    index,
+                    reason: rejection.code(),
+                    message: rejection.to_string(),
+                }),
+            }
+        }
+        for (id, (partition, last_offset)) in &touched {
+            if let Some(state) = states.remove(id) {
+                write.tasks.push(TaskRow {
+                    state,
+                    partition: *partition,
+                    last_offset: *last_offset,
+                    is_new: !existed.contains(id),
+                });
+            }
+        }
+        projection::write_task_batch(tx, &write).await?;
+        let m = metrics();
+        for e in &write.events {
+            m.events_applied.with_label_values(&[e.event_type]).inc();
+        }
+        Ok(refusals)
+    }
+}
