@@ -93,7 +93,12 @@ pub async fn submit(args: SubmitBenchArgs) -> anyhow::Result<()> {
             let broker = DevBroker::start(&DevBrokerOptions {
                 listen: "127.0.0.1:0".parse()?,
                 partitions: args.partitions,
-                topics: vec![topics.events.clone(), topics.dlq.clone(), raw_topic.clone()],
+                topics: topics
+                    .all()
+                    .into_iter()
+                    .map(|t| t.name)
+                    .chain([raw_topic.clone()])
+                    .collect(),
             })
             .await?;
             let addr = broker.addr().to_string();
@@ -177,6 +182,7 @@ async fn run_all(
         store.clone(),
         appender.clone(),
         ApiOptions::new(brokers, topics.clone(), args.partitions),
+        crate::logs::CursorKey::new(store.cursor_key().await?),
     );
     let listener = api::bind("127.0.0.1:0".parse()?).await?;
     let addr = listener.local_addr()?;

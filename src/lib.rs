@@ -16,6 +16,7 @@ pub mod bench;
 pub mod cli;
 pub mod events;
 pub mod kafka;
+pub mod logs;
 pub mod metrics;
 pub mod projector;
 pub mod store;

@@ -5,8 +5,8 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric tasklog exports.
@@ -32,6 +32,12 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// `tasklog_tasks{state}`: tasks per state, from the projection.
     pub tasks: IntGaugeVec,
+    /// `tasklog_log_lines_written_total`: log lines appended.
+    pub log_lines_written: IntCounter,
+    /// `tasklog_log_lines_dropped_total`: log lines dropped by the per-attempt quota.
+    pub log_lines_dropped: IntCounter,
+    /// `tasklog_log_lines_indexed_total`: log records indexed.
+    pub log_lines_indexed: IntCounter,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -63,6 +69,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
+    let plain_counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+        let c = IntCounter::new(name, help)?;
+        registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    };
     let latency = vec![
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ];
@@ -119,6 +130,18 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "tasklog_tasks",
             "Tasks per state, from the projection.",
             &["state"],
+        )?,
+        log_lines_written: plain_counter(
+            "tasklog_log_lines_written_total",
+            "Log lines appended to the logs topic.",
+        )?,
+        log_lines_dropped: plain_counter(
+            "tasklog_log_lines_dropped_total",
+            "Log lines dropped because their attempt's quota was used up.",
+        )?,
+        log_lines_indexed: plain_counter(
+            "tasklog_log_lines_indexed_total",
+            "Log records indexed.",
         )?,
         registry,
     })

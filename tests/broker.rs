@@ -37,6 +37,14 @@ async fn broker_down_gives_503_in_bounded_time_and_loses_nothing_acknowledged() 
         acknowledged.insert(body["id"].as_str().unwrap().to_string());
     }
 
+    // Cut the broker under a steady projector that has applied everything so far.
+    let db_ref = &db;
+    eventually(
+        "the first tasks projected",
+        Duration::from_secs(60),
+        || async move { (db_ref.count("SELECT count(*) FROM tasks").await >= 20).then_some(()) },
+    )
+    .await;
     broker.set_reachable(false).await;
     let started = Instant::now();
     let outcomes = futures::future::join_all((0..5).map(|i| submit(format!("during-{i}")))).await;

@@ -18,6 +18,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// Human-readable detail.
     pub message: String,
+    /// Extra machine-readable fields inside `error` (e.g. `earliest_cursor`).
+    pub details: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
@@ -42,12 +44,22 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            details: serde_json::Map::new(),
         }
+    }
+
+    /// Adds a field to the error object.
+    pub fn with_detail(mut self, key: &str, value: serde_json::Value) -> ApiError {
+        self.details.insert(key.to_string(), value);
+        self
     }
 
     /// The JSON body.
     pub fn body(&self) -> serde_json::Value {
-        json!({"error": {"code": self.code, "message": self.message}})
+        let mut error = self.details.clone();
+        error.insert("code".into(), json!(self.code));
+        error.insert("message".into(), json!(self.message));
+        json!({ "error": error })
     }
 }
 

@@ -4,6 +4,7 @@
 //! come from the Postgres projection, with an optional wait for read-your-writes.
 
 mod error;
+mod logs;
 mod tasks;
 
 use std::collections::{HashMap, VecDeque};
@@ -23,6 +24,8 @@ use tokio::sync::watch;
 pub use error::ApiError;
 
 use crate::kafka::{Appender, Topics};
+use crate::logs::reader::LogReader;
+use crate::logs::{CursorKey, LogWriter, LogWriterOptions};
 use crate::metrics::{metrics, render};
 use crate::store::Store;
 
@@ -38,6 +41,8 @@ pub struct ApiOptions {
     pub topics: Topics,
     /// Partitions of the events topic (to locate a task's partition by its key).
     pub partitions: i32,
+    /// Partitions of the logs topic.
+    pub log_partitions: i32,
     /// `ce_source` of the events the API appends.
     pub source: String,
     /// How long a cancel waits for the projection to confirm it.
@@ -56,6 +61,7 @@ impl ApiOptions {
             brokers: brokers.to_string(),
             topics,
             partitions,
+            log_partitions: partitions,
             source: format!("tasklog://api/{host}"),
             cancel_wait: Duration::from_secs(5),
             max_wait: Duration::from_secs(60),
@@ -73,6 +79,12 @@ pub struct AppState {
     pub options: ApiOptions,
     /// Changes after every projector commit.
     pub projection: watch::Receiver<u64>,
+    /// Signs and checks log cursors.
+    pub cursor_key: CursorKey,
+    /// Reads log lines from Kafka.
+    pub log_reader: Arc<LogReader>,
+    /// Appends log lines posted by outside producers.
+    pub log_writer: LogWriter,
     /// Submissions with an idempotency key this process appended recently, so that a
     /// quick retry is recognised before the projection has caught up.
     recent_keys: Mutex<RecentKeys>,
@@ -80,13 +92,30 @@ pub struct AppState {
 
 impl AppState {
     /// Builds the state; starts following projector notifications.
-    pub fn new(store: Store, appender: Appender, options: ApiOptions) -> Arc<AppState> {
+    pub fn new(
+        store: Store,
+        appender: Appender,
+        options: ApiOptions,
+        cursor_key: CursorKey,
+    ) -> Arc<AppState> {
         let projection = store.follow_projection();
+        let log_reader = Arc::new(LogReader::new(
+            &options.brokers,
+            &options.topics.logs,
+            256 << 20,
+        ));
+        let log_writer = LogWriter::new(
+            appender.clone(),
+            LogWriterOptions::new(&options.topics.logs),
+        );
         Arc::new(AppState {
             store,
             appender,
             options,
             projection,
+            cursor_key,
+            log_reader,
+            log_writer,
             recent_keys: Mutex::new(RecentKeys::default()),
         })
     }
@@ -126,6 +155,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tasks/{id}", get(tasks::get_task))
         .route("/v1/tasks/{id}/events", get(tasks::events))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route(
+            "/v1/tasks/{id}/logs",
+            get(logs::get_logs).post(logs::post_logs),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

@@ -384,12 +384,12 @@ pub async fn submit_batch(
         .into_response())
 }
 
-fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+pub(super) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id)
         .map_err(|_| ApiError::bad_request("invalid_id", format!("{id:?} is not a task id (UUID)")))
 }
 
-fn query_pairs(query: &Option<String>) -> Vec<(String, String)> {
+pub(super) fn query_pairs(query: &Option<String>) -> Vec<(String, String)> {
     query
         .as_deref()
         .map(|q| {
@@ -400,7 +400,10 @@ fn query_pairs(query: &Option<String>) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-fn single<'a>(pairs: &'a [(String, String)], name: &str) -> Result<Option<&'a str>, ApiError> {
+pub(super) fn single<'a>(
+    pairs: &'a [(String, String)],
+    name: &str,
+) -> Result<Option<&'a str>, ApiError> {
     let mut values = pairs
         .iter()
         .filter(|(k, _)| k == name)
@@ -415,7 +418,7 @@ fn single<'a>(pairs: &'a [(String, String)], name: &str) -> Result<Option<&'a st
     Ok(first)
 }
 
-fn parse_number(name: &str, value: &str, min: i64, max: i64) -> Result<i64, ApiError> {
+pub(super) fn parse_number(name: &str, value: &str, min: i64, max: i64) -> Result<i64, ApiError> {
     value
         .parse::<i64>()
         .ok()

@@ -61,11 +61,16 @@ pub(crate) async fn build_api(
     let mut appender_options = AppenderOptions::new(brokers);
     appender_options.timeout = Duration::from_millis(http.append_timeout_ms.max(1));
     let appender = Appender::new(&appender_options)?;
-    Ok(AppState::new(
-        store,
-        appender,
-        ApiOptions::new(brokers, topics, partitions),
-    ))
+    let log_partitions = kafka::list_topics(brokers)
+        .await?
+        .into_iter()
+        .find(|(name, _)| *name == topics.logs)
+        .map(|(_, n)| n)
+        .unwrap_or(partitions);
+    let cursor_key = crate::logs::CursorKey::new(store.cursor_key().await?);
+    let mut options = ApiOptions::new(brokers, topics, partitions);
+    options.log_partitions = log_partitions;
+    Ok(AppState::new(store, appender, options, cursor_key))
 }
 
 pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -77,7 +82,7 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
             let broker = DevBroker::start(&DevBrokerOptions {
                 listen: args.dev_broker_addr,
                 partitions: args.partitions,
-                topics: vec![topics.events.clone(), topics.dlq.clone()],
+                topics: topics.all().into_iter().map(|t| t.name).collect(),
             })
             .await
             .context(
@@ -106,7 +111,7 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut projector_stop = stop_rx.clone();
-    let projector = tokio::spawn(projector::run(
+    let projector = tokio::spawn(projector::run_all(
         ProjectorOptions::new(&brokers, topics.clone()),
         store,
         async move {
@@ -156,7 +161,7 @@ pub(super) async fn dev_broker(args: DevBrokerArgs) -> anyhow::Result<()> {
         DevBroker::start(&DevBrokerOptions {
             listen: args.listen,
             partitions: args.partitions,
-            topics: vec![topics.events.clone(), topics.dlq.clone()],
+            topics: topics.all().into_iter().map(|t| t.name).collect(),
         })
         .await?,
     );
@@ -272,6 +277,6 @@ pub(super) async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
     options.group_id = args.group;
     options.session_timeout = Duration::from_millis(args.session_timeout_ms);
     println!("tasklog projector started");
-    projector::run(options, store, shutdown_signal()).await?;
+    projector::run_all(options, store, shutdown_signal()).await?;
     Ok(())
 }

@@ -58,6 +58,9 @@ pub struct TaskSpec {
     /// Retry policy, stored as given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<serde_json::Value>,
+    /// Per-attempt log quota: bytes or a size string (default 100 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_quota: Option<serde_json::Value>,
     /// Client-chosen key that makes resubmission safe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
@@ -108,6 +111,17 @@ impl TaskSpec {
             None => Ok(None),
             Some(value) => parse_size(value).map(Some).map_err(|message| SpecError {
                 field: "resources.memory".into(),
+                message,
+            }),
+        }
+    }
+
+    /// Log quota in bytes, if given.
+    pub fn log_quota_bytes(&self) -> Result<Option<u64>, SpecError> {
+        match &self.log_quota {
+            None => Ok(None),
+            Some(value) => parse_size(value).map(Some).map_err(|message| SpecError {
+                field: "log_quota".into(),
                 message,
             }),
         }
@@ -174,6 +188,7 @@ impl TaskSpec {
         }
         self.memory_bytes()?;
         self.timeout_ms()?;
+        self.log_quota_bytes()?;
         Ok(())
     }
 }

@@ -31,14 +31,23 @@ pub struct Topics {
     pub events: String,
     /// Dead letters: records the projector could not apply, with the reason in headers.
     pub dlq: String,
+    /// Task log lines, one record per line.
+    pub logs: String,
+    /// Retention of the logs topic (`retention.ms`).
+    pub logs_retention_ms: i64,
 }
 
+/// Default retention of the logs topic: 7 days.
+pub const DEFAULT_LOGS_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+
 impl Topics {
-    /// Topics named `<prefix>.events` and `<prefix>.dlq`.
+    /// Topics named `<prefix>.events`, `<prefix>.dlq` and `<prefix>.logs`.
     pub fn with_prefix(prefix: &str) -> Topics {
         Topics {
             events: format!("{prefix}.events"),
             dlq: format!("{prefix}.dlq"),
+            logs: format!("{prefix}.logs"),
+            logs_retention_ms: DEFAULT_LOGS_RETENTION_MS,
         }
     }
 
@@ -52,6 +61,10 @@ impl Topics {
             TopicSpec {
                 name: self.dlq.clone(),
                 retention_ms: -1,
+            },
+            TopicSpec {
+                name: self.logs.clone(),
+                retention_ms: self.logs_retention_ms,
             },
         ]
     }
@@ -513,6 +526,7 @@ mod tests {
         let t = Topics::with_prefix("t42");
         assert_eq!(t.events, "t42.events");
         assert_eq!(t.dlq, "t42.dlq");
-        assert_eq!(t.all().len(), 2);
+        assert_eq!(t.logs, "t42.logs");
+        assert_eq!(t.all().len(), 3);
     }
 }

@@ -145,6 +145,18 @@ pub struct ProjectorOptions {
 }
 
 impl ProjectorOptions {
+    /// The same settings for the log index projection (topic `logs`; its own group).
+    pub fn for_logs(&self) -> ProjectorOptions {
+        let mut logs = self.clone();
+        logs.topic = self.topics.logs.clone();
+        logs.group_id = if self.group_id == DEFAULT_GROUP {
+            crate::logs::index::DEFAULT_GROUP.to_string()
+        } else {
+            format!("{}-logs", self.group_id)
+        };
+        logs
+    }
+
     /// Defaults for the given brokers and topics.
     pub fn new(brokers: &str, topics: Topics) -> ProjectorOptions {
         ProjectorOptions {
@@ -311,6 +323,40 @@ pub async fn check_log_matches(
         }
     }
     Ok(())
+}
+
+/// Runs every projection — tasks and the log index — until `shutdown` resolves.
+pub async fn run_all(
+    options: ProjectorOptions,
+    store: Store,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ProjectorError> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let logs = options.for_logs();
+    let both = futures::future::try_join(
+        run_projection(
+            options,
+            store.clone(),
+            TaskProjection,
+            stopped(stop_rx.clone()),
+        ),
+        run_projection(
+            logs,
+            store,
+            crate::logs::index::LogIndexProjection,
+            stopped(stop_rx),
+        ),
+    );
+    let mut both = std::pin::pin!(both);
+    tokio::select! {
+        result = &mut both => return result.map(|_| ()),
+        _ = shutdown => {}
+    }
+    let _ = stop_tx.send(true);
+    both.await.map(|_| ())
 }
 
 /// Runs the task projection until `shutdown` resolves.

@@ -25,9 +25,14 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://tasklog:tasklog@127.0.0.1:543
 
 /// The channel the projector notifies after every committed batch.
 pub const PROJECTION_CHANNEL: &str = "tasklog_projection";
+/// The channel the log indexer notifies after every committed batch.
+pub const LOG_INDEX_CHANNEL: &str = "tasklog_log_index";
 
 /// Migrations, applied in order at start. Never edit one that has shipped: add a new one.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("migrations/0001_projection.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("migrations/0001_projection.sql")),
+    (2, include_str!("migrations/0002_log_index.sql")),
+];
 
 /// Errors from the store, with context.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +44,7 @@ pub enum StoreError {
     #[error("cannot connect to Postgres: {0}")]
     Pool(String),
     /// A query failed.
-    #[error("Postgres query failed ({context}): {source}")]
+    #[error("Postgres query failed ({context}): {}", describe(source))]
     Query {
         /// What was being done.
         context: &'static str,
@@ -54,6 +59,17 @@ pub enum StoreError {
         /// The decode error.
         message: String,
     },
+}
+
+/// Postgres's own message and detail, which `tokio_postgres::Error`'s Display omits.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{}: {} ({detail})", db.code().code(), db.message()),
+            None => format!("{}: {}", db.code().code(), db.message()),
+        },
+        None => e.to_string(),
+    }
 }
 
 /// Shorthand to attach context to a Postgres error.
@@ -114,6 +130,25 @@ pub enum EventOutcome {
         /// Detail.
         message: String,
     },
+}
+
+/// Where one attempt's log lines are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LogIndexRow {
+    /// Attempt.
+    pub attempt: i32,
+    /// Partition of the logs topic.
+    pub partition: i32,
+    /// Offset of its first record.
+    pub first_offset: i64,
+    /// Offset of its last record.
+    pub last_offset: i64,
+    /// Records.
+    pub lines: i64,
+    /// Bytes of text.
+    pub bytes: i64,
+    /// Highest line number.
+    pub last_line: i64,
 }
 
 /// Filter and page of a task listing.
@@ -353,12 +388,75 @@ impl Store {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// The cursor MAC key shared by every API server, created on first use.
+    pub async fn cursor_key(&self) -> Result<Vec<u8>, StoreError> {
+        let client = self.client().await?;
+        let fresh: Vec<u8> = (0..2).flat_map(|_| *Uuid::new_v4().as_bytes()).collect();
+        client
+            .execute(
+                "INSERT INTO server_keys (name, key) VALUES ('log_cursor', $1) ON CONFLICT DO NOTHING",
+                &[&fresh],
+            )
+            .await
+            .map_err(ctx("create cursor key"))?;
+        let row = client
+            .query_one("SELECT key FROM server_keys WHERE name = 'log_cursor'", &[])
+            .await
+            .map_err(ctx("read cursor key"))?;
+        Ok(row.get(0))
+    }
+
+    /// One attempt's (or every attempt's) index rows, by attempt.
+    pub async fn log_index(&self, task_id: Uuid) -> Result<Vec<LogIndexRow>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT attempt, partition, first_offset, last_offset, lines, bytes, last_line
+                 FROM log_index WHERE task_id = $1 ORDER BY attempt",
+                &[&task_id],
+            )
+            .await
+            .map_err(ctx("read log index"))?;
+        Ok(rows
+            .iter()
+            .map(|r| LogIndexRow {
+                attempt: r.get(0),
+                partition: r.get(1),
+                first_offset: r.get(2),
+                last_offset: r.get(3),
+                lines: r.get(4),
+                bytes: r.get(5),
+                last_line: r.get(6),
+            })
+            .collect())
+    }
+
+    /// The offset of the checkpoint at or before `line` of an attempt.
+    pub async fn log_checkpoint(
+        &self,
+        task_id: Uuid,
+        attempt: i32,
+        line: i64,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT line, \"offset\" FROM log_checkpoints
+                 WHERE task_id = $1 AND attempt = $2 AND line <= $3 ORDER BY line DESC LIMIT 1",
+                &[&task_id, &attempt, &line],
+            )
+            .await
+            .map_err(ctx("read log checkpoint"))?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
     /// Deletes every projected row and offset, so the projector rebuilds from offset 0.
     pub async fn reset_projection(&self) -> Result<(), StoreError> {
         self.client()
             .await?
             .batch_execute(
-                "TRUNCATE tasks, task_events, rejected_events, projection_offsets, task_state_counts",
+                "TRUNCATE tasks, task_events, rejected_events, projection_offsets, task_state_counts,
+                          log_index, log_checkpoints",
             )
             .await
             .map_err(ctx("reset projection"))

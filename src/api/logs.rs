@@ -1,0 +1,629 @@
+//! Log routes: `GET /v1/tasks/{id}/logs` (pages, follow, Server-Sent Events) and
+//! `POST /v1/tasks/{id}/logs` (outside producers).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chrono::{DateTime, Utc};
+use futures::SinkExt;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::tasks::{parse_id, parse_number, query_pairs, single};
+use super::{ApiError, AppState};
+use crate::kafka::partition_for_key;
+use crate::logs::reader::{LineFilter, LogRecord, ReadError, ScanRange};
+use crate::logs::{Cursor, CursorError, Direction, Stream};
+
+/// Longest page.
+pub const MAX_LIMIT: i64 = 5000;
+
+/// Everything a log read needs to know about where the task's lines are.
+struct Located {
+    partition: i32,
+    range: ScanRange,
+    low_watermark: i64,
+    terminal: bool,
+    checkpoint_attempt: Option<i32>,
+}
+
+fn read_error(e: ReadError, state: &AppState, task_id: Uuid, partition: i32) -> ApiError {
+    match e {
+        ReadError::Expired { earliest, .. } => {
+            let cursor = state.cursor_key.encode(&Cursor {
+                task_id,
+                partition,
+                offset: earliest.max(0),
+                direction: Direction::Forward,
+            });
+            ApiError::new(StatusCode::GONE, "cursor_expired", format!("the lines at that cursor were deleted by retention; the earliest valid cursor is {cursor}"))
+                .with_detail("earliest_cursor", Value::String(cursor))
+        }
+        ReadError::Kafka(m) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", m)
+        }
+    }
+}
+
+async fn locate(
+    state: &Arc<AppState>,
+    task_id: Uuid,
+    attempt: Option<i32>,
+) -> Result<Located, ApiError> {
+    // The task's state first: lines are delivered before a terminal event is appended,
+    // so every line of a terminal task is below the watermark read after it.
+    let task = state
+        .store
+        .task(task_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("task {task_id} does not exist")))?;
+    // The indexer's progress before its rows: rows read afterwards can only be newer,
+    // so nothing falls between "indexed" and "not yet indexed".
+    let indexed_by_partition = state
+        .store
+        .projection_offsets(&state.options.topics.logs)
+        .await?;
+    let rows: Vec<_> = state
+        .store
+        .log_index(task_id)
+        .await?
+        .into_iter()
+        .filter(|r| attempt.is_none_or(|a| a == r.attempt))
+        .collect();
+    let partition = rows.first().map(|r| r.partition).unwrap_or_else(|| {
+        partition_for_key(task_id.to_string().as_bytes(), state.options.log_partitions)
+    });
+    let reader = &state.log_reader;
+    let (low, high) = reader
+        .watermarks(partition)
+        .await
+        .map_err(|e| read_error(e, state, task_id, partition))?;
+    let indexed = indexed_by_partition
+        .get(&partition)
+        .copied()
+        .unwrap_or(0)
+        .min(high);
+    // Lines can only be where the index says, or in the tail the indexer has not reached.
+    let (first, last) = rows.iter().fold((i64::MAX, -1i64), |(f, l), r| {
+        (f.min(r.first_offset), l.max(r.last_offset))
+    });
+    let range = if rows.is_empty() {
+        ScanRange {
+            low: indexed.max(low),
+            high,
+            skip: None,
+        }
+    } else {
+        ScanRange {
+            low: first.max(low),
+            high,
+            skip: (last + 1 < indexed).then_some((last + 1, indexed)),
+        }
+    };
+    Ok(Located {
+        partition,
+        range,
+        low_watermark: low,
+        terminal: task.task.state.is_terminal(),
+        checkpoint_attempt: attempt.or(rows.last().map(|r| r.attempt)),
+    })
+}
+
+fn line_json(record: &LogRecord) -> Value {
+    let meta = record.meta.as_ref();
+    let mut v = json!({
+        "offset": record.offset,
+        "attempt": meta.map(|m| m.attempt),
+        "line": meta.map(|m| m.line),
+        "stream": meta.map(|m| m.stream),
+        "time": meta.and_then(|m| m.time),
+    });
+    match std::str::from_utf8(&record.value) {
+        Ok(text) => v["text"] = Value::String(text.to_string()),
+        Err(_) => {
+            // Not UTF-8: `text` is lossy, `bytes` carries the exact bytes (base64).
+            v["text"] = Value::String(String::from_utf8_lossy(&record.value).into_owned());
+            v["bytes"] = Value::String(STANDARD.encode(&record.value));
+        }
+    }
+    if let Some(m) = meta
+        && let Some(part) = m.part
+    {
+        v["part"] = json!(part);
+        v["continued"] = json!(m.continued);
+    }
+    v
+}
+
+struct Query {
+    cursor: Option<Cursor>,
+    limit: usize,
+    direction: Direction,
+    tail: Option<usize>,
+    attempt: Option<i32>,
+    stream: Option<Stream>,
+    from_line: Option<i64>,
+    follow: bool,
+    wait: Duration,
+}
+
+fn parse_query(
+    state: &AppState,
+    task_id: Uuid,
+    raw: &Option<String>,
+    headers: &HeaderMap,
+) -> Result<Query, ApiError> {
+    let pairs = query_pairs(raw);
+    let allowed = [
+        "cursor",
+        "limit",
+        "direction",
+        "tail",
+        "attempt",
+        "stream",
+        "from_line",
+        "follow",
+        "wait_ms",
+    ];
+    if let Some((k, _)) = pairs.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("unknown query parameter {k:?} ({})", allowed.join(", ")),
+        ));
+    }
+    let cursor_text = single(&pairs, "cursor")?.map(str::to_string).or_else(|| {
+        headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    });
+    let cursor = match cursor_text {
+        None => None,
+        Some(text) => Some(
+            state
+                .cursor_key
+                .decode(&text, task_id)
+                .map_err(|e| match e {
+                    CursorError::Invalid => ApiError::bad_request("invalid_cursor", e.to_string()),
+                    CursorError::TaskMismatch(_) => ApiError::bad_request(
+                        "cursor_task_mismatch",
+                        format!("{e}, not to task {task_id}"),
+                    ),
+                })?,
+        ),
+    };
+    let direction = match single(&pairs, "direction")? {
+        None => cursor.map(|c| c.direction).unwrap_or(Direction::Forward),
+        Some("forward") => Direction::Forward,
+        Some("backward") => Direction::Backward,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("direction {other:?} is not forward or backward"),
+            ));
+        }
+    };
+    if let Some(c) = cursor
+        && c.direction != direction
+    {
+        return Err(ApiError::bad_request(
+            "invalid_cursor",
+            "the cursor pages the other direction",
+        ));
+    }
+    let limit = single(&pairs, "limit")?
+        .map(|v| parse_number("limit", v, 1, MAX_LIMIT))
+        .transpose()?
+        .unwrap_or(1000) as usize;
+    let tail = single(&pairs, "tail")?
+        .map(|v| parse_number("tail", v, 1, MAX_LIMIT))
+        .transpose()?
+        .map(|n| n as usize);
+    let attempt = single(&pairs, "attempt")?
+        .map(|v| parse_number("attempt", v, 1, i32::MAX as i64))
+        .transpose()?
+        .map(|n| n as i32);
+    let stream = match single(&pairs, "stream")? {
+        None => None,
+        Some(s) => Some(Stream::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("stream {s:?} is not stdout, stderr or system"),
+            )
+        })?),
+    };
+    let from_line = single(&pairs, "from_line")?
+        .map(|v| parse_number("from_line", v, 1, i64::MAX))
+        .transpose()?;
+    let follow = match single(&pairs, "follow")? {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("follow {other:?} is not true or false"),
+            ));
+        }
+    };
+    let max_wait = state.options.max_wait.as_millis() as i64;
+    let wait = Duration::from_millis(
+        single(&pairs, "wait_ms")?
+            .map(|v| parse_number("wait_ms", v, 0, max_wait))
+            .transpose()?
+            .unwrap_or(if follow { 10_000 } else { 0 }) as u64,
+    );
+    if tail.is_some() && (cursor.is_some() || from_line.is_some()) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "tail cannot be combined with cursor or from_line",
+        ));
+    }
+    if from_line.is_some() && direction == Direction::Backward {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "from_line reads forward",
+        ));
+    }
+    Ok(Query {
+        cursor,
+        limit,
+        direction,
+        tail,
+        attempt,
+        stream,
+        from_line,
+        follow,
+        wait,
+    })
+}
+
+/// One page of lines.
+struct Page {
+    lines: Vec<LogRecord>,
+    next: Option<Cursor>,
+    prev: Option<Cursor>,
+    complete: bool,
+}
+
+async fn read_page(
+    state: &Arc<AppState>,
+    task_id: Uuid,
+    q: &Query,
+) -> Result<(Page, Located), ApiError> {
+    let at = locate(state, task_id, q.attempt).await?;
+    let reader = &state.log_reader;
+    let filter = LineFilter {
+        task_id,
+        attempt: q.attempt,
+        stream: q.stream,
+        from_line: q.from_line,
+    };
+    let cursor_at = |offset: i64, direction: Direction| Cursor {
+        task_id,
+        partition: at.partition,
+        offset,
+        direction,
+    };
+    if let Some(c) = q.cursor {
+        if c.partition != at.partition {
+            return Err(ApiError::bad_request(
+                "invalid_cursor",
+                "the cursor does not point into this task's log",
+            ));
+        }
+        if c.offset < at.low_watermark {
+            return Err(read_error(
+                ReadError::Expired {
+                    offset: c.offset,
+                    earliest: at.low_watermark,
+                },
+                state,
+                task_id,
+                at.partition,
+            ));
+        }
+    }
+    let err = |e| read_error(e, state, task_id, at.partition);
+    if let Some(n) = q.tail {
+        let (lines, before) = reader
+            .backward(
+                at.partition,
+                at.range.high,
+                at.range,
+                &filter,
+                n,
+                at.low_watermark,
+            )
+            .await
+            .map_err(err)?;
+        let page = Page {
+            next: Some(cursor_at(at.range.high, Direction::Forward)),
+            prev: (before > at.range.low).then(|| cursor_at(before, Direction::Backward)),
+            complete: at.terminal,
+            lines,
+        };
+        return Ok((page, at));
+    }
+    match q.direction {
+        Direction::Forward => {
+            let mut start = q.cursor.map(|c| c.offset).unwrap_or(at.range.low);
+            if q.cursor.is_none()
+                && let (Some(k), Some(attempt)) = (q.from_line, at.checkpoint_attempt)
+                && let Some((_, offset)) = state.store.log_checkpoint(task_id, attempt, k).await?
+            {
+                start = start.max(offset);
+            }
+            let (lines, next) = reader
+                .forward(
+                    at.partition,
+                    start,
+                    at.range,
+                    &filter,
+                    q.limit,
+                    at.low_watermark,
+                )
+                .await
+                .map_err(err)?;
+            let at_end = next >= at.range.high;
+            let page = Page {
+                prev: lines
+                    .first()
+                    .map(|l| cursor_at(l.offset, Direction::Backward)),
+                next: Some(cursor_at(next, Direction::Forward)),
+                complete: at.terminal && at_end,
+                lines,
+            };
+            Ok((page, at))
+        }
+        Direction::Backward => {
+            let before = q.cursor.map(|c| c.offset).unwrap_or(at.range.high);
+            let (lines, next) = reader
+                .backward(
+                    at.partition,
+                    before,
+                    at.range,
+                    &filter,
+                    q.limit,
+                    at.low_watermark,
+                )
+                .await
+                .map_err(err)?;
+            let at_start = next <= at.range.low;
+            let page = Page {
+                next: (!at_start).then(|| cursor_at(next, Direction::Backward)),
+                prev: Some(cursor_at(
+                    lines.last().map(|l| l.offset + 1).unwrap_or(before),
+                    Direction::Forward,
+                )),
+                complete: at_start,
+                lines,
+            };
+            Ok((page, at))
+        }
+    }
+}
+
+fn page_json(state: &AppState, page: &Page) -> Value {
+    json!({
+        "lines": page.lines.iter().map(line_json).collect::<Vec<_>>(),
+        "next_cursor": page.next.map(|c| state.cursor_key.encode(&c)),
+        "prev_cursor": page.prev.map(|c| state.cursor_key.encode(&c)),
+        "complete": page.complete,
+    })
+}
+
+/// `GET /v1/tasks/{id}/logs`
+pub async fn get_logs(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let task_id = parse_id(&id)?;
+    let q = parse_query(&state, task_id, &raw, &headers)?;
+    let wants_sse = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    if wants_sse {
+        if q.direction == Direction::Backward {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "an event stream reads forward",
+            ));
+        }
+        // Validate before streaming, so errors are plain JSON responses.
+        let (first, _) = read_page(&state, task_id, &q).await?;
+        return Ok(sse(state, task_id, q, first).into_response());
+    }
+    let deadline = Instant::now() + q.wait;
+    loop {
+        let (page, at) = read_page(&state, task_id, &q).await?;
+        let waiting = q.follow
+            && q.direction == Direction::Forward
+            && page.lines.is_empty()
+            && !page.complete;
+        if !waiting || Instant::now() >= deadline {
+            return Ok(Json(page_json(&state, &page)).into_response());
+        }
+        let from = page.next.map(|c| c.offset).unwrap_or(at.range.high);
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        // Wake on new records (or the task ending), then read again.
+        let woke = state
+            .log_reader
+            .wait_for_records(at.partition, from, remaining.min(Duration::from_secs(2)))
+            .await
+            .map_err(|e| read_error(e, &state, task_id, at.partition))?;
+        let _ = woke;
+    }
+}
+
+fn sse(state: Arc<AppState>, task_id: Uuid, mut q: Query, first: Page) -> impl IntoResponse {
+    let (mut tx, rx) = futures::channel::mpsc::channel::<Result<SseEvent, Infallible>>(256);
+    tokio::spawn(async move {
+        let mut page = first;
+        loop {
+            for line in &page.lines {
+                let cursor = state.cursor_key.encode(&Cursor {
+                    task_id,
+                    partition: page.next.map(|c| c.partition).unwrap_or(0),
+                    offset: line.offset + 1,
+                    direction: Direction::Forward,
+                });
+                let event = SseEvent::default()
+                    .id(cursor)
+                    .event("line")
+                    .data(line_json(line).to_string());
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            if page.complete {
+                let _ = tx
+                    .send(Ok(SseEvent::default()
+                        .event("end")
+                        .data("{\"complete\":true}")))
+                    .await;
+                return;
+            }
+            q.cursor = page.next;
+            if page.lines.is_empty()
+                && let Some(c) = page.next
+                && state
+                    .log_reader
+                    .wait_for_records(c.partition, c.offset, Duration::from_secs(2))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            page = match read_page(&state, task_id, &q).await {
+                Ok((p, _)) => p,
+                Err(e) => {
+                    let _ = tx
+                        .send(Ok(SseEvent::default()
+                            .event("error")
+                            .data(e.body().to_string())))
+                        .await;
+                    return;
+                }
+            };
+        }
+    });
+    Sse::new(rx).keep_alive(KeepAlive::default())
+}
+
+/// One line posted by an outside producer.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostedLine {
+    stream: Stream,
+    text: String,
+    #[serde(default)]
+    time: Option<DateTime<Utc>>,
+}
+
+/// `POST /v1/tasks/{id}/logs?attempt=N` with NDJSON or a JSON array of
+/// `{stream, text, time?}`: appended in order; 202 after every delivery report.
+pub async fn post_logs(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let task_id = parse_id(&id)?;
+    let pairs = query_pairs(&raw);
+    let attempt = single(&pairs, "attempt")?
+        .map(|v| parse_number("attempt", v, 1, i32::MAX as i64))
+        .transpose()?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::bad_request("invalid_body", "the body is not UTF-8"))?;
+    let trimmed = text.trim_start();
+    let lines: Vec<PostedLine> = if trimmed.starts_with('[') {
+        serde_json::from_str(trimmed).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_body",
+                format!("expected a JSON array of {{stream, text, time?}}: {e}"),
+            )
+        })?
+    } else {
+        trimmed
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| {
+                    ApiError::bad_request(
+                        "invalid_body",
+                        format!("line {} of the NDJSON body: {e}", i + 1),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    if lines.is_empty() {
+        return Err(ApiError::bad_request("invalid_body", "no lines"));
+    }
+    if lines.iter().any(|l| l.stream == Stream::System) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "stream must be stdout or stderr",
+        ));
+    }
+    let task = state
+        .store
+        .task(task_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("task {task_id} does not exist")))?;
+    let attempt = attempt
+        .map(|a| a as i32)
+        .unwrap_or((task.task.attempt as i32).max(1));
+    // Continue the attempt's numbering where the log (as indexed) and this server left it.
+    if let Some(row) = state
+        .store
+        .log_index(task_id)
+        .await?
+        .into_iter()
+        .find(|r| r.attempt == attempt)
+    {
+        state
+            .log_writer
+            .resume(task_id, attempt, row.last_line, row.bytes as u64);
+    }
+    if let Some(quota) = task.task.spec.log_quota_bytes().ok().flatten() {
+        state.log_writer.set_quota(task_id, attempt, quota);
+    }
+    let mut pending = Vec::with_capacity(lines.len());
+    let mut appended = 0usize;
+    let mut dropped = 0usize;
+    let (mut first, mut last) = (None, None);
+    for l in &lines {
+        let (written, p) =
+            state
+                .log_writer
+                .write(task_id, attempt, l.stream, l.text.as_bytes(), l.time, None);
+        match written {
+            crate::logs::writer::Written::Line(n) => {
+                appended += 1;
+                first.get_or_insert(n);
+                last = Some(n);
+            }
+            crate::logs::writer::Written::Dropped => dropped += 1,
+        }
+        pending.push(p);
+    }
+    for p in pending {
+        p.await?;
+    }
+    Ok((StatusCode::ACCEPTED, Json(json!({"task_id": task_id, "attempt": attempt, "appended": appended, "dropped": dropped, "first_line": first, "last_line": last}))).into_response())
+}

@@ -1,0 +1,412 @@
+//! Reading task logs straight from Kafka.
+//!
+//! Records are fetched in aligned blocks of [`BLOCK`] offsets by pooled consumers
+//! (assign + seek; no consumer group) and kept in a bounded LRU cache, so that forward
+//! and backward paging with any page size touch Kafka about once per block. Lines are
+//! filtered to the task's key; the caller bounds the scan with the log index.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use uuid::Uuid;
+
+use super::{LogMeta, Stream, decode_meta};
+use crate::kafka::client_config;
+
+/// Offsets per cached block.
+pub const BLOCK: i64 = 1024;
+
+/// One record of the logs topic.
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    /// Offset.
+    pub offset: i64,
+    /// Decoded headers (`None`: not a valid log record; skipped by readers).
+    pub meta: Option<LogMeta>,
+    /// The line's bytes.
+    pub value: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Block {
+    records: Vec<LogRecord>,
+    /// First offset not covered.
+    end: i64,
+    bytes: usize,
+}
+
+/// Errors reading logs.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The offsets asked for were deleted by retention; `earliest` is the first kept.
+    #[error("offset {offset} is no longer retained; the earliest is {earliest}")]
+    Expired {
+        /// Offset asked for.
+        offset: i64,
+        /// Earliest retained offset.
+        earliest: i64,
+    },
+    /// Kafka failed.
+    #[error("reading the logs topic failed: {0}")]
+    Kafka(String),
+}
+
+/// What to return of the records in a range.
+#[derive(Debug, Clone, Default)]
+pub struct LineFilter {
+    /// The task.
+    pub task_id: Uuid,
+    /// Only this attempt.
+    pub attempt: Option<i32>,
+    /// Only this stream.
+    pub stream: Option<Stream>,
+    /// Only lines numbered at least this (within `attempt`).
+    pub from_line: Option<i64>,
+}
+
+impl LineFilter {
+    fn matches(&self, record: &LogRecord) -> bool {
+        let Some(m) = &record.meta else { return false };
+        m.task_id == self.task_id
+            && self.attempt.is_none_or(|a| a == m.attempt)
+            && self.stream.is_none_or(|s| s == m.stream)
+            && self.from_line.is_none_or(|k| m.line >= k)
+    }
+}
+
+/// The part of a partition to scan: `[low, high)` minus an optional gap known (from the
+/// index) to hold none of the task's lines.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanRange {
+    /// First offset that may hold a line.
+    pub low: i64,
+    /// End of the log (exclusive).
+    pub high: i64,
+    /// `[from, to)` to skip.
+    pub skip: Option<(i64, i64)>,
+}
+
+/// Pages through task logs; shareable.
+pub struct LogReader {
+    brokers: String,
+    topic: String,
+    idle: Mutex<Vec<BaseConsumer>>,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    blocks: HashMap<(i32, i64), Arc<Block>>,
+    order: VecDeque<(i32, i64)>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl Cache {
+    fn get(&self, key: &(i32, i64)) -> Option<Arc<Block>> {
+        self.blocks.get(key).cloned()
+    }
+
+    fn put(&mut self, key: (i32, i64), block: Arc<Block>) {
+        if let Some(old) = self.blocks.insert(key, block.clone()) {
+            self.bytes -= old.bytes;
+        } else {
+            self.order.push_back(key);
+        }
+        self.bytes += block.bytes;
+        while self.bytes > self.limit
+            && let Some(old) = self.order.pop_front()
+        {
+            if let Some(b) = self.blocks.remove(&old) {
+                self.bytes -= b.bytes;
+            }
+        }
+    }
+}
+
+impl LogReader {
+    /// A reader of `topic` keeping at most `cache_bytes` of records in memory.
+    pub fn new(brokers: &str, topic: &str, cache_bytes: usize) -> LogReader {
+        LogReader {
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            idle: Mutex::new(Vec::new()),
+            cache: Mutex::new(Cache {
+                limit: cache_bytes,
+                ..Cache::default()
+            }),
+        }
+    }
+
+    /// The logs topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    fn consumer(&self) -> Result<BaseConsumer, ReadError> {
+        if let Some(c) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(c);
+        }
+        client_config(&self.brokers)
+            .set("group.id", "tasklog-log-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "error")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .map_err(|e| ReadError::Kafka(e.to_string()))
+    }
+
+    fn give_back(&self, consumer: BaseConsumer) {
+        let _ = consumer.unassign();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < 16 {
+            idle.push(consumer);
+        }
+    }
+
+    /// Low and high watermarks of a partition.
+    pub async fn watermarks(self: &Arc<Self>, partition: i32) -> Result<(i64, i64), ReadError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let consumer = this.consumer()?;
+            let marks = consumer
+                .fetch_watermarks(&this.topic, partition, Duration::from_secs(5))
+                .map_err(|e| ReadError::Kafka(e.to_string()));
+            this.give_back(consumer);
+            marks
+        })
+        .await
+        .map_err(|e| ReadError::Kafka(e.to_string()))?
+    }
+
+    /// Waits until a record at or after `from` exists on `partition`, or `timeout` passes.
+    /// Returns whether one does. (A Kafka long poll, not a sleep.)
+    pub async fn wait_for_records(
+        self: &Arc<Self>,
+        partition: i32,
+        from: i64,
+        timeout: Duration,
+    ) -> Result<bool, ReadError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let consumer = this.consumer()?;
+            let result = (|| {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&this.topic, partition, Offset::Offset(from))
+                    .map_err(|e| ReadError::Kafka(e.to_string()))?;
+                consumer
+                    .assign(&tpl)
+                    .map_err(|e| ReadError::Kafka(e.to_string()))?;
+                let deadline = Instant::now() + timeout;
+                while Instant::now() < deadline {
+                    match consumer.poll(
+                        deadline
+                            .saturating_duration_since(Instant::now())
+                            .min(Duration::from_millis(500)),
+                    ) {
+                        Some(Ok(_)) => return Ok(true),
+                        Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+                        Some(Err(e)) => return Err(ReadError::Kafka(e.to_string())),
+                    }
+                }
+                Ok(false)
+            })();
+            this.give_back(consumer);
+            result
+        })
+        .await
+        .map_err(|e| ReadError::Kafka(e.to_string()))?
+    }
+
+    async fn block(
+        self: &Arc<Self>,
+        partition: i32,
+        index: i64,
+        high: i64,
+        low: i64,
+    ) -> Result<Arc<Block>, ReadError> {
+        let start = index * BLOCK;
+        let want_end = (start + BLOCK).min(high);
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(partition, index));
+        if let Some(b) = &cached
+            && b.end >= want_end
+        {
+            return Ok(b.clone());
+        }
+        // Fetch what is missing: the whole block, or the tail of a partial one.
+        let from = cached.as_ref().map(|b| b.end).unwrap_or(start).max(low);
+        let this = self.clone();
+        let fetched = tokio::task::spawn_blocking(move || this.fetch(partition, from, want_end))
+            .await
+            .map_err(|e| ReadError::Kafka(e.to_string()))??;
+        let mut records = cached.map(|b| b.records.clone()).unwrap_or_default();
+        records.extend(fetched);
+        let bytes = records.iter().map(|r| r.value.len() + 160).sum();
+        let block = Arc::new(Block {
+            records,
+            end: want_end,
+            bytes,
+        });
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put((partition, index), block.clone());
+        Ok(block)
+    }
+
+    /// Reads records `[from, to)` of a partition (blocking).
+    fn fetch(&self, partition: i32, from: i64, to: i64) -> Result<Vec<LogRecord>, ReadError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let consumer = self.consumer()?;
+        let result = (|| {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&self.topic, partition, Offset::Offset(from))
+                .map_err(|e| ReadError::Kafka(e.to_string()))?;
+            consumer
+                .assign(&tpl)
+                .map_err(|e| ReadError::Kafka(e.to_string()))?;
+            let mut out = Vec::with_capacity((to - from) as usize);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if Instant::now() > deadline {
+                    return Err(ReadError::Kafka(format!(
+                        "timed out reading offsets {from}..{to} of partition {partition}"
+                    )));
+                }
+                match consumer.poll(Duration::from_millis(500)) {
+                    Some(Ok(m)) => {
+                        if m.offset() >= to {
+                            break;
+                        }
+                        let headers: Vec<(&str, Option<&[u8]>)> = m
+                            .headers()
+                            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+                            .unwrap_or_default();
+                        out.push(LogRecord {
+                            offset: m.offset(),
+                            meta: decode_meta(m.key(), &headers).ok(),
+                            value: m.payload().unwrap_or_default().to_vec(),
+                        });
+                        if m.offset() + 1 >= to {
+                            break;
+                        }
+                    }
+                    Some(Err(KafkaError::PartitionEOF(_))) => break,
+                    Some(Err(e))
+                        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OffsetOutOfRange) =>
+                    {
+                        return Err(ReadError::Expired {
+                            offset: from,
+                            earliest: -1,
+                        });
+                    }
+                    Some(Err(e)) => return Err(ReadError::Kafka(e.to_string())),
+                    None => {}
+                }
+            }
+            Ok(out)
+        })();
+        self.give_back(consumer);
+        result
+    }
+
+    /// Up to `limit` matching lines from `start` toward newer offsets. Returns the lines
+    /// and the offset to continue from.
+    pub async fn forward(
+        self: &Arc<Self>,
+        partition: i32,
+        start: i64,
+        range: ScanRange,
+        filter: &LineFilter,
+        limit: usize,
+        low_watermark: i64,
+    ) -> Result<(Vec<LogRecord>, i64), ReadError> {
+        let mut pos = start.max(range.low);
+        let mut lines = Vec::new();
+        'scan: while lines.len() < limit && pos < range.high {
+            if let Some((a, b)) = range.skip
+                && pos >= a
+                && pos < b
+            {
+                pos = b;
+                continue;
+            }
+            let block = self
+                .block(partition, pos / BLOCK, range.high, low_watermark)
+                .await?;
+            for r in block.records.iter().filter(|r| r.offset >= pos) {
+                if filter.matches(r) {
+                    lines.push(r.clone());
+                    if lines.len() == limit {
+                        pos = r.offset + 1;
+                        break 'scan;
+                    }
+                }
+            }
+            if block.end <= pos {
+                break;
+            }
+            pos = block.end;
+        }
+        Ok((lines, pos.min(range.high.max(start))))
+    }
+
+    /// Up to `limit` matching lines before `before` (exclusive), oldest first. Returns
+    /// the lines and the exclusive bound to continue backward from.
+    pub async fn backward(
+        self: &Arc<Self>,
+        partition: i32,
+        before: i64,
+        range: ScanRange,
+        filter: &LineFilter,
+        limit: usize,
+        low_watermark: i64,
+    ) -> Result<(Vec<LogRecord>, i64), ReadError> {
+        let mut pos = before.min(range.high);
+        let mut lines = Vec::new();
+        'scan: while lines.len() < limit && pos > range.low {
+            if let Some((a, b)) = range.skip
+                && pos > a
+                && pos <= b
+            {
+                pos = a;
+                continue;
+            }
+            let index = (pos - 1) / BLOCK;
+            let block = self
+                .block(partition, index, range.high, low_watermark)
+                .await?;
+            for r in block
+                .records
+                .iter()
+                .rev()
+                .filter(|r| r.offset < pos && r.offset >= range.low)
+            {
+                if filter.matches(r) {
+                    lines.push(r.clone());
+                    if lines.len() == limit {
+                        pos = r.offset;
+                        break 'scan;
+                    }
+                }
+            }
+            pos = (index * BLOCK).max(range.low);
+        }
+        lines.reverse();
+        Ok((lines, pos))
+    }
+}
