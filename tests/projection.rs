@@ -115,3 +115,41 @@ async fn projector_refuses_a_log_that_is_not_the_one_it_applied() {
     // Nothing was touched.
     assert_eq!(s.db.count("SELECT count(*) FROM tasks").await, 50);
 }
+
+/// The embedded broker keeps at most 5 MiB per partition and deletes older batches. A
+/// projector whose unapplied events were deleted must stop and say so, never skip them.
+#[tokio::test(flavor = "multi_thread")]
+async fn projector_refuses_to_skip_events_deleted_from_the_log() {
+    let mut s = Stack::start().await;
+    let (_, body) = s.post("/v1/tasks", &json!({"shell": "true"})).await;
+    let partition = body["event"]["partition"].as_i64().unwrap() as i32;
+    s.wait_projected(1).await;
+    s.projector.kill();
+    // An event the projector has not applied, then enough data to push it off the log.
+    s.post(
+        "/v1/tasks",
+        &json!({"shell": "true", "idempotency_key": "lost"}),
+    )
+    .await;
+    s.broker
+        .flood(&s.broker.events_topic(), partition, 80, 100_000)
+        .await;
+    let (low, _) = s.broker.watermarks(&s.broker.events_topic(), partition);
+    assert!(
+        low > 1,
+        "the broker deleted old batches (low watermark {low})"
+    );
+
+    let child = role(&s.broker, &s.db, &["projector"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn projector");
+    let mut p = common::Proc::wrap(child, "projector");
+    assert!(
+        exits_within(&mut p, Duration::from_secs(60)).await,
+        "the projector must refuse, not skip"
+    );
+    let (code, stderr) = p.finish();
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("gone from the log"), "{stderr}");
+}

@@ -287,6 +287,28 @@ fn parse_query(
     })
 }
 
+/// What is wrong with a well-formed cursor of the right task.
+#[derive(Debug, PartialEq, Eq)]
+enum CursorProblem {
+    /// It points into another partition than the task's log.
+    WrongPartition,
+    /// Its lines were deleted by retention; `earliest` is the first offset kept.
+    Expired { earliest: i64 },
+}
+
+/// Checks a cursor against where the task's log is now. Pure.
+fn check_cursor(cursor: &Cursor, partition: i32, low_watermark: i64) -> Result<(), CursorProblem> {
+    if cursor.partition != partition {
+        return Err(CursorProblem::WrongPartition);
+    }
+    if cursor.offset < low_watermark {
+        return Err(CursorProblem::Expired {
+            earliest: low_watermark,
+        });
+    }
+    Ok(())
+}
+
 /// One page of lines.
 struct Page {
     lines: Vec<LogRecord>,
@@ -315,22 +337,25 @@ async fn read_page(
         direction,
     };
     if let Some(c) = q.cursor {
-        if c.partition != at.partition {
-            return Err(ApiError::bad_request(
-                "invalid_cursor",
-                "the cursor does not point into this task's log",
-            ));
-        }
-        if c.offset < at.low_watermark {
-            return Err(read_error(
-                ReadError::Expired {
-                    offset: c.offset,
-                    earliest: at.low_watermark,
-                },
-                state,
-                task_id,
-                at.partition,
-            ));
+        match check_cursor(&c, at.partition, at.low_watermark) {
+            Ok(()) => {}
+            Err(CursorProblem::WrongPartition) => {
+                return Err(ApiError::bad_request(
+                    "invalid_cursor",
+                    "the cursor does not point into this task's log",
+                ));
+            }
+            Err(CursorProblem::Expired { earliest }) => {
+                return Err(read_error(
+                    ReadError::Expired {
+                        offset: c.offset,
+                        earliest,
+                    },
+                    state,
+                    task_id,
+                    at.partition,
+                ));
+            }
         }
     }
     let err = |e| read_error(e, state, task_id, at.partition);
@@ -626,4 +651,62 @@ pub async fn post_logs(
         p.await?;
     }
     Ok((StatusCode::ACCEPTED, Json(json!({"task_id": task_id, "attempt": attempt, "appended": appended, "dropped": dropped, "first_line": first, "last_line": last}))).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cursor(partition: i32, offset: i64) -> Cursor {
+        Cursor {
+            task_id: Uuid::nil(),
+            partition,
+            offset,
+            direction: Direction::Forward,
+        }
+    }
+
+    #[test]
+    fn cursors_below_the_retained_log_are_expired() {
+        assert_eq!(check_cursor(&cursor(3, 100), 3, 0), Ok(()));
+        assert_eq!(check_cursor(&cursor(3, 100), 3, 100), Ok(()));
+        assert_eq!(
+            check_cursor(&cursor(3, 99), 3, 100),
+            Err(CursorProblem::Expired { earliest: 100 })
+        );
+        assert_eq!(
+            check_cursor(&cursor(2, 100), 3, 0),
+            Err(CursorProblem::WrongPartition)
+        );
+    }
+
+    #[test]
+    fn an_expired_cursor_error_carries_the_earliest_valid_cursor() {
+        let e = ApiError::new(StatusCode::GONE, "cursor_expired", "gone")
+            .with_detail("earliest_cursor", json!("abc"));
+        let body = e.body();
+        assert_eq!(body["error"]["code"], "cursor_expired");
+        assert_eq!(body["error"]["earliest_cursor"], "abc");
+    }
+
+    #[test]
+    fn non_utf8_lines_come_back_with_their_exact_bytes() {
+        let record = LogRecord {
+            offset: 1,
+            meta: None,
+            value: vec![0xff, b'a', 0xfe],
+        };
+        let v = line_json(&record);
+        assert_eq!(
+            STANDARD.decode(v["bytes"].as_str().unwrap()).unwrap(),
+            vec![0xff, b'a', 0xfe]
+        );
+        assert!(v["text"].as_str().unwrap().contains('a'));
+        let record = LogRecord {
+            offset: 1,
+            meta: None,
+            value: b"plain".to_vec(),
+        };
+        assert!(line_json(&record).get("bytes").is_none());
+    }
 }

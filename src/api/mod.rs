@@ -22,6 +22,7 @@ use axum::routing::{get, post};
 use tokio::sync::watch;
 
 pub use error::ApiError;
+pub use tasks::task_id_for_key;
 
 use crate::kafka::{Appender, Topics};
 use crate::logs::reader::LogReader;

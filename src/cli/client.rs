@@ -5,7 +5,7 @@ use std::io::Read;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use super::{ApiArgs, CancelArgs, EventsArgs, GetArgs, LsArgs, SubmitArgs};
+use super::{ApiArgs, CancelArgs, EventsArgs, GetArgs, LogsArgs, LsArgs, SubmitArgs};
 
 /// A thin JSON client for the API.
 pub struct ApiClient {
@@ -197,4 +197,52 @@ pub(super) async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
         None => println!("{} cancel requested", args.id),
     }
     Ok(())
+}
+
+pub(super) async fn logs(args: LogsArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let client = ApiClient::new(&args.api)?;
+    let url = client.url(&format!("/v1/tasks/{}/logs", args.id));
+    let mut cursor: Option<String> = None;
+    let mut first = true;
+    let stdout = std::io::stdout();
+    loop {
+        let mut query: Vec<(&str, String)> = vec![("limit", "5000".into())];
+        if let Some(c) = &cursor {
+            query.push(("cursor", c.clone()));
+        } else if let (true, Some(n)) = (first, args.tail) {
+            query.push(("tail", n.to_string()));
+        }
+        if let Some(a) = args.attempt {
+            query.push(("attempt", a.to_string()));
+        }
+        if let Some(s) = &args.stream {
+            query.push(("stream", s.clone()));
+        }
+        if args.follow {
+            query.push(("follow", "true".into()));
+            query.push(("wait_ms", "10000".into()));
+        }
+        first = false;
+        let page = client.call(client.http.get(&url).query(&query)).await?;
+        let lines = page["lines"].as_array().cloned().unwrap_or_default();
+        {
+            let mut out = stdout.lock();
+            for line in &lines {
+                if args.json {
+                    writeln!(out, "{line}")?;
+                } else if line["continued"] == Value::Bool(true) {
+                    write!(out, "{}", line["text"].as_str().unwrap_or(""))?;
+                } else {
+                    writeln!(out, "{}", line["text"].as_str().unwrap_or(""))?;
+                }
+            }
+            out.flush()?;
+        }
+        cursor = page["next_cursor"].as_str().map(str::to_string);
+        let complete = page["complete"].as_bool().unwrap_or(false);
+        if complete || cursor.is_none() || (!args.follow && lines.is_empty()) {
+            return Ok(());
+        }
+    }
 }

@@ -41,6 +41,8 @@ enum Command {
     Events(EventsArgs),
     /// Cancel a task.
     Cancel(CancelArgs),
+    /// Print a task's log lines (from Kafka, paged by offset cursors).
+    Logs(LogsArgs),
     /// Benchmarks that print their figures beside raw Kafka and Postgres baselines.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -226,6 +228,29 @@ struct CancelArgs {
     api: ApiArgs,
 }
 
+#[derive(Debug, Args)]
+struct LogsArgs {
+    /// Task id.
+    id: String,
+    /// Keep printing new lines until the task ends.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// Start with the last N lines.
+    #[arg(long)]
+    tail: Option<usize>,
+    /// Only this attempt.
+    #[arg(long)]
+    attempt: Option<u32>,
+    /// Only this stream (stdout, stderr).
+    #[arg(long)]
+    stream: Option<String>,
+    /// Print JSON lines (with offsets and line numbers) instead of the text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Submission and projection throughput and latency.
@@ -245,6 +270,7 @@ pub async fn run() -> i32 {
         Command::Ls(a) => client::ls(a).await,
         Command::Events(a) => client::events(a).await,
         Command::Cancel(a) => client::cancel(a).await,
+        Command::Logs(a) => client::logs(a).await,
         Command::Bench(BenchCommand::Submit(a)) => crate::bench::submit(a).await,
     };
     match result {

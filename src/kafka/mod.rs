@@ -178,6 +178,9 @@ pub fn producer_config(options: &AppenderOptions) -> ClientConfig {
         )
         .set("socket.connection.setup.timeout.ms", "5000")
         .set("queue.buffering.max.messages", "1000000")
+        // Batches compress well (repeated headers and keys). It also matters to the
+        // embedded broker, which keeps at most 5 MiB of batches per partition.
+        .set("compression.type", "lz4")
         // Same partition for the same key as Java clients and Kafka Streams.
         .set("partitioner", "murmur2_random");
     config

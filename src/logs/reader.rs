@@ -235,41 +235,55 @@ impl LogReader {
     ) -> Result<Arc<Block>, ReadError> {
         let start = index * BLOCK;
         let want_end = (start + BLOCK).min(high);
-        let cached = self
+        let mut block = self
             .cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&(partition, index));
-        if let Some(b) = &cached
-            && b.end >= want_end
-        {
-            return Ok(b.clone());
+        // Fetch what is missing — the whole block, or the tail of a partial one — until
+        // the block reaches `want_end` (a read can stop early on a stale end-of-partition).
+        for _ in 0..5 {
+            if let Some(b) = &block
+                && b.end >= want_end
+            {
+                return Ok(b.clone());
+            }
+            let from = block.as_ref().map(|b| b.end).unwrap_or(start).max(low);
+            let this = self.clone();
+            let (fetched, covered) =
+                tokio::task::spawn_blocking(move || this.fetch(partition, from, want_end))
+                    .await
+                    .map_err(|e| ReadError::Kafka(e.to_string()))??;
+            let mut records = block.map(|b| b.records.clone()).unwrap_or_default();
+            records.extend(fetched);
+            let bytes = records.iter().map(|r| r.value.len() + 160).sum();
+            let fresh = Arc::new(Block {
+                records,
+                end: covered.max(from),
+                bytes,
+            });
+            self.cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .put((partition, index), fresh.clone());
+            block = Some(fresh);
         }
-        // Fetch what is missing: the whole block, or the tail of a partial one.
-        let from = cached.as_ref().map(|b| b.end).unwrap_or(start).max(low);
-        let this = self.clone();
-        let fetched = tokio::task::spawn_blocking(move || this.fetch(partition, from, want_end))
-            .await
-            .map_err(|e| ReadError::Kafka(e.to_string()))??;
-        let mut records = cached.map(|b| b.records.clone()).unwrap_or_default();
-        records.extend(fetched);
-        let bytes = records.iter().map(|r| r.value.len() + 160).sum();
-        let block = Arc::new(Block {
-            records,
-            end: want_end,
-            bytes,
-        });
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put((partition, index), block.clone());
-        Ok(block)
+        Err(ReadError::Kafka(format!(
+            "could not read offsets up to {want_end} of partition {partition}"
+        )))
     }
 
-    /// Reads records `[from, to)` of a partition (blocking).
-    fn fetch(&self, partition: i32, from: i64, to: i64) -> Result<Vec<LogRecord>, ReadError> {
+    /// Reads records `[from, to)` of a partition (blocking). Returns them and the first
+    /// offset *not* covered: `to`, or less when the read stopped early. A block never
+    /// claims offsets it did not read.
+    fn fetch(
+        &self,
+        partition: i32,
+        from: i64,
+        to: i64,
+    ) -> Result<(Vec<LogRecord>, i64), ReadError> {
         if from >= to {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), from));
         }
         let consumer = self.consumer()?;
         let result = (|| {
@@ -280,8 +294,9 @@ impl LogReader {
                 .assign(&tpl)
                 .map_err(|e| ReadError::Kafka(e.to_string()))?;
             let mut out = Vec::with_capacity((to - from) as usize);
+            let mut covered = from;
             let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
+            while covered < to {
                 if Instant::now() > deadline {
                     return Err(ReadError::Kafka(format!(
                         "timed out reading offsets {from}..{to} of partition {partition}"
@@ -289,7 +304,15 @@ impl LogReader {
                 }
                 match consumer.poll(Duration::from_millis(500)) {
                     Some(Ok(m)) => {
+                        // A pooled consumer may still hold records of an earlier assignment.
+                        if m.partition() != partition
+                            || m.topic() != self.topic
+                            || m.offset() < covered
+                        {
+                            continue;
+                        }
                         if m.offset() >= to {
+                            covered = to;
                             break;
                         }
                         let headers: Vec<(&str, Option<&[u8]>)> = m
@@ -301,11 +324,14 @@ impl LogReader {
                             meta: decode_meta(m.key(), &headers).ok(),
                             value: m.payload().unwrap_or_default().to_vec(),
                         });
-                        if m.offset() + 1 >= to {
-                            break;
-                        }
+                        covered = m.offset() + 1;
                     }
-                    Some(Err(KafkaError::PartitionEOF(_))) => break,
+                    // End of the partition as the fetcher knows it (possibly stale): what
+                    // was read so far is all this call covers.
+                    Some(Err(KafkaError::PartitionEOF(p))) if p == partition && !out.is_empty() => {
+                        break;
+                    }
+                    Some(Err(KafkaError::PartitionEOF(_))) => {}
                     Some(Err(e))
                         if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OffsetOutOfRange) =>
                     {
@@ -318,7 +344,7 @@ impl LogReader {
                     None => {}
                 }
             }
-            Ok(out)
+            Ok((out, covered))
         })();
         self.give_back(consumer);
         result
@@ -348,7 +374,9 @@ impl LogReader {
             let block = self
                 .block(partition, pos / BLOCK, range.high, low_watermark)
                 .await?;
-            for r in block.records.iter().filter(|r| r.offset >= pos) {
+            // Records are in offset order: start at `pos` directly.
+            let from = block.records.partition_point(|r| r.offset < pos);
+            for r in &block.records[from..] {
                 if filter.matches(r) {
                     lines.push(r.clone());
                     if lines.len() == limit {
@@ -390,11 +418,11 @@ impl LogReader {
             let block = self
                 .block(partition, index, range.high, low_watermark)
                 .await?;
-            for r in block
-                .records
+            let upto = block.records.partition_point(|r| r.offset < pos);
+            for r in block.records[..upto]
                 .iter()
                 .rev()
-                .filter(|r| r.offset < pos && r.offset >= range.low)
+                .take_while(|r| r.offset >= range.low)
             {
                 if filter.matches(r) {
                     lines.push(r.clone());

@@ -142,6 +142,9 @@ pub struct ProjectorOptions {
     pub linger: Duration,
     /// Consumer group session timeout: how soon a dead projector's partitions move.
     pub session_timeout: Duration,
+    /// Whether records deleted from the log before they were applied are an error (the
+    /// events topic: the log is the truth) or retention (the logs topic).
+    pub truncation_is_fatal: bool,
 }
 
 impl ProjectorOptions {
@@ -149,6 +152,7 @@ impl ProjectorOptions {
     pub fn for_logs(&self) -> ProjectorOptions {
         let mut logs = self.clone();
         logs.topic = self.topics.logs.clone();
+        logs.truncation_is_fatal = false;
         logs.group_id = if self.group_id == DEFAULT_GROUP {
             crate::logs::index::DEFAULT_GROUP.to_string()
         } else {
@@ -167,6 +171,7 @@ impl ProjectorOptions {
             max_batch: 5000,
             linger: Duration::from_millis(5),
             session_timeout: Duration::from_secs(10),
+            truncation_is_fatal: true,
         }
     }
 }
@@ -183,6 +188,18 @@ pub enum ProjectorError {
     /// Postgres failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Records the projection had not applied were deleted from the log.
+    #[error(
+        "records of {topic} that the projection had not applied are gone from the log{detail}. \
+         Nothing was applied out of order, but the projection cannot be completed from this log. \
+         (The embedded development broker keeps at most 5 MiB per partition; use Apache Kafka for a durable log.)"
+    )]
+    LogTruncated {
+        /// Topic.
+        topic: String,
+        /// Where, when known.
+        detail: String,
+    },
     /// Stored offsets are past the end of the log: this is not the log the projection
     /// was built from.
     #[error(
@@ -305,14 +322,20 @@ pub async fn check_log_matches(
     store: &Store,
     brokers: &str,
     topic: &str,
+    truncation_is_fatal: bool,
 ) -> Result<(), ProjectorError> {
     let stored = store.projection_offsets(topic).await?;
     let marks = kafka::watermarks(brokers, topic).await?;
     for (partition, next) in stored {
-        let high = marks
-            .get(partition as usize)
-            .map(|(_, high)| *high)
-            .unwrap_or(0);
+        let (low, high) = marks.get(partition as usize).copied().unwrap_or((0, 0));
+        if truncation_is_fatal && next < low {
+            return Err(ProjectorError::LogTruncated {
+                topic: topic.to_string(),
+                detail: format!(
+                    ": partition {partition} now starts at offset {low}, but the projection has applied only up to {next}"
+                ),
+            });
+        }
         if next > high {
             return Err(ProjectorError::DivergedLog {
                 topic: topic.to_string(),
@@ -399,7 +422,13 @@ pub async fn run_projection<P: Projection>(
         projection::init_offsets(&tx, &topic, partitions).await?;
         tx.commit().await.map_err(crate::store::ctx("commit"))?;
     }
-    check_log_matches(&store, &options.brokers, &topic).await?;
+    check_log_matches(
+        &store,
+        &options.brokers,
+        &topic,
+        options.truncation_is_fatal,
+    )
+    .await?;
 
     let shared = Arc::new(Shared {
         store: store.clone(),
@@ -411,7 +440,16 @@ pub async fn run_projection<P: Projection>(
         .set("group.id", &options.group_id)
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
+        // Offsets come from Postgres. One that is no longer on the log means records were
+        // deleted before they were applied: fatal for events, retention for logs.
+        .set(
+            "auto.offset.reset",
+            if options.truncation_is_fatal {
+                "error"
+            } else {
+                "earliest"
+            },
+        )
         .set("isolation.level", "read_committed")
         .set(
             "session.timeout.ms",
@@ -442,7 +480,8 @@ pub async fn run_projection<P: Projection>(
     // one to Postgres. After a failure or a skip the loop asks it to rewind: it then
     // seeks every assigned partition back to the offsets committed in Postgres and
     // starts a new epoch; batches of older epochs are dropped unapplied.
-    let (batches_tx, mut batches) = mpsc::channel::<DecodedBatch<P::Decoded>>(1);
+    let (batches_tx, mut batches) =
+        mpsc::channel::<Result<DecodedBatch<P::Decoded>, ProjectorError>>(1);
     let (rewind_tx, rewinds) = mpsc::unbounded_channel::<()>();
     let reader = tokio::spawn(read_batches::<P>(
         consumer.clone(),
@@ -459,7 +498,11 @@ pub async fn run_projection<P: Projection>(
         let batch = tokio::select! {
             _ = &mut shutdown => break,
             batch = batches.recv() => match batch {
-                Some(b) => b,
+                Some(Ok(b)) => b,
+                Some(Err(e)) => {
+                    reader.abort();
+                    return Err(e);
+                }
                 None => break,
             },
         };
@@ -510,7 +553,7 @@ async fn read_batches<P: Projection>(
     shared: Arc<Shared>,
     max: usize,
     linger: Duration,
-    batches: mpsc::Sender<DecodedBatch<P::Decoded>>,
+    batches: mpsc::Sender<Result<DecodedBatch<P::Decoded>, ProjectorError>>,
     mut rewinds: mpsc::UnboundedReceiver<()>,
 ) {
     let mut epoch = 0u64;
@@ -524,7 +567,14 @@ async fn read_batches<P: Projection>(
                 epoch += 1;
                 rewind_to_committed(&consumer, &shared);
             }
-            messages = next_batch(&consumer, max, linger) => {
+            messages = next_batch(&consumer, &shared.topic, max, linger) => {
+                let messages = match messages {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = batches.send(Err(e)).await;
+                        return;
+                    }
+                };
                 let received = Instant::now();
                 let records: Vec<Record<P::Decoded>> = messages
                     .into_iter()
@@ -534,7 +584,7 @@ async fn read_batches<P: Projection>(
                     })
                     .collect();
                 let batch = DecodedBatch { epoch, records, decode_time: received.elapsed() };
-                if batches.send(batch).await.is_err() {
+                if batches.send(Ok(batch)).await.is_err() {
                     return;
                 }
             }
@@ -564,18 +614,29 @@ fn rewind_to_committed(consumer: &StreamConsumer<ProjectorContext>, shared: &Sha
     }
 }
 
-/// Waits for one record, then takes whatever else arrives within `linger`.
+/// Waits for one record, then takes whatever else arrives within `linger`. Fails only
+/// when the log lost records (with `auto.offset.reset=error`).
 async fn next_batch(
     consumer: &StreamConsumer<ProjectorContext>,
+    topic: &str,
     max: usize,
     linger: Duration,
-) -> Vec<OwnedMessage> {
+) -> Result<Vec<OwnedMessage>, ProjectorError> {
+    let truncated = |e: &rdkafka::error::KafkaError| {
+        e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange)
+    };
     let mut batch = Vec::new();
     loop {
         match consumer.recv().await {
             Ok(m) => {
                 batch.push(m.detach());
                 break;
+            }
+            Err(e) if truncated(&e) => {
+                return Err(ProjectorError::LogTruncated {
+                    topic: topic.to_string(),
+                    detail: String::new(),
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "consumer error");
@@ -587,11 +648,17 @@ async fn next_batch(
     while batch.len() < max {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
             Ok(Ok(m)) => batch.push(m.detach()),
+            Ok(Err(e)) if truncated(&e) => {
+                return Err(ProjectorError::LogTruncated {
+                    topic: topic.to_string(),
+                    detail: String::new(),
+                });
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
             Err(_) => break,
         }
     }
-    batch
+    Ok(batch)
 }
 
 /// The write loop's state.

@@ -228,6 +228,38 @@ impl Broker {
         (d.partition, d.offset)
     }
 
+    /// Produces `count` records of `size` random (incompressible) bytes to one partition.
+    pub async fn flood(&self, topic: &str, partition: i32, count: usize, size: usize) {
+        let producer = self.producer();
+        for _ in 0..count {
+            let payload: Vec<u8> = (0..size.div_ceil(16))
+                .flat_map(|_| *uuid::Uuid::new_v4().as_bytes())
+                .take(size)
+                .collect();
+            producer
+                .send(
+                    FutureRecord::<(), _>::to(topic)
+                        .partition(partition)
+                        .payload(&payload),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .expect("produce");
+        }
+    }
+
+    /// Low and high watermarks of a partition.
+    pub fn watermarks(&self, topic: &str, partition: i32) -> (i64, i64) {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .create()
+            .expect("consumer");
+        consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .expect("watermarks")
+    }
+
     /// Every record of `topic` from offset 0 to the current end: (partition, offset, headers, value).
     pub fn read_all(&self, topic: &str) -> Vec<Record> {
         let consumer: BaseConsumer = ClientConfig::new()
