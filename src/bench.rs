@@ -388,3 +388,277 @@ async fn raw_insert(
     }
     Ok(started.elapsed())
 }
+
+/// Arguments of `tasklog bench logs`.
+#[derive(Debug, Clone, Args)]
+pub struct LogsBenchArgs {
+    /// Lines in the task's log. The embedded broker keeps at most 5 MiB of (compressed)
+    /// batches per partition, which holds about 200,000 short lines of one task; use
+    /// `--kafka-brokers` with a real cluster for larger logs.
+    #[arg(long, default_value_t = 200_000)]
+    pub lines: usize,
+    /// Random 1000-line pages for the latency figures.
+    #[arg(long, default_value_t = 300)]
+    pub pages: usize,
+    /// Use this Kafka cluster instead of an embedded broker.
+    #[arg(long = "kafka-brokers")]
+    pub brokers: Option<String>,
+    /// Postgres server (a scratch database is created and dropped).
+    #[arg(long, env = "TASKLOG_DATABASE_URL", default_value = store::DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+}
+
+/// Runs the logs benchmark and prints its figures.
+pub async fn logs(args: LogsBenchArgs) -> anyhow::Result<()> {
+    let run = Uuid::new_v4().simple().to_string()[..8].to_string();
+    let topics = Topics::with_prefix(&format!("benchlogs_{run}"));
+    let raw_topic = format!("benchlogs_{run}.raw");
+    let mut _embedded = None;
+    let brokers = match &args.brokers {
+        Some(b) => {
+            let mut all = topics.all();
+            all.push(kafka::TopicSpec {
+                name: raw_topic.clone(),
+                retention_ms: 3_600_000,
+            });
+            kafka::ensure_topics(b, &all, 12).await?;
+            b.clone()
+        }
+        None => {
+            let broker = DevBroker::start(&DevBrokerOptions {
+                listen: "127.0.0.1:0".parse()?,
+                partitions: 12,
+                topics: topics
+                    .all()
+                    .into_iter()
+                    .map(|t| t.name)
+                    .chain([raw_topic.clone()])
+                    .collect(),
+            })
+            .await?;
+            let addr = broker.addr().to_string();
+            _embedded = Some(broker);
+            addr
+        }
+    };
+    let base = args
+        .database_url
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .unwrap_or(&args.database_url);
+    let db_name = format!("tasklog_bench_{run}");
+    let url = format!("{base}/{db_name}");
+    store::ensure_database(&url).await?;
+    let result = run_logs(&args, &brokers, &topics, &raw_topic, &url).await;
+    drop_database(&args.database_url, &db_name).await;
+    result
+}
+
+async fn run_logs(
+    args: &LogsBenchArgs,
+    brokers: &str,
+    topics: &Topics,
+    raw_topic: &str,
+    url: &str,
+) -> anyhow::Result<()> {
+    use crate::logs::{Cursor, Direction, LogWriter, LogWriterOptions, Stream};
+    let store = Store::connect(url, 16)?;
+    store.migrate().await?;
+    let n = args.lines;
+    println!("tasklog bench logs: one task, {n} lines, broker {brokers}");
+    let appender = Appender::new(&AppenderOptions::new(brokers))?;
+    let line = |i: usize| {
+        format!(
+            "epoch 3 step {i:>9} loss 0.{:06} lr 3e-4",
+            (i * 7919) % 1_000_000
+        )
+    };
+
+    // Baseline: the same records (same headers, key and values) straight to Kafka.
+    let raw_writer = LogWriter::new(appender.clone(), LogWriterOptions::new(raw_topic));
+    let raw_task = Uuid::now_v7();
+    let started = Instant::now();
+    let pending: Vec<_> = (0..n)
+        .map(|i| {
+            raw_writer
+                .write(raw_task, 1, Stream::Stdout, line(i).as_bytes(), None, None)
+                .1
+        })
+        .collect();
+    for p in pending {
+        p.await?;
+    }
+    let raw = started.elapsed();
+
+    // The system: API + projections in process.
+    let state = AppState::new(
+        store.clone(),
+        appender.clone(),
+        ApiOptions::new(brokers, topics.clone(), 12),
+        crate::logs::CursorKey::new(store.cursor_key().await?),
+    );
+    let listener = api::bind("127.0.0.1:0".parse()?).await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut server_stop = stopped.clone();
+    let server = tokio::spawn(api::serve(listener, state.clone(), async move {
+        let _ = server_stop.wait_for(|s| *s).await;
+    }));
+    let mut projector_stop = stopped.clone();
+    let projector = tokio::spawn(projector::run_all(
+        ProjectorOptions::new(brokers, topics.clone()),
+        store.clone(),
+        async move {
+            let _ = projector_stop.wait_for(|s| *s).await;
+        },
+    ));
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::new();
+    let task: Value = http
+        .post(format!("{base}/v1/tasks"))
+        .json(&json!({"shell": "python3 train.py"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = Uuid::parse_str(task["id"].as_str().unwrap_or_default())?;
+    let _: Value = http
+        .get(format!("{base}/v1/tasks/{id}?wait_ms=30000"))
+        .send()
+        .await?
+        .json()
+        .await?;
+
+    // Ingest, end to end: written -> acknowledged -> indexed (readable with bounds).
+    let writer = LogWriter::new(appender.clone(), LogWriterOptions::new(&topics.logs));
+    let started = Instant::now();
+    let pending: Vec<_> = (0..n)
+        .map(|i| {
+            writer
+                .write(id, 1, Stream::Stdout, line(i).as_bytes(), None, None)
+                .1
+        })
+        .collect();
+    for p in pending {
+        p.await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let row = loop {
+        if let Some(r) = store.log_index(id).await?.first().copied()
+            && r.lines as usize >= n
+        {
+            break r;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "indexing did not finish in 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let ingest = started.elapsed();
+
+    // The embedded broker keeps at most 5 MiB per partition: measure reads over what it
+    // retained, and say so.
+    let (low, _) = state.log_reader.watermarks(row.partition).await?;
+    let first = row.first_offset.max(low);
+    let retained = (row.last_offset + 1 - first) as usize;
+    if first > row.first_offset {
+        println!(
+            "note: the broker retained the last {retained} of {n} lines (the embedded broker keeps 5 MiB per partition); reads are measured over those"
+        );
+    }
+
+    // Random 1000-line pages.
+    let span = (row.last_offset - first - 1000).max(1);
+    let mut latencies = Vec::with_capacity(args.pages);
+    for i in 0..args.pages {
+        let offset = first + ((i as i64 * 7_919_993) % span);
+        let cursor = state.cursor_key.encode(&Cursor {
+            task_id: id,
+            partition: row.partition,
+            offset,
+            direction: Direction::Forward,
+        });
+        let t = Instant::now();
+        let page: Value = http
+            .get(format!("{base}/v1/tasks/{id}/logs"))
+            .query(&[("cursor", cursor.as_str()), ("limit", "1000")])
+            .send()
+            .await?
+            .json()
+            .await?;
+        latencies.push(t.elapsed());
+        anyhow::ensure!(
+            page["lines"].as_array().map(Vec::len) == Some(1000),
+            "a page came back short: {page}"
+        );
+    }
+    latencies.sort();
+
+    // The whole (retained) log through cursors.
+    let started = Instant::now();
+    let mut read = 0usize;
+    let mut cursor: Option<String> = Some(state.cursor_key.encode(&Cursor {
+        task_id: id,
+        partition: row.partition,
+        offset: first,
+        direction: Direction::Forward,
+    }));
+    loop {
+        let mut req = http
+            .get(format!("{base}/v1/tasks/{id}/logs"))
+            .query(&[("limit", "5000")]);
+        if let Some(c) = &cursor {
+            req = req.query(&[("cursor", c)]);
+        }
+        let page: Value = req.send().await?.json().await?;
+        let got = page["lines"].as_array().map(Vec::len).unwrap_or(0);
+        read += got;
+        match page["next_cursor"].as_str() {
+            Some(c) if got > 0 => cursor = Some(c.to_string()),
+            _ => break,
+        }
+    }
+    let full_read = started.elapsed();
+    let _ = stop.send(true);
+    let _ = projector.await;
+    let _ = server.await;
+    anyhow::ensure!(
+        read == retained,
+        "read {read} of {retained} retained lines back"
+    );
+
+    let rate = |count: usize, d: Duration| count as f64 / d.as_secs_f64().max(1e-9);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!();
+    println!("{:<44} {:>14}   aim / baseline", "measure", "result");
+    println!(
+        "{:<44} {:>10.0} /s   raw produce, same records and settings: {:.0} /s (ratio {:.2}; aim >= 100000 /s and >= 0.7)",
+        "ingest, written -> indexed",
+        rate(n, ingest),
+        rate(n, raw),
+        raw.as_secs_f64() / ingest.as_secs_f64()
+    );
+    println!(
+        "{:<44} {:>11.2} ms   aim p99 <= 20 ms",
+        "1000-line page p50",
+        ms(percentile(&latencies, 50.0))
+    );
+    println!(
+        "{:<44} {:>11.2} ms",
+        "1000-line page p99",
+        ms(percentile(&latencies, 99.0))
+    );
+    println!(
+        "{:<44} {:>11.2} s    {:.0} lines/s; aim: 1M lines in <= 5 s",
+        format!("read all {retained} lines (5000/page)"),
+        full_read.as_secs_f64(),
+        rate(n, full_read)
+    );
+    println!(
+        "{:<44} {:>10.0} MiB",
+        "peak resident memory (whole run)",
+        peak_rss_mib().unwrap_or(0.0)
+    );
+    Ok(())
+}

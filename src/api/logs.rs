@@ -69,25 +69,31 @@ async fn locate(
         .ok_or_else(|| ApiError::not_found(format!("task {task_id} does not exist")))?;
     // The indexer's progress before its rows: rows read afterwards can only be newer,
     // so nothing falls between "indexed" and "not yet indexed".
-    let indexed_by_partition = state
-        .store
-        .projection_offsets(&state.options.topics.logs)
-        .await?;
-    let rows: Vec<_> = state
-        .store
-        .log_index(task_id)
-        .await?
+    // The watermarks (after the task's state) and the index go out together.
+    let expected = partition_for_key(task_id.to_string().as_bytes(), state.options.log_partitions);
+    let reader = &state.log_reader;
+    let index = async {
+        let offsets = state
+            .store
+            .projection_offsets(&state.options.topics.logs)
+            .await?;
+        let rows = state.store.log_index(task_id).await?;
+        Ok::<_, ApiError>((offsets, rows))
+    };
+    let (index, marks) = tokio::join!(index, reader.watermarks(expected));
+    let (indexed_by_partition, rows) = index?;
+    let rows: Vec<_> = rows
         .into_iter()
         .filter(|r| attempt.is_none_or(|a| a == r.attempt))
         .collect();
-    let partition = rows.first().map(|r| r.partition).unwrap_or_else(|| {
-        partition_for_key(task_id.to_string().as_bytes(), state.options.log_partitions)
-    });
-    let reader = &state.log_reader;
-    let (low, high) = reader
-        .watermarks(partition)
-        .await
-        .map_err(|e| read_error(e, state, task_id, partition))?;
+    // Lines published with another partitioner live where the index says.
+    let partition = rows.first().map(|r| r.partition).unwrap_or(expected);
+    let marks = if partition == expected {
+        marks
+    } else {
+        reader.watermarks(partition).await
+    };
+    let (low, high) = marks.map_err(|e| read_error(e, state, task_id, partition))?;
     let indexed = indexed_by_partition
         .get(&partition)
         .copied()
@@ -119,30 +125,50 @@ async fn locate(
     })
 }
 
-fn line_json(record: &LogRecord) -> Value {
+/// One line as the API returns it.
+#[derive(serde::Serialize)]
+struct LineOut<'a> {
+    offset: i64,
+    attempt: Option<i32>,
+    line: Option<i64>,
+    stream: Option<Stream>,
+    time: Option<DateTime<Utc>>,
+    /// The text (U+FFFD where the bytes are not UTF-8).
+    text: std::borrow::Cow<'a, str>,
+    /// The exact bytes, base64, only when they are not UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    part: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    continued: Option<bool>,
+}
+
+fn line_out(record: &LogRecord) -> LineOut<'_> {
     let meta = record.meta.as_ref();
-    let mut v = json!({
-        "offset": record.offset,
-        "attempt": meta.map(|m| m.attempt),
-        "line": meta.map(|m| m.line),
-        "stream": meta.map(|m| m.stream),
-        "time": meta.and_then(|m| m.time),
-    });
-    match std::str::from_utf8(&record.value) {
-        Ok(text) => v["text"] = Value::String(text.to_string()),
-        Err(_) => {
-            // Not UTF-8: `text` is lossy, `bytes` carries the exact bytes (base64).
-            v["text"] = Value::String(String::from_utf8_lossy(&record.value).into_owned());
-            v["bytes"] = Value::String(STANDARD.encode(&record.value));
-        }
+    let (text, bytes) = match std::str::from_utf8(&record.value) {
+        Ok(text) => (std::borrow::Cow::Borrowed(text), None),
+        Err(_) => (
+            String::from_utf8_lossy(&record.value),
+            Some(STANDARD.encode(&record.value)),
+        ),
+    };
+    LineOut {
+        offset: record.offset,
+        attempt: meta.map(|m| m.attempt),
+        line: meta.map(|m| m.line),
+        stream: meta.map(|m| m.stream),
+        time: meta.and_then(|m| m.time),
+        text,
+        bytes,
+        part: meta.and_then(|m| m.part),
+        continued: meta.and_then(|m| m.part.map(|_| m.continued)),
     }
-    if let Some(m) = meta
-        && let Some(part) = m.part
-    {
-        v["part"] = json!(part);
-        v["continued"] = json!(m.continued);
-    }
-    v
+}
+
+#[cfg(test)]
+fn line_json(record: &LogRecord) -> Value {
+    serde_json::to_value(line_out(record)).unwrap_or_default()
 }
 
 struct Query {
@@ -438,13 +464,22 @@ async fn read_page(
     }
 }
 
-fn page_json(state: &AppState, page: &Page) -> Value {
-    json!({
-        "lines": page.lines.iter().map(line_json).collect::<Vec<_>>(),
-        "next_cursor": page.next.map(|c| state.cursor_key.encode(&c)),
-        "prev_cursor": page.prev.map(|c| state.cursor_key.encode(&c)),
-        "complete": page.complete,
-    })
+/// A page as the API returns it.
+#[derive(serde::Serialize)]
+struct PageOut<'a> {
+    lines: Vec<LineOut<'a>>,
+    next_cursor: Option<String>,
+    prev_cursor: Option<String>,
+    complete: bool,
+}
+
+fn page_out<'a>(state: &AppState, page: &'a Page) -> PageOut<'a> {
+    PageOut {
+        lines: page.lines.iter().map(line_out).collect(),
+        next_cursor: page.next.map(|c| state.cursor_key.encode(&c)),
+        prev_cursor: page.prev.map(|c| state.cursor_key.encode(&c)),
+        complete: page.complete,
+    }
 }
 
 /// `GET /v1/tasks/{id}/logs`
@@ -479,7 +514,7 @@ pub async fn get_logs(
             && page.lines.is_empty()
             && !page.complete;
         if !waiting || Instant::now() >= deadline {
-            return Ok(Json(page_json(&state, &page)).into_response());
+            return Ok(Json(page_out(&state, &page)).into_response());
         }
         let from = page.next.map(|c| c.offset).unwrap_or(at.range.high);
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -508,7 +543,7 @@ fn sse(state: Arc<AppState>, task_id: Uuid, mut q: Query, first: Page) -> impl I
                 let event = SseEvent::default()
                     .id(cursor)
                     .event("line")
-                    .data(line_json(line).to_string());
+                    .data(serde_json::to_string(&line_out(line)).unwrap_or_default());
                 if tx.send(Ok(event)).await.is_err() {
                     return;
                 }

@@ -255,6 +255,8 @@ struct LogsArgs {
 enum BenchCommand {
     /// Submission and projection throughput and latency.
     Submit(crate::bench::SubmitBenchArgs),
+    /// Log ingest, page latency and full-read time.
+    Logs(crate::bench::LogsBenchArgs),
 }
 
 /// Parses the command line and runs it. Returns the process exit code.
@@ -272,6 +274,7 @@ pub async fn run() -> i32 {
         Command::Cancel(a) => client::cancel(a).await,
         Command::Logs(a) => client::logs(a).await,
         Command::Bench(BenchCommand::Submit(a)) => crate::bench::submit(a).await,
+        Command::Bench(BenchCommand::Logs(a)) => crate::bench::logs(a).await,
     };
     match result {
         Ok(()) => 0,

@@ -37,8 +37,19 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// Topic names for `prefix`; `TASKLOG_LOGS_RETENTION` (e.g. `7d`, `36h`) sets the logs
+/// topic's retention when tasklog creates it.
 pub(crate) fn topics_for(prefix: &str) -> Topics {
-    Topics::with_prefix(prefix)
+    let mut topics = Topics::with_prefix(prefix);
+    if let Ok(value) = std::env::var("TASKLOG_LOGS_RETENTION") {
+        match crate::events::spec::parse_duration_ms(&value) {
+            Some(ms) if ms > 0 => topics.logs_retention_ms = ms as i64,
+            _ => {
+                tracing::warn!(%value, "TASKLOG_LOGS_RETENTION is not a duration such as 7d; keeping 7 days")
+            }
+        }
+    }
+    topics
 }
 
 async fn events_partitions(brokers: &str, topics: &Topics) -> anyhow::Result<i32> {

@@ -153,6 +153,8 @@ impl ProjectorOptions {
         let mut logs = self.clone();
         logs.topic = self.topics.logs.clone();
         logs.truncation_is_fatal = false;
+        // Indexing a record is cheap (headers only): larger batches, fewer commits.
+        logs.max_batch = 20_000;
         logs.group_id = if self.group_id == DEFAULT_GROUP {
             crate::logs::index::DEFAULT_GROUP.to_string()
         } else {
@@ -438,7 +440,9 @@ pub async fn run_projection<P: Projection>(
     });
     let consumer: StreamConsumer<ProjectorContext> = kafka::client_config(&options.brokers)
         .set("group.id", &options.group_id)
-        .set("enable.auto.commit", "true")
+        // Group offsets are informational (Postgres holds the truth): committed
+        // asynchronously after each batch, so closing never waits on a commit.
+        .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         // Offsets come from Postgres. One that is no longer on the log means records were
         // deleted before they were applied: fatal for events, retention for logs.
@@ -463,6 +467,8 @@ pub async fn run_projection<P: Projection>(
         )
         .set("statistics.interval.ms", "5000")
         .set("fetch.wait.max.ms", "10")
+        // One task's burst lands in one partition: let a fetch bring a lot of it.
+        .set("max.partition.fetch.bytes", "8388608")
         .create_with_context(ProjectorContext(shared.clone()))?;
     consumer.subscribe(&[&topic])?;
     let consumer = Arc::new(consumer);
@@ -781,9 +787,12 @@ impl<P: Projection> Runner<P> {
             let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o));
         }
         if tpl.count() > 0
-            && let Err(e) = self.consumer.store_offsets(&tpl)
+            && let Err(e) = self.consumer.store_offsets(&tpl).and_then(|()| {
+                self.consumer
+                    .commit(&tpl, rdkafka::consumer::CommitMode::Async)
+            })
         {
-            tracing::debug!(error = %e, "storing Kafka offsets failed (informational only)");
+            tracing::debug!(error = %e, "committing Kafka group offsets failed (informational only)");
         }
         tracing::debug!(
             topic = %self.topic,
