@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Args;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -71,55 +70,97 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// What a benchmark runs against: a broker (embedded unless given) with fresh topics and
+/// a scratch database, dropped at the end.
+struct BenchEnv {
+    brokers: String,
+    topics: Topics,
+    raw_topic: String,
+    database_url: String,
+    admin_url: String,
+    db_name: String,
+    _embedded: Option<DevBroker>,
+}
+
+impl BenchEnv {
+    async fn start(
+        name: &str,
+        brokers: Option<&str>,
+        partitions: i32,
+        admin_url: &str,
+    ) -> anyhow::Result<BenchEnv> {
+        let run = Uuid::new_v4().simple().to_string()[..8].to_string();
+        let topics = Topics::with_prefix(&format!("{name}_{run}"));
+        let raw_topic = format!("{name}_{run}.raw");
+        let mut embedded = None;
+        let brokers = match brokers {
+            Some(b) => {
+                let mut all = topics.all();
+                all.push(kafka::TopicSpec {
+                    name: raw_topic.clone(),
+                    retention_ms: 3_600_000,
+                });
+                kafka::ensure_topics(b, &all, partitions).await?;
+                b.to_string()
+            }
+            None => {
+                let broker = DevBroker::start(&DevBrokerOptions {
+                    listen: "127.0.0.1:0".parse()?,
+                    partitions,
+                    topics: topics
+                        .all()
+                        .into_iter()
+                        .map(|t| t.name)
+                        .chain([raw_topic.clone()])
+                        .collect(),
+                })
+                .await?;
+                let addr = broker.addr().to_string();
+                embedded = Some(broker);
+                addr
+            }
+        };
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(b, _)| b)
+            .unwrap_or(admin_url);
+        let db_name = format!("tasklog_bench_{run}");
+        let database_url = format!("{base}/{db_name}");
+        store::ensure_database(&database_url).await?;
+        Ok(BenchEnv {
+            brokers,
+            topics,
+            raw_topic,
+            database_url,
+            admin_url: admin_url.to_string(),
+            db_name,
+            _embedded: embedded,
+        })
+    }
+
+    async fn finish(self) {
+        drop_database(&self.admin_url, &self.db_name).await;
+    }
+}
+
 /// Runs the submission benchmark and prints its figures.
 pub async fn submit(args: SubmitBenchArgs) -> anyhow::Result<()> {
-    let run = Uuid::new_v4().simple().to_string()[..8].to_string();
-    let topics = Topics::with_prefix(&format!("bench_{run}"));
-    let raw_topic = format!("bench_{run}.raw");
-
-    // Broker.
-    let mut _embedded = None;
-    let brokers = match &args.brokers {
-        Some(b) => {
-            let mut all = topics.all();
-            all.push(kafka::TopicSpec {
-                name: raw_topic.clone(),
-                retention_ms: 3_600_000,
-            });
-            kafka::ensure_topics(b, &all, args.partitions).await?;
-            b.clone()
-        }
-        None => {
-            let broker = DevBroker::start(&DevBrokerOptions {
-                listen: "127.0.0.1:0".parse()?,
-                partitions: args.partitions,
-                topics: topics
-                    .all()
-                    .into_iter()
-                    .map(|t| t.name)
-                    .chain([raw_topic.clone()])
-                    .collect(),
-            })
-            .await?;
-            let addr = broker.addr().to_string();
-            _embedded = Some(broker);
-            addr
-        }
-    };
-
-    // Scratch database.
-    let mut config: tokio_postgres::Config = args.database_url.parse().context("database URL")?;
-    let db_name = format!("tasklog_bench_{run}");
-    config.dbname(&db_name);
-    let base = args
-        .database_url
-        .rsplit_once('/')
-        .map(|(b, _)| b)
-        .unwrap_or(&args.database_url);
-    let url = format!("{base}/{db_name}");
-    store::ensure_database(&url).await?;
-    let result = run_all(&args, &brokers, &topics, &raw_topic, &url).await;
-    drop_database(&args.database_url, &db_name).await;
+    let env = BenchEnv::start(
+        "bench",
+        args.brokers.as_deref(),
+        args.partitions,
+        &args.database_url,
+    )
+    .await?;
+    let result = run_all(
+        &args,
+        &env.brokers,
+        &env.topics,
+        &env.raw_topic,
+        &env.database_url,
+    )
+    .await;
+    env.finish().await;
     result
 }
 
@@ -410,47 +451,16 @@ pub struct LogsBenchArgs {
 
 /// Runs the logs benchmark and prints its figures.
 pub async fn logs(args: LogsBenchArgs) -> anyhow::Result<()> {
-    let run = Uuid::new_v4().simple().to_string()[..8].to_string();
-    let topics = Topics::with_prefix(&format!("benchlogs_{run}"));
-    let raw_topic = format!("benchlogs_{run}.raw");
-    let mut _embedded = None;
-    let brokers = match &args.brokers {
-        Some(b) => {
-            let mut all = topics.all();
-            all.push(kafka::TopicSpec {
-                name: raw_topic.clone(),
-                retention_ms: 3_600_000,
-            });
-            kafka::ensure_topics(b, &all, 12).await?;
-            b.clone()
-        }
-        None => {
-            let broker = DevBroker::start(&DevBrokerOptions {
-                listen: "127.0.0.1:0".parse()?,
-                partitions: 12,
-                topics: topics
-                    .all()
-                    .into_iter()
-                    .map(|t| t.name)
-                    .chain([raw_topic.clone()])
-                    .collect(),
-            })
-            .await?;
-            let addr = broker.addr().to_string();
-            _embedded = Some(broker);
-            addr
-        }
-    };
-    let base = args
-        .database_url
-        .rsplit_once('/')
-        .map(|(b, _)| b)
-        .unwrap_or(&args.database_url);
-    let db_name = format!("tasklog_bench_{run}");
-    let url = format!("{base}/{db_name}");
-    store::ensure_database(&url).await?;
-    let result = run_logs(&args, &brokers, &topics, &raw_topic, &url).await;
-    drop_database(&args.database_url, &db_name).await;
+    let env = BenchEnv::start("benchlogs", args.brokers.as_deref(), 12, &args.database_url).await?;
+    let result = run_logs(
+        &args,
+        &env.brokers,
+        &env.topics,
+        &env.raw_topic,
+        &env.database_url,
+    )
+    .await;
+    env.finish().await;
     result
 }
 

@@ -9,6 +9,22 @@ use std::time::Duration;
 use common::{Broker, Stack, exits_within, role, start_projector};
 use serde_json::json;
 
+/// Starts a projector that must refuse to run: it exits non-zero, saying `needle`.
+async fn expect_projector_refuses(broker: &Broker, db: &common::Db, needle: &str) {
+    let child = role(broker, db, &["projector"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn projector");
+    let mut p = common::Proc::wrap(child, "projector");
+    assert!(
+        exits_within(&mut p, Duration::from_secs(60)).await,
+        "the projector must refuse, not run"
+    );
+    let (code, stderr) = p.finish();
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains(needle), "{stderr}");
+}
+
 async fn snapshot(s: &Stack) -> Vec<String> {
     let client = s.db.client().await;
     let mut rows: Vec<String> = client
@@ -100,18 +116,7 @@ async fn projector_refuses_a_log_that_is_not_the_one_it_applied() {
     // A fresh, empty broker with the same topics (as after restarting the in-memory
     // dev broker, or pointing at another cluster).
     let empty = Broker::start_with(12, s.broker.prefix.clone());
-    let child = role(&empty, &s.db, &["projector"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn projector");
-    let mut p = common::Proc::wrap(child, "projector");
-    assert!(
-        exits_within(&mut p, Duration::from_secs(60)).await,
-        "the projector must refuse, not run"
-    );
-    let (code, stderr) = p.finish();
-    assert_ne!(code, Some(0));
-    assert!(stderr.contains("different or truncated log"), "{stderr}");
+    expect_projector_refuses(&empty, &s.db, "different or truncated log").await;
     // Nothing was touched.
     assert_eq!(s.db.count("SELECT count(*) FROM tasks").await, 50);
 }
@@ -140,16 +145,5 @@ async fn projector_refuses_to_skip_events_deleted_from_the_log() {
         "the broker deleted old batches (low watermark {low})"
     );
 
-    let child = role(&s.broker, &s.db, &["projector"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn projector");
-    let mut p = common::Proc::wrap(child, "projector");
-    assert!(
-        exits_within(&mut p, Duration::from_secs(60)).await,
-        "the projector must refuse, not skip"
-    );
-    let (code, stderr) = p.finish();
-    assert_ne!(code, Some(0));
-    assert!(stderr.contains("gone from the log"), "{stderr}");
+    expect_projector_refuses(&s.broker, &s.db, "gone from the log").await;
 }
