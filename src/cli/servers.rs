@@ -134,11 +134,13 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("  metrics:  http://{addr}/metrics");
     println!("  health:   http://{addr}/readyz");
     println!(
-        "  kafka:    {brokers} (topics {}, {})",
-        topics.events, topics.dlq
+        "  kafka:    {brokers} (topics {}, {}, {})",
+        topics.events, topics.logs, topics.dlq
     );
     println!("  postgres: {}", redact(&args.db.database_url));
-    println!("Try: tasklog submit -f examples/hello.yaml && tasklog ls     (Ctrl-C stops)");
+    println!(
+        "Try: tasklog submit -f examples/hello.yaml && tasklog ls && tasklog logs <id> -f     (Ctrl-C stops)"
+    );
 
     let mut server_stop = stop_rx;
     let server = api::serve(listener, state, async move {
