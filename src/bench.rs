@@ -70,6 +70,70 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The API (and, once started, the projections) running in this process on loopback.
+struct InProcess {
+    state: Arc<AppState>,
+    base: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl InProcess {
+    async fn start_api(
+        store: &Store,
+        appender: &Appender,
+        brokers: &str,
+        topics: &Topics,
+        partitions: i32,
+    ) -> anyhow::Result<InProcess> {
+        let state = AppState::new(
+            store.clone(),
+            appender.clone(),
+            ApiOptions::new(brokers, topics.clone(), partitions),
+            crate::logs::CursorKey::new(store.cursor_key().await?),
+        );
+        let listener = api::bind("127.0.0.1:0".parse()?).await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (stop, _) = tokio::sync::watch::channel(false);
+        let mut this = InProcess {
+            state,
+            base,
+            stop,
+            tasks: Vec::new(),
+        };
+        let (state, stopped) = (this.state.clone(), this.stopped());
+        this.tasks.push(tokio::spawn(async move {
+            let _ = api::serve(listener, state, stopped).await;
+        }));
+        Ok(this)
+    }
+
+    /// Starts every projection (tasks and the log index).
+    fn start_projections(&mut self, brokers: &str, topics: &Topics) {
+        let (store, stopped) = (self.state.store.clone(), self.stopped());
+        let options = ProjectorOptions::new(brokers, topics.clone());
+        self.tasks.push(tokio::spawn(async move {
+            if let Err(e) = projector::run_all(options, store, stopped).await {
+                tracing::error!(error = %e, "projection stopped");
+            }
+        }));
+    }
+
+    fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
 /// What a benchmark runs against: a broker (embedded unless given) with fresh topics and
 /// a scratch database, dropped at the end.
 struct BenchEnv {
@@ -219,20 +283,9 @@ async fn run_all(
     drop(encoded);
 
     // The API, in process, on loopback; no projector yet.
-    let state = AppState::new(
-        store.clone(),
-        appender.clone(),
-        ApiOptions::new(brokers, topics.clone(), args.partitions),
-        crate::logs::CursorKey::new(store.cursor_key().await?),
-    );
-    let listener = api::bind("127.0.0.1:0".parse()?).await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut server_stop = stopped.clone();
-    let server = tokio::spawn(api::serve(listener, state.clone(), async move {
-        let _ = server_stop.wait_for(|s| *s).await;
-    }));
-    let base = format!("http://{addr}");
+    let mut system =
+        InProcess::start_api(&store, &appender, brokers, topics, args.partitions).await?;
+    let base = system.base.clone();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()?;
@@ -296,14 +349,9 @@ async fn run_all(
 
     // Projection: a projector starting on the full backlog.
     let total = (n + args.single) as i64;
-    let projector_store = store.clone();
-    let mut projector_stop = stopped.clone();
-    let options = ProjectorOptions::new(brokers, topics.clone());
     let started = Instant::now();
-    let projector = tokio::spawn(projector::run(options, projector_store, async move {
-        let _ = projector_stop.wait_for(|s| *s).await;
-    }));
-    let mut changes = state.projection.clone();
+    system.start_projections(brokers, topics);
+    let mut changes = system.state.projection.clone();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         changes.borrow_and_update();
@@ -322,9 +370,7 @@ async fn run_all(
         let _ = tokio::time::timeout(Duration::from_millis(500), changes.changed()).await;
     }
     let projection = started.elapsed();
-    let _ = stop.send(true);
-    let _ = projector.await;
-    let _ = server.await;
+    system.stop().await;
 
     let rate = |count: usize, d: Duration| count as f64 / d.as_secs_f64().max(1e-9);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -501,28 +547,9 @@ async fn run_logs(
     let raw = started.elapsed();
 
     // The system: API + projections in process.
-    let state = AppState::new(
-        store.clone(),
-        appender.clone(),
-        ApiOptions::new(brokers, topics.clone(), 12),
-        crate::logs::CursorKey::new(store.cursor_key().await?),
-    );
-    let listener = api::bind("127.0.0.1:0".parse()?).await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut server_stop = stopped.clone();
-    let server = tokio::spawn(api::serve(listener, state.clone(), async move {
-        let _ = server_stop.wait_for(|s| *s).await;
-    }));
-    let mut projector_stop = stopped.clone();
-    let projector = tokio::spawn(projector::run_all(
-        ProjectorOptions::new(brokers, topics.clone()),
-        store.clone(),
-        async move {
-            let _ = projector_stop.wait_for(|s| *s).await;
-        },
-    ));
-    let base = format!("http://{addr}");
+    let mut system = InProcess::start_api(&store, &appender, brokers, topics, 12).await?;
+    system.start_projections(brokers, topics);
+    let (state, base) = (system.state.clone(), system.base.clone());
     let http = reqwest::Client::new();
     let task: Value = http
         .post(format!("{base}/v1/tasks"))
@@ -630,9 +657,7 @@ async fn run_logs(
         }
     }
     let full_read = started.elapsed();
-    let _ = stop.send(true);
-    let _ = projector.await;
-    let _ = server.await;
+    system.stop().await;
     anyhow::ensure!(
         read == retained,
         "read {read} of {retained} retained lines back"

@@ -518,13 +518,13 @@ pub async fn get_logs(
         }
         let from = page.next.map(|c| c.offset).unwrap_or(at.range.high);
         let remaining = deadline.saturating_duration_since(Instant::now());
-        // Wake on new records (or the task ending), then read again.
-        let woke = state
+        // Wake on new records, then read again. The wait is capped so that a task that
+        // ends without printing more is noticed (its state is re-read with the page).
+        state
             .log_reader
             .wait_for_records(at.partition, from, remaining.min(Duration::from_secs(2)))
             .await
             .map_err(|e| read_error(e, &state, task_id, at.partition))?;
-        let _ = woke;
     }
 }
 

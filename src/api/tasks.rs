@@ -285,12 +285,7 @@ pub async fn submit_batch(
         .iter()
         .filter_map(|p| p.as_ref().ok().filter(|p| p.keyed).map(|p| p.id))
         .collect();
-    let mut stored: HashMap<Uuid, TaskRecord> = HashMap::new();
-    for id in keyed_ids {
-        if let Some(r) = state.store.task(id).await? {
-            stored.insert(id, r);
-        }
-    }
+    let stored = state.store.tasks(&keyed_ids).await?;
 
     let mut results: Vec<Option<Value>> = vec![None; prepared.len()];
     // Items to append, with the index of their first occurrence (a key repeated inside

@@ -13,7 +13,6 @@
 
 use std::ffi::{CStr, CString};
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use rdkafka::ClientConfig;
 use rdkafka::bindings as rdsys;
@@ -65,8 +64,9 @@ pub struct DevBroker {
     mock: MockHandle,
     reachable: watch::Sender<bool>,
     relay: tokio::task::JoinHandle<()>,
-    // Owns the mock cluster; declared last so it is dropped after the relay stops.
-    client: BaseProducer,
+    // Owns the mock cluster (never read: holding it keeps the cluster alive); declared
+    // last so it is dropped after the relay stops.
+    _client: BaseProducer,
 }
 
 impl DevBroker {
@@ -133,7 +133,7 @@ impl DevBroker {
             mock,
             reachable,
             relay,
-            client,
+            _client: client,
         };
         for topic in &options.topics {
             broker.create_topic(topic, options.partitions)?;
@@ -170,11 +170,6 @@ impl DevBroker {
     pub fn set_reachable(&self, reachable: bool) {
         self.reachable.send_replace(reachable);
     }
-
-    /// The producer client that owns the cluster (exposed for diagnostics).
-    pub fn owner(&self) -> &BaseProducer {
-        &self.client
-    }
 }
 
 impl Drop for DevBroker {
@@ -184,7 +179,6 @@ impl Drop for DevBroker {
 }
 
 async fn relay(listener: TcpListener, upstream: SocketAddr, reachable: watch::Receiver<bool>) {
-    let reachable = Arc::new(reachable);
     loop {
         let Ok((mut inbound, _)) = listener.accept().await else {
             continue;
@@ -193,7 +187,7 @@ async fn relay(listener: TcpListener, upstream: SocketAddr, reachable: watch::Re
             drop(inbound);
             continue;
         }
-        let mut reachable = (*reachable).clone();
+        let mut reachable = reachable.clone();
         tokio::spawn(async move {
             let _ = inbound.set_nodelay(true);
             let Ok(mut outbound) = TcpStream::connect(upstream).await else {

@@ -74,7 +74,7 @@ impl Projection for LogIndexProjection {
             span.last = span.last.max(offset);
             if meta.part.unwrap_or(0) == 0 {
                 span.lines += 1;
-                if meta.line % CHECKPOINT_EVERY == 1 || CHECKPOINT_EVERY == 1 {
+                if (meta.line - 1) % CHECKPOINT_EVERY == 0 {
                     checkpoints.push((meta.task_id, meta.attempt, meta.line, offset));
                 }
             }

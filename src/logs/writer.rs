@@ -42,6 +42,8 @@ struct AttemptState {
     over_quota: bool,
 }
 
+type Attempts = HashMap<(Uuid, i32), AttemptState>;
+
 /// What became of one line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
@@ -57,7 +59,7 @@ pub enum Written {
 pub struct LogWriter {
     appender: Appender,
     options: LogWriterOptions,
-    attempts: Mutex<HashMap<(Uuid, i32), AttemptState>>,
+    attempts: Mutex<Attempts>,
 }
 
 impl LogWriter {
@@ -70,16 +72,26 @@ impl LogWriter {
         }
     }
 
-    /// Continues an attempt already written elsewhere: numbering resumes after
-    /// `last_line`, and `bytes` count toward the quota. Never moves numbering back.
-    pub fn resume(&self, task_id: Uuid, attempt: i32, last_line: i64, bytes: u64) {
-        let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
-        let state = attempts.entry((task_id, attempt)).or_insert(AttemptState {
+    /// The state of one attempt, created with the default quota on first use.
+    fn state<'a>(
+        &self,
+        attempts: &'a mut Attempts,
+        task_id: Uuid,
+        attempt: i32,
+    ) -> &'a mut AttemptState {
+        attempts.entry((task_id, attempt)).or_insert(AttemptState {
             last_line: 0,
             bytes: 0,
             quota: self.options.quota_bytes,
             over_quota: false,
-        });
+        })
+    }
+
+    /// Continues an attempt already written elsewhere: numbering resumes after
+    /// `last_line`, and `bytes` count toward the quota. Never moves numbering back.
+    pub fn resume(&self, task_id: Uuid, attempt: i32, last_line: i64, bytes: u64) {
+        let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.state(&mut attempts, task_id, attempt);
         state.last_line = state.last_line.max(last_line);
         state.bytes = state.bytes.max(bytes);
     }
@@ -87,15 +99,7 @@ impl LogWriter {
     /// Sets the quota of one attempt (a task's own `log_quota`).
     pub fn set_quota(&self, task_id: Uuid, attempt: i32, quota_bytes: u64) {
         let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
-        attempts
-            .entry((task_id, attempt))
-            .or_insert(AttemptState {
-                last_line: 0,
-                bytes: 0,
-                quota: quota_bytes,
-                over_quota: false,
-            })
-            .quota = quota_bytes;
+        self.state(&mut attempts, task_id, attempt).quota = quota_bytes;
     }
 
     /// Forgets an attempt (after it ended).
@@ -121,12 +125,7 @@ impl LogWriter {
         // Decide under the lock, and enqueue under it too, so that line numbers reach
         // the producer in order.
         let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
-        let state = attempts.entry((task_id, attempt)).or_insert(AttemptState {
-            last_line: 0,
-            bytes: 0,
-            quota: self.options.quota_bytes,
-            over_quota: false,
-        });
+        let state = self.state(&mut attempts, task_id, attempt);
         if state.over_quota || state.bytes + text.len() as u64 > state.quota {
             metrics().log_lines_dropped.inc();
             if state.over_quota {
@@ -177,45 +176,31 @@ impl LogWriter {
         let mut pending = Vec::with_capacity(parts.len());
         for (i, part) in parts.iter().enumerate() {
             let part_s = i.to_string();
-            let mut headers = OwnedHeaders::new_with_capacity(8)
-                .insert(Header {
-                    key: header::TASK_ID,
-                    value: Some(key.as_bytes()),
-                })
-                .insert(Header {
-                    key: header::ATTEMPT,
-                    value: Some(attempt_s.as_bytes()),
-                })
-                .insert(Header {
-                    key: header::STREAM,
-                    value: Some(stream.as_str().as_bytes()),
-                })
-                .insert(Header {
-                    key: header::LINE,
-                    value: Some(line_s.as_bytes()),
-                })
-                .insert(Header {
-                    key: header::TIME,
-                    value: Some(time_s.as_bytes()),
-                });
+            let mut fields: Vec<(&str, &[u8])> = vec![
+                (header::TASK_ID, key.as_bytes()),
+                (header::ATTEMPT, attempt_s.as_bytes()),
+                (header::STREAM, stream.as_str().as_bytes()),
+                (header::LINE, line_s.as_bytes()),
+                (header::TIME, time_s.as_bytes()),
+            ];
             if let Some(tp) = traceparent {
-                headers = headers.insert(Header {
-                    key: header::TRACEPARENT,
-                    value: Some(tp.as_bytes()),
-                });
+                fields.push((header::TRACEPARENT, tp.as_bytes()));
             }
             if split {
-                headers = headers.insert(Header {
-                    key: header::PART,
-                    value: Some(part_s.as_bytes()),
-                });
+                fields.push((header::PART, part_s.as_bytes()));
                 if i + 1 < parts.len() {
-                    headers = headers.insert(Header {
-                        key: header::CONTINUED,
-                        value: Some(&b"true"[..]),
-                    });
+                    fields.push((header::CONTINUED, b"true"));
                 }
             }
+            let headers =
+                fields
+                    .into_iter()
+                    .fold(OwnedHeaders::new_with_capacity(8), |h, (key, value)| {
+                        h.insert(Header {
+                            key,
+                            value: Some(value),
+                        })
+                    });
             pending.push(self.appender.send(
                 &self.options.topic,
                 Some(key.as_bytes()),

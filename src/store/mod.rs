@@ -265,6 +265,24 @@ impl Store {
         row.map(|r| task_record(&r)).transpose()
     }
 
+    /// The tasks among `ids` that exist, by id (one query).
+    pub async fn tasks(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, TaskRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT doc, event_partition, last_offset FROM tasks WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .map_err(ctx("read tasks"))?;
+        rows.iter()
+            .map(|r| task_record(r).map(|t| (t.task.id, t)))
+            .collect()
+    }
+
     /// A page of tasks, newest first (by submission time, then id).
     pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>, StoreError> {
         let mut sql =
