@@ -19,4 +19,6 @@ pub mod kafka;
 pub mod logs;
 pub mod metrics;
 pub mod projector;
+pub mod scheduler;
 pub mod store;
+pub mod worker;

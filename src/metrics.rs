@@ -5,8 +5,8 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric tasklog exports.
@@ -38,6 +38,30 @@ pub struct Metrics {
     pub log_lines_dropped: IntCounter,
     /// `tasklog_log_lines_indexed_total`: log records indexed.
     pub log_lines_indexed: IntCounter,
+    /// `tasklog_queue_depth{band}`: queued tasks by priority band (0-24, 25-49, 50-74, 75-100).
+    pub queue_depth: IntGaugeVec,
+    /// `tasklog_queue_wait_seconds`: time from entering the queue to assignment.
+    pub queue_wait: Histogram,
+    /// `tasklog_submit_to_running_seconds`: submission to the first attempt running.
+    pub submit_to_running: Histogram,
+    /// `tasklog_attempts_total{outcome,reason}`: attempts that ended.
+    pub attempts: IntCounterVec,
+    /// `tasklog_workers{state}`: workers by state.
+    pub workers: IntGaugeVec,
+    /// `tasklog_capacity{resource,kind}`: capacity of active workers, `used` and `free`
+    /// (cpu in cores, memory in bytes, gpu in devices).
+    pub capacity: GaugeVec,
+    /// `tasklog_scheduler_leader`: 1 in the process whose scheduler leads.
+    pub scheduler_leader: IntGauge,
+    /// `tasklog_scheduler_pass_duration_seconds`: one scheduling decision pass.
+    pub scheduler_pass_duration: Histogram,
+    /// `tasklog_worker_attempts_running`: attempts this worker agent runs now.
+    pub worker_attempts_running: IntGauge,
+    /// `tasklog_service_replicas{service,state}`: replicas ready, starting, waiting
+    /// (pending or queued, e.g. between retries) and ended.
+    pub service_replicas: IntGaugeVec,
+    /// `tasklog_service_status{service,status}`: 1 for the service's current status.
+    pub service_status: IntGaugeVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -74,6 +98,21 @@ fn build() -> Result<Metrics, prometheus::Error> {
         registry.register(Box::new(c.clone()))?;
         Ok(c)
     };
+    let plain_gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+        let g = IntGauge::new(name, help)?;
+        registry.register(Box::new(g.clone()))?;
+        Ok(g)
+    };
+    let float_gauge =
+        |name: &str, help: &str, labels: &[&str]| -> Result<GaugeVec, prometheus::Error> {
+            let g = GaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+    let waits = vec![
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+        3600.0,
+    ];
     let latency = vec![
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ];
@@ -142,6 +181,57 @@ fn build() -> Result<Metrics, prometheus::Error> {
         log_lines_indexed: plain_counter(
             "tasklog_log_lines_indexed_total",
             "Log records indexed.",
+        )?,
+        queue_depth: gauge(
+            "tasklog_queue_depth",
+            "Queued tasks by priority band.",
+            &["band"],
+        )?,
+        queue_wait: plain_histogram(
+            "tasklog_queue_wait_seconds",
+            "Time from entering the queue to being assigned a worker.",
+            waits.clone(),
+        )?,
+        submit_to_running: plain_histogram(
+            "tasklog_submit_to_running_seconds",
+            "Time from submission to the first attempt running.",
+            waits,
+        )?,
+        attempts: counter(
+            "tasklog_attempts_total",
+            "Attempts that ended, by outcome and reason.",
+            &["outcome", "reason"],
+        )?,
+        workers: gauge("tasklog_workers", "Workers by state.", &["state"])?,
+        capacity: float_gauge(
+            "tasklog_capacity",
+            "Capacity of active workers: used and free, per resource (cpu cores, memory bytes, gpu devices).",
+            &["resource", "kind"],
+        )?,
+        scheduler_leader: plain_gauge(
+            "tasklog_scheduler_leader",
+            "1 when this process's scheduler holds the leader lock.",
+        )?,
+        scheduler_pass_duration: plain_histogram(
+            "tasklog_scheduler_pass_duration_seconds",
+            "Time of one scheduling decision pass.",
+            vec![
+                0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ],
+        )?,
+        worker_attempts_running: plain_gauge(
+            "tasklog_worker_attempts_running",
+            "Attempts this worker agent is running.",
+        )?,
+        service_replicas: gauge(
+            "tasklog_service_replicas",
+            "Replicas of each service by state: ready, starting, waiting, ended.",
+            &["service", "state"],
+        )?,
+        service_status: gauge(
+            "tasklog_service_status",
+            "1 for each service's current status (provisioning, running, degraded, down, failed, stopped).",
+            &["service", "status"],
         )?,
         registry,
     })

@@ -477,15 +477,7 @@ async fn health_readiness_and_metrics() {
     let (_, body) = s.post("/v1/tasks", &json!({"shell": "true"})).await;
     s.task(body["id"].as_str().unwrap()).await;
     s.post_raw("/v1/tasks", "{bad").await;
-    let text = s
-        .http
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.text("/metrics").await;
     for needle in [
         "tasklog_events_appended_total{type=\"dev.tasklog.task.submitted.v1\"} 1",
         "tasklog_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/tasks\",status=\"202\"",

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::{Stack, ce_headers};
 use serde_json::json;
 use uuid::Uuid;
@@ -36,45 +34,7 @@ async fn kcat_producer_submits_a_task_and_a_malformed_one_is_dead_lettered() {
         r#"{{"task_id":"{id}","seq":1,"spec":{{"name":"from-kcat","type":"evaluate","command":["python3","eval.py"]}}}}"#
     );
     let kcat = |value: &str, ce_id: &str, ce_type: &str| {
-        let mut child = Command::new("kcat")
-            .args([
-                "-P",
-                "-b",
-                &s.broker.addr,
-                "-t",
-                &s.broker.events_topic(),
-                "-k",
-                &id,
-            ])
-            .args(["-X", "partitioner=murmur2_random"])
-            .args(["-H", "ce_specversion=1.0", "-H", &format!("ce_id={ce_id}")])
-            .args([
-                "-H",
-                "ce_source=kcat://ci",
-                "-H",
-                &format!("ce_type={ce_type}"),
-            ])
-            .args([
-                "-H",
-                &format!("ce_time={}", chrono::Utc::now().to_rfc3339()),
-            ])
-            .args([
-                "-H",
-                &format!("ce_subject={id}"),
-                "-H",
-                "content-type=application/json",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("kcat is installed (scripts/test installs it)");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(format!("{value}\n").as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "kcat failed");
+        common::kcat_event(&s.broker, &id, ce_id, ce_type, "kcat://ci", value)
     };
     kcat(&data, &Uuid::new_v4().to_string(), SUBMITTED);
     let task = s.task(&id).await;

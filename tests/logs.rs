@@ -483,15 +483,7 @@ async fn posted_lines_quota_marker_continuation_and_raw_bytes() {
     assert_eq!(lines.len(), 51);
     assert_eq!(lines[50]["stream"], "system");
     assert!(lines[50]["text"].as_str().unwrap().contains("quota"));
-    let metrics = s
-        .http
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.text("/metrics").await;
     assert!(
         metrics.contains("tasklog_log_lines_dropped_total 50"),
         "{metrics}"

@@ -5,7 +5,10 @@
 
 mod error;
 mod logs;
+mod services;
 mod tasks;
+mod transition;
+mod workers;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -99,7 +102,11 @@ impl AppState {
         options: ApiOptions,
         cursor_key: CursorKey,
     ) -> Arc<AppState> {
-        let projection = store.follow_projection();
+        let projection = store.follow(&[
+            crate::store::PROJECTION_CHANNEL,
+            crate::store::WORKERS_CHANNEL,
+            crate::store::SERVICES_CHANNEL,
+        ]);
         let log_reader = Arc::new(LogReader::new(
             &options.brokers,
             &options.topics.logs,
@@ -156,6 +163,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tasks/{id}", get(tasks::get_task))
         .route("/v1/tasks/{id}/events", get(tasks::events))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v1/tasks/{id}/attempts/{n}/start", post(workers::start))
+        .route("/v1/tasks/{id}/attempts/{n}/finish", post(workers::finish))
+        .route("/v1/tasks/{id}/attempts/{n}/ready", post(services::ready))
+        .route("/v1/services", post(services::create).get(services::list))
+        .route(
+            "/v1/services/{name}",
+            get(services::get_service).patch(services::scale),
+        )
+        .route("/v1/services/{name}/stop", post(services::stop))
+        .route("/v1/workers", get(workers::list))
+        .route("/v1/workers/{id}", get(workers::get_worker))
+        .route("/v1/workers/{id}/assignments", get(workers::assignments))
         .route(
             "/v1/tasks/{id}/logs",
             get(logs::get_logs).post(logs::post_logs),
@@ -239,6 +258,12 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         for (s, n) in counts {
             metrics().tasks.with_label_values(&[&s]).set(n);
         }
+    }
+    if let Err(e) = workers::refresh_gauges(&state).await {
+        tracing::warn!(error = ?e, "cannot refresh scheduling gauges");
+    }
+    if let Err(e) = services::refresh_gauges(&state).await {
+        tracing::warn!(error = ?e, "cannot refresh service gauges");
     }
     (
         [(

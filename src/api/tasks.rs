@@ -15,13 +15,12 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::transition::{Decision, Outcome, transition};
 use super::{ApiError, AppState, JsonBody};
-use crate::events::{
-    self, EncodedEvent, Event, EventType, Payload, ReasonData, TaskSpec, TaskStatus,
-};
+use crate::events::{EncodedEvent, Event, EventType, Payload, ReasonData, TaskSpec, TaskStatus};
 use crate::kafka::{Appended, partition_for_key};
 use crate::metrics::metrics;
-use crate::store::{EventOutcome, TaskFilter, TaskRecord};
+use crate::store::{TaskFilter, TaskRecord};
 
 /// Most tasks in one batch submission.
 pub const MAX_BATCH: usize = 1000;
@@ -67,13 +66,8 @@ fn prepare(state: &AppState, body: Value, header_key: Option<&str>) -> Result<Pr
             }
         }
     }
-    let body = Value::Object(object);
-    events::schema::validate_task_spec(&body)
+    let spec = TaskSpec::from_json(Value::Object(object))
         .map_err(|m| ApiError::bad_request("invalid_spec", m))?;
-    let spec: TaskSpec = serde_json::from_value(body)
-        .map_err(|e| ApiError::bad_request("invalid_spec", e.to_string()))?;
-    spec.check()
-        .map_err(|e| ApiError::bad_request("invalid_spec", e.to_string()))?;
     let (id, keyed) = match &spec.idempotency_key {
         Some(key) => (task_id_for_key(key), true),
         None => (Uuid::now_v7(), false),
@@ -184,11 +178,11 @@ fn remember(state: &AppState, p: &Prepared, response: &Value) {
     }
 }
 
-fn count_append(event_type: EventType, result: &Result<Appended, crate::kafka::AppendError>) {
+pub(super) fn count_append(event_type: &str, result: &Result<Appended, crate::kafka::AppendError>) {
     match result {
         Ok(_) => metrics()
             .events_appended
-            .with_label_values(&[event_type.as_str()])
+            .with_label_values(&[event_type])
             .inc(),
         Err(e) => {
             let reason = match e {
@@ -241,7 +235,7 @@ pub async fn submit(
         .appender
         .append(&state.options.topics.events, &prepared.encoded)
         .await;
-    count_append(EventType::Submitted, &result);
+    count_append(EventType::Submitted.as_str(), &result);
     let at = result?;
     let body = accepted(prepared.id, prepared.initial_state, 1, at);
     remember(&state, &prepared, &body);
@@ -343,7 +337,7 @@ pub async fn submit_batch(
         .collect();
     for ((i, p), pending) in to_send.iter().zip(pending) {
         let result = pending.await;
-        count_append(EventType::Submitted, &result);
+        count_append(EventType::Submitted.as_str(), &result);
         results[*i] = Some(match result {
             Ok(at) => {
                 let v = accepted(p.id, p.initial_state, 1, at);
@@ -428,7 +422,7 @@ pub(super) fn parse_number(name: &str, value: &str, min: i64, max: i64) -> Resul
 
 /// Waits (on projector notifications, not by polling) until `check` gives a value or
 /// the deadline passes (then `None`).
-async fn wait_for<T, F, Fut>(
+pub(super) async fn wait_for<T, F, Fut>(
     state: &AppState,
     deadline: Instant,
     mut check: F,
@@ -455,15 +449,22 @@ where
 }
 
 /// `Some(())` once the projector has applied (or rejected) the record at `offset`.
-async fn projected_past(
+pub(super) async fn projected_past(
     state: &AppState,
     partition: i32,
     offset: i64,
 ) -> Result<Option<()>, ApiError> {
-    let offsets = state
-        .store
-        .projection_offsets(&state.options.topics.events)
-        .await?;
+    projected_past_topic(state, &state.options.topics.events, partition, offset).await
+}
+
+/// `Some(())` once the projection of `topic` has applied (or rejected) that record.
+pub(super) async fn projected_past_topic(
+    state: &AppState,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<Option<()>, ApiError> {
+    let offsets = state.store.projection_offsets(topic).await?;
     Ok((offsets.get(&partition).copied().unwrap_or(0) > offset).then_some(()))
 }
 
@@ -628,8 +629,8 @@ pub async fn events(
 /// `POST /v1/tasks/{id}/cancel` with an optional `{"reason": ..., "message": ...}`.
 ///
 /// Appends `cancel_requested` (and `cancelled` for a task that is not assigned or running)
-/// with the task's next seq, then waits for the projection to confirm. If another event
-/// won the race for that seq, it reads the task again and retries.
+/// with the task's next seq, then waits for the projection to confirm (see
+/// [`transition`]).
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -649,92 +650,38 @@ pub async fn cancel(
         reason: reason.reason.or_else(|| Some("user_requested".into())),
         message: reason.message,
     };
-    const ATTEMPTS: usize = 5;
-    for _ in 0..ATTEMPTS {
-        let Some(record) = state.store.task(id).await? else {
-            return Err(ApiError::not_found(format!("task {id} does not exist")));
-        };
-        let task = &record.task;
+    let outcome = transition(&state, id, |task| {
         if task.state.is_terminal() {
             return Err(ApiError::conflict(
                 "task_terminal",
                 format!("task {id} is already {}", task.state),
             ));
         }
-        let source = &state.options.source;
-        let mut to_append = vec![
-            Event::new(
-                source,
-                id,
-                task.seq + 1,
-                Payload::CancelRequested(reason.clone()),
-            )
-            .encode(),
-        ];
+        let mut events = vec![Payload::CancelRequested(reason.clone())];
+        // Nothing runs yet: the task ends now. Otherwise its worker stops the attempt
+        // (SIGTERM, grace, SIGKILL) and reports `cancelled`.
         if matches!(task.state, TaskStatus::Pending | TaskStatus::Queued) {
-            to_append.push(
-                Event::new(source, id, task.seq + 2, Payload::Cancelled(reason.clone())).encode(),
-            );
+            events.push(Payload::Cancelled(reason.clone().into()));
         }
-        let results = state
-            .appender
-            .append_all(&state.options.topics.events, &to_append)
-            .await;
-        for (e, r) in to_append.iter().zip(&results) {
-            count_append(e.event_type, r);
-        }
-        let mut last = None;
-        for r in results {
-            last = Some(r?);
-        }
-        let Some(last) = last else { break };
-
-        let deadline = Instant::now() + state.options.cancel_wait;
-        let caught_up = wait_for(&state, deadline, || {
-            projected_past(&state, last.partition, last.offset)
-        })
-        .await?;
-        if caught_up.is_none() {
-            return Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({
-                    "id": id,
-                    "cancel": "requested",
-                    "applied": false,
-                    "message": "the cancel is on the log; the projection has not applied it yet",
-                    "event": {"partition": last.partition, "offset": last.offset},
-                })),
-            )
-                .into_response());
-        }
-        match state.store.event_outcome(&to_append[0].ce_id).await? {
-            Some(EventOutcome::Applied) => {
-                let record = state.store.task(id).await?;
-                return Ok((
-                    StatusCode::ACCEPTED,
-                    Json(json!({
-                        "id": id,
-                        "cancel": "requested",
-                        "applied": true,
-                        "task": record,
-                    })),
-                )
-                    .into_response());
-            }
-            Some(EventOutcome::Rejected { reason, .. }) if reason == "seq_conflict" => continue,
-            Some(EventOutcome::Rejected { reason, message }) => {
-                return Err(ApiError::conflict(
-                    "cancel_rejected",
-                    format!("the cancel was not applied ({reason}): {message}"),
-                ));
-            }
-            None => continue,
-        }
-    }
-    Err(ApiError::conflict(
-        "cancel_contended",
-        format!("task {id} kept changing; the cancel lost the race {ATTEMPTS} times"),
-    ))
+        Ok(Decision::Append(events))
+    })
+    .await?;
+    let body = match outcome {
+        Outcome::Applied(record) => json!({
+            "id": id,
+            "cancel": "requested",
+            "applied": true,
+            "task": record,
+        }),
+        Outcome::NotYetApplied { partition, offset } => json!({
+            "id": id,
+            "cancel": "requested",
+            "applied": false,
+            "message": "the cancel is on the log; the projection has not applied it yet",
+            "event": {"partition": partition, "offset": offset},
+        }),
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@ use std::io::Read;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use super::{ApiArgs, CancelArgs, EventsArgs, GetArgs, LogsArgs, LsArgs, SubmitArgs};
+use super::{
+    ApiArgs, CancelArgs, EventsArgs, GetArgs, LogsArgs, LsArgs, RunArgs, ServiceCommand,
+    SubmitArgs, WorkersArgs,
+};
 
 /// A thin JSON client for the API.
 pub struct ApiClient {
@@ -64,15 +67,125 @@ pub fn read_spec(path: &std::path::Path) -> anyhow::Result<Value> {
         .with_context(|| format!("{} is not valid YAML or JSON", path.display()))
 }
 
-pub(super) async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
-    let spec = read_spec(&args.file)?;
-    let client = ApiClient::new(&args.api)?;
+/// Submits the spec in `file`; returns the task id.
+async fn submit_file(
+    client: &ApiClient,
+    file: &std::path::Path,
+    key: Option<&str>,
+) -> anyhow::Result<String> {
+    let spec = read_spec(file)?;
     let mut request = client.http.post(client.url("/v1/tasks")).json(&spec);
-    if let Some(key) = &args.key {
+    if let Some(key) = key {
         request = request.header("Idempotency-Key", key);
     }
     let body = client.call(request).await?;
-    println!("{}", body["id"].as_str().unwrap_or_default());
+    Ok(body["id"].as_str().unwrap_or_default().to_string())
+}
+
+pub(super) async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+    let client = ApiClient::new(&args.api)?;
+    println!(
+        "{}",
+        submit_file(&client, &args.file, args.key.as_deref()).await?
+    );
+    Ok(())
+}
+
+/// `tasklog run`: submit, follow the logs until the task ends, and return its exit
+/// code (1 for a task that failed without one, 130 for a cancelled one).
+pub(super) async fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let client = ApiClient::new(&args.api)?;
+    let id = submit_file(&client, &args.file, args.key.as_deref()).await?;
+    eprintln!(
+        "tasklog: task {id} submitted; following its logs (Ctrl-C detaches, the task goes on)"
+    );
+    // The logs endpoint knows the task once the projection has it.
+    client
+        .call(
+            client
+                .http
+                .get(client.url(&format!("/v1/tasks/{id}")))
+                .query(&[("wait_ms", 30_000)]),
+        )
+        .await?;
+    logs(LogsArgs {
+        id: id.clone(),
+        follow: true,
+        tail: None,
+        attempt: None,
+        stream: None,
+        json: false,
+        api: args.api.clone(),
+    })
+    .await?;
+    let task = client
+        .call(client.http.get(client.url(&format!("/v1/tasks/{id}"))))
+        .await?;
+    let state = task["state"].as_str().unwrap_or("unknown");
+    let reason = task["reason"].as_str().unwrap_or("");
+    eprintln!(
+        "tasklog: task {id} {state}{}",
+        if reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({reason})")
+        }
+    );
+    Ok(match state {
+        "succeeded" => 0,
+        "cancelled" => 130,
+        _ => task["exit_code"]
+            .as_i64()
+            .filter(|c| *c != 0)
+            .map(|c| c.clamp(1, 255) as i32)
+            .unwrap_or(1),
+    })
+}
+
+pub(super) async fn workers(args: WorkersArgs) -> anyhow::Result<()> {
+    let client = ApiClient::new(&args.api)?;
+    let body = client
+        .call(client.http.get(client.url("/v1/workers")))
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24}  {:<8}  {:>11}  {:>19}  {:>7}  {:>5}  {:<24}  LABELS",
+        "WORKER", "STATE", "CPU", "MEMORY", "GPU", "TASKS", "LAST HEARTBEAT"
+    );
+    for w in body["workers"].as_array().cloned().unwrap_or_default() {
+        let gib = |v: &Value| v.as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
+        let labels: Vec<String> = w["labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<24}  {:<8}  {:>11}  {:>19}  {:>7}  {:>5}  {:<24}  {}",
+            w["id"].as_str().unwrap_or(""),
+            w["state"].as_str().unwrap_or(""),
+            format!("{}/{}", w["used"]["cpu"], w["capacity"]["cpu"]),
+            format!(
+                "{:.1}/{:.1}GiB",
+                gib(&w["used"]["memory"]),
+                gib(&w["capacity"]["memory"])
+            ),
+            format!("{}/{}", w["used"]["gpu"], w["capacity"]["gpu"]),
+            w["tasks"].as_array().map(Vec::len).unwrap_or(0),
+            w["last_heartbeat_at"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(23)
+                .collect::<String>(),
+            labels.join(","),
+        );
+    }
     Ok(())
 }
 
@@ -245,4 +358,99 @@ pub(super) async fn logs(args: LogsArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     }
+}
+
+fn print_service(s: &Value) {
+    println!(
+        "{} {} ({}/{} ready, {})",
+        s["name"].as_str().unwrap_or(""),
+        s["status"].as_str().unwrap_or(""),
+        s["ready_replicas"],
+        s["spec"]["replicas"],
+        s["lifecycle"].as_str().unwrap_or(""),
+    );
+}
+
+/// `tasklog service up|ls|get|scale|stop`.
+pub(super) async fn service(command: ServiceCommand) -> anyhow::Result<()> {
+    match command {
+        ServiceCommand::Up { file, api } => {
+            let client = ApiClient::new(&api)?;
+            let body = read_spec(&file)?;
+            let s = client
+                .call(client.http.post(client.url("/v1/services")).json(&body))
+                .await?;
+            print_service(&s);
+        }
+        ServiceCommand::Ls { api } => {
+            let client = ApiClient::new(&api)?;
+            let body = client
+                .call(client.http.get(client.url("/v1/services")))
+                .await?;
+            println!(
+                "{:<24}  {:<13}  {:>5}  {:>8}",
+                "SERVICE", "STATUS", "READY", "REPLICAS"
+            );
+            for s in body["services"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:<24}  {:<13}  {:>5}  {:>8}",
+                    s["name"].as_str().unwrap_or(""),
+                    s["status"].as_str().unwrap_or(""),
+                    s["ready_replicas"].to_string(),
+                    s["spec"]["replicas"].to_string(),
+                );
+            }
+        }
+        ServiceCommand::Get { name, api } => {
+            let client = ApiClient::new(&api)?;
+            let s = client
+                .call(client.http.get(client.url(&format!("/v1/services/{name}"))))
+                .await?;
+            print_service(&s);
+            println!(
+                "{:>5}  {:<36}  {:<9}  {:<5}  {:>7}  {:<16}  {:>8}",
+                "INDEX", "TASK", "STATE", "READY", "ATTEMPT", "WORKER", "PID"
+            );
+            for r in s["replicas"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:>5}  {:<36}  {:<9}  {:<5}  {:>7}  {:<16}  {:>8}",
+                    r["index"].to_string(),
+                    r["task_id"].as_str().unwrap_or(""),
+                    r["state"].as_str().unwrap_or(""),
+                    r["ready"].to_string(),
+                    r["attempt"].to_string(),
+                    r["worker_id"].as_str().unwrap_or("-"),
+                    r["pid"].to_string(),
+                );
+            }
+        }
+        ServiceCommand::Scale {
+            name,
+            replicas,
+            api,
+        } => {
+            let client = ApiClient::new(&api)?;
+            let s = client
+                .call(
+                    client
+                        .http
+                        .patch(client.url(&format!("/v1/services/{name}")))
+                        .json(&serde_json::json!({ "replicas": replicas })),
+                )
+                .await?;
+            print_service(&s);
+        }
+        ServiceCommand::Stop { name, api } => {
+            let client = ApiClient::new(&api)?;
+            let s = client
+                .call(
+                    client
+                        .http
+                        .post(client.url(&format!("/v1/services/{name}/stop"))),
+                )
+                .await?;
+            print_service(&s);
+        }
+    }
+    Ok(())
 }

@@ -1,5 +1,6 @@
-//! The `tasklog` command line: servers (`up`, `dev-broker`, `server`, `projector`),
-//! client commands (`submit`, `get`, `ls`, `events`, `cancel`) and benchmarks.
+//! The `tasklog` command line: servers (`up`, `dev-broker`, `server`, `projector`,
+//! `scheduler`, `worker`), client commands (`submit`, `run`, `get`, `ls`, `events`,
+//! `cancel`, `logs`, `workers`) and benchmarks.
 
 mod client;
 mod servers;
@@ -31,6 +32,17 @@ enum Command {
     Server(ServerArgs),
     /// Run the projector (events topic -> Postgres, exactly once).
     Projector(ProjectorArgs),
+    /// Run the scheduler (one leader at a time; others stand by).
+    Scheduler(SchedulerArgs),
+    /// Run a worker agent: registers, takes assignments, runs them as processes.
+    Worker(WorkerArgs),
+    /// List workers with their state, capacity and what they run.
+    Workers(WorkersArgs),
+    /// Submit a task, follow its logs, and exit with its exit code.
+    Run(RunArgs),
+    /// Services: replicas of a task kept at their count, with probes.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Submit a task from a YAML or JSON file; prints its id.
     Submit(SubmitArgs),
     /// Show one task.
@@ -102,6 +114,153 @@ struct UpArgs {
     db: DbArgs,
     #[command(flatten)]
     http: HttpArgs,
+    #[command(flatten)]
+    scheduling: SchedulingArgs,
+    /// Do not run a worker in this process (run `tasklog worker` elsewhere).
+    #[arg(long)]
+    no_worker: bool,
+    #[command(flatten)]
+    worker: WorkerResourceArgs,
+}
+
+/// How the scheduler orders and gives up.
+#[derive(Debug, Clone, Args)]
+pub struct SchedulingArgs {
+    /// Effective priority a queued task gains per minute waited (0: strict priority).
+    #[arg(long, env = "TASKLOG_AGING_PER_MINUTE", default_value_t = 1.0)]
+    pub aging_per_minute: f64,
+    /// A worker with no heartbeat for this long is lost (e.g. 30s).
+    #[arg(long, env = "TASKLOG_WORKER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub worker_timeout: std::time::Duration,
+    /// How long a task no live worker could ever fit waits before failing with no_capacity.
+    #[arg(long, env = "TASKLOG_NO_CAPACITY_AFTER", default_value = "10s", value_parser = parse_duration)]
+    pub no_capacity_after: std::time::Duration,
+}
+
+/// What a worker offers and how it behaves.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerResourceArgs {
+    /// Worker id (default: the hostname). Letters, digits and ._:@-.
+    #[arg(long, env = "TASKLOG_WORKER_NAME")]
+    pub name: Option<String>,
+    /// Cores offered (default: all of this machine's).
+    #[arg(long, env = "TASKLOG_WORKER_CPU")]
+    pub cpu: Option<f64>,
+    /// Memory offered, e.g. 8GiB (default: this machine's).
+    #[arg(long, env = "TASKLOG_WORKER_MEMORY")]
+    pub memory: Option<String>,
+    /// GPUs offered.
+    #[arg(long, env = "TASKLOG_WORKER_GPU", default_value_t = 0)]
+    pub gpu: u32,
+    /// A label tasks can require (k=v); repeatable.
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Interval between heartbeats.
+    #[arg(long, env = "TASKLOG_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat: std::time::Duration,
+    /// Where the worker records its running attempts, so that after a crash the next
+    /// run stops the ones left behind (default: $XDG_STATE_HOME/tasklog or
+    /// ~/.local/state/tasklog).
+    #[arg(long, env = "TASKLOG_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Time between SIGTERM and SIGKILL when stopping an attempt.
+    #[arg(long, env = "TASKLOG_KILL_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub kill_grace: std::time::Duration,
+}
+
+/// Parses a duration such as `500ms`, `30s`, `2m`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::events::spec::parse_duration_ms(s)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is not a duration such as 500ms, 30s, 5m"))
+}
+
+#[derive(Debug, Args)]
+struct SchedulerArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    scheduling: SchedulingArgs,
+    /// Where to serve /metrics and /healthz (none: not served).
+    #[arg(long, env = "TASKLOG_SCHEDULER_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    api: ApiArgs,
+    #[command(flatten)]
+    resources: WorkerResourceArgs,
+    /// Where to serve /metrics and /healthz (none: not served).
+    #[arg(long, env = "TASKLOG_WORKER_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+struct WorkersArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Task spec file (YAML or JSON); `-` reads standard input.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Idempotency key: rerunning with the same key follows the same task.
+    #[arg(long)]
+    key: Option<String>,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// `tasklog service ...`
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Create a service from a YAML or JSON file ({name, replicas, template, retry, probe}).
+    Up {
+        /// The service file; `-` reads standard input.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List services with their status.
+    Ls {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one service with its replicas.
+    Get {
+        /// Service name.
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Change the replica count.
+    Scale {
+        /// Service name.
+        name: String,
+        /// Replicas wanted.
+        replicas: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Stop every replica.
+    Stop {
+        /// Service name.
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -257,6 +416,8 @@ enum BenchCommand {
     Submit(crate::bench::SubmitBenchArgs),
     /// Log ingest, page latency and full-read time.
     Logs(crate::bench::LogsBenchArgs),
+    /// Submit-to-running latency and the time of one scheduling pass.
+    Schedule(crate::bench::ScheduleBenchArgs),
 }
 
 /// Parses the command line and runs it. Returns the process exit code.
@@ -267,6 +428,14 @@ pub async fn run() -> i32 {
         Command::DevBroker(a) => servers::dev_broker(a).await,
         Command::Server(a) => servers::server(a).await,
         Command::Projector(a) => servers::projector(a).await,
+        Command::Scheduler(a) => servers::scheduler(a).await,
+        Command::Worker(a) => servers::worker(a).await,
+        Command::Workers(a) => client::workers(a).await,
+        Command::Service(c) => client::service(c).await,
+        Command::Run(a) => match client::run(a).await {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Command::Submit(a) => client::submit(a).await,
         Command::Get(a) => client::get(a).await,
         Command::Ls(a) => client::ls(a).await,
@@ -275,6 +444,7 @@ pub async fn run() -> i32 {
         Command::Logs(a) => client::logs(a).await,
         Command::Bench(BenchCommand::Submit(a)) => crate::bench::submit(a).await,
         Command::Bench(BenchCommand::Logs(a)) => crate::bench::logs(a).await,
+        Command::Bench(BenchCommand::Schedule(a)) => crate::bench::schedule(a).await,
     };
     match result {
         Ok(()) => 0,

@@ -8,12 +8,17 @@ use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post};
 
-use super::{DbArgs, DevBrokerArgs, HttpArgs, ProjectorArgs, ServerArgs, UpArgs, shutdown_signal};
+use super::{
+    DbArgs, DevBrokerArgs, HttpArgs, ProjectorArgs, SchedulerArgs, SchedulingArgs, ServerArgs,
+    UpArgs, WorkerArgs, WorkerResourceArgs, shutdown_signal,
+};
 use crate::api::{self, ApiOptions, AppState};
 use crate::kafka::dev_broker::{DevBroker, DevBrokerOptions};
 use crate::kafka::{self, Appender, AppenderOptions, Topics};
 use crate::projector::{self, ProjectorOptions};
+use crate::scheduler::{self, SchedulerOptions};
 use crate::store::{self, Store};
+use crate::worker::{self, WorkerOptions};
 
 /// Connects to Postgres (creating the database when missing) and applies migrations.
 pub(crate) async fn open_store(db: &DbArgs) -> anyhow::Result<Store> {
@@ -121,6 +126,30 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The worker stops first (it drains through the API), then everything else.
+    let (worker_stop_tx, worker_stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let scheduler_task = tokio::spawn(scheduler::run(
+        scheduler_options(topics.clone(), &args.scheduling),
+        store.clone(),
+        Appender::new(&AppenderOptions::new(&brokers))?,
+        stopped(stop_rx.clone()),
+    ));
+    let worker_task = if args.no_worker {
+        None
+    } else {
+        let mut options = worker_options(&format!("http://{addr}"), topics.clone(), &args.worker)?;
+        if args.worker.name.is_none() {
+            options.name = "local".into();
+        }
+        let appender = Appender::new(&AppenderOptions::new(&brokers))?;
+        Some((
+            options.name.clone(),
+            tokio::spawn(worker::run(options, appender, stopped(worker_stop_rx))),
+        ))
+    };
     let mut projector_stop = stop_rx.clone();
     let projector = tokio::spawn(projector::run_all(
         ProjectorOptions::new(&brokers, topics.clone()),
@@ -134,12 +163,18 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("  metrics:  http://{addr}/metrics");
     println!("  health:   http://{addr}/readyz");
     println!(
-        "  kafka:    {brokers} (topics {}, {}, {})",
-        topics.events, topics.logs, topics.dlq
+        "  kafka:    {brokers} (topics {}, {}, {}, {}, {})",
+        topics.events, topics.workers, topics.services, topics.logs, topics.dlq
     );
     println!("  postgres: {}", redact(&args.db.database_url));
+    match &worker_task {
+        Some((name, _)) => {
+            println!("  worker:   {name} (this process; `tasklog workers` lists all)")
+        }
+        None => println!("  worker:   none in this process (--no-worker); run `tasklog worker`"),
+    }
     println!(
-        "Try: tasklog submit -f examples/hello.yaml && tasklog ls && tasklog logs <id> -f     (Ctrl-C stops)"
+        "Try: tasklog run -f examples/hello.yaml, or tasklog submit -f examples/train.yaml && tasklog ls     (Ctrl-C stops)"
     );
 
     let mut server_stop = stop_rx;
@@ -158,8 +193,18 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
             result.context("HTTP server")?;
         }
     }
-    eprintln!("tasklog: shutting down");
+    eprintln!(
+        "tasklog: shutting down (the worker drains: running attempts finish first; Ctrl-C again to stop at once)"
+    );
+    let _ = worker_stop_tx.send(true);
+    if let Some((_, worker)) = worker_task {
+        tokio::select! {
+            _ = worker => {}
+            _ = shutdown_signal() => {}
+        }
+    }
     let _ = stop_tx.send(true);
+    scheduler_task.abort();
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         let _ = (&mut server).await;
         let _ = (&mut projector).await;
@@ -272,24 +317,109 @@ pub(super) async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
         store.reset_projection().await?;
         eprintln!("tasklog projector: projection deleted; rebuilding from offset 0");
     }
-    if let Some(addr) = args.metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("metrics listener on {addr}"))?;
-        let app = axum::Router::new()
-            .route("/metrics", get(|| async { crate::metrics::render() }))
-            .route(
-                "/healthz",
-                get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-            );
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-    }
+    serve_metrics(args.metrics_addr).await?;
     let mut options = ProjectorOptions::new(&args.kafka.brokers, topics);
     options.group_id = args.group;
     options.session_timeout = Duration::from_millis(args.session_timeout_ms);
     println!("tasklog projector started");
     projector::run_all(options, store, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Serves `/metrics` and `/healthz` on `addr`, if given (roles without the API).
+async fn serve_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("metrics listener on {addr}"))?;
+    let app = axum::Router::new()
+        .route("/metrics", get(|| async { crate::metrics::render() }))
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(())
+}
+
+fn scheduler_options(topics: Topics, args: &SchedulingArgs) -> SchedulerOptions {
+    let mut options = SchedulerOptions::new(topics);
+    options.aging_per_minute = args.aging_per_minute.max(0.0);
+    options.worker_timeout = args.worker_timeout;
+    options.no_capacity_after = args.no_capacity_after;
+    options
+}
+
+fn worker_options(
+    api_url: &str,
+    topics: Topics,
+    args: &WorkerResourceArgs,
+) -> anyhow::Result<WorkerOptions> {
+    let mut options = WorkerOptions::new(api_url, topics);
+    if let Some(name) = &args.name {
+        options.name = name.clone();
+    }
+    if let Some(dir) = &args.state_dir {
+        options.ledger = Some(dir.join(format!("worker-{}.attempts", options.name)));
+    }
+    if let Some(cpu) = args.cpu {
+        anyhow::ensure!(
+            cpu > 0.0 && cpu.is_finite(),
+            "--cpu must be a positive number of cores"
+        );
+        options.capacity.cpu = cpu;
+    }
+    if let Some(memory) = &args.memory {
+        options.capacity.memory =
+            crate::events::spec::parse_size(&serde_json::Value::String(memory.clone()))
+                .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+    }
+    options.capacity.gpu = args.gpu;
+    for label in &args.labels {
+        let (k, v) = label
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .with_context(|| format!("--label {label:?} is not k=v"))?;
+        options.labels.insert(k.to_string(), v.to_string());
+    }
+    options.heartbeat = args.heartbeat;
+    options.kill_grace = args.kill_grace;
+    Ok(options)
+}
+
+pub(super) async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
+    let store = open_store(&args.db).await?;
+    let topics = topics_for(&args.kafka.topic_prefix);
+    kafka::ensure_topics(&args.kafka.brokers, &topics.all(), args.kafka.partitions).await?;
+    serve_metrics(args.metrics_addr).await?;
+    let appender = Appender::new(&AppenderOptions::new(&args.kafka.brokers))?;
+    println!("tasklog scheduler started (standing by until it holds the leader lock)");
+    scheduler::run(
+        scheduler_options(topics, &args.scheduling),
+        store,
+        appender,
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let topics = topics_for(&args.kafka.topic_prefix);
+    let options = worker_options(&args.api.url, topics, &args.resources)?;
+    serve_metrics(args.metrics_addr).await?;
+    let appender = Appender::new(&AppenderOptions::new(&args.kafka.brokers))?;
+    println!(
+        "tasklog worker {} started: cpu {}, memory {} bytes, gpu {}, labels {:?}",
+        options.name,
+        options.capacity.cpu,
+        options.capacity.memory,
+        options.capacity.gpu,
+        options.labels
+    );
+    worker::run(options, appender, shutdown_signal()).await
 }

@@ -8,9 +8,13 @@
 //! `ce_*` record headers, the data is the record value (JSON), the record key is the
 //! task id. See `README.md` for a worked example with `kcat`.
 
+pub mod probe;
+pub mod retry;
 pub mod schema;
+pub mod service;
 pub mod spec;
 pub mod state;
+pub mod worker;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -18,7 +22,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 pub use spec::TaskSpec;
-pub use state::{Rejection, TaskState, TaskStatus, apply};
+pub use state::{Attempt, Rejection, TaskState, TaskStatus, apply};
 
 /// CloudEvents spec version tasklog writes and accepts.
 pub const SPEC_VERSION: &str = "1.0";
@@ -62,6 +66,10 @@ pub enum EventType {
     Succeeded,
     /// `dev.tasklog.task.failed.v1`
     Failed,
+    /// `dev.tasklog.task.retry_scheduled.v1`
+    RetryScheduled,
+    /// `dev.tasklog.task.ready.v1`
+    Ready,
 }
 
 impl EventType {
@@ -75,6 +83,8 @@ impl EventType {
         EventType::Started,
         EventType::Succeeded,
         EventType::Failed,
+        EventType::RetryScheduled,
+        EventType::Ready,
     ];
 
     /// The `ce_type` string.
@@ -88,6 +98,8 @@ impl EventType {
             EventType::Started => "dev.tasklog.task.started.v1",
             EventType::Succeeded => "dev.tasklog.task.succeeded.v1",
             EventType::Failed => "dev.tasklog.task.failed.v1",
+            EventType::RetryScheduled => "dev.tasklog.task.retry_scheduled.v1",
+            EventType::Ready => "dev.tasklog.task.ready.v1",
         }
     }
 
@@ -129,6 +141,39 @@ pub struct ReasonData {
     pub message: Option<String>,
 }
 
+/// Data of `cancelled`: why, and how the attempt it stopped ended (when one ran).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct CancelledData {
+    /// Machine-readable reason code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The attempt that was stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Its exit code, when it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The signal that ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// How long it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+impl From<ReasonData> for CancelledData {
+    fn from(r: ReasonData) -> CancelledData {
+        CancelledData {
+            reason: r.reason,
+            message: r.message,
+            ..CancelledData::default()
+        }
+    }
+}
+
 /// Type-specific part of an event's data.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Payload {
@@ -139,8 +184,8 @@ pub enum Payload {
     },
     /// A request to cancel.
     CancelRequested(ReasonData),
-    /// The task was cancelled.
-    Cancelled(ReasonData),
+    /// The task was cancelled (with the attempt it ended, if one was running).
+    Cancelled(CancelledData),
     /// Dependencies satisfied.
     Queued(ReasonData),
     /// Placed on a worker.
@@ -167,6 +212,28 @@ pub enum Payload {
         exit_code: Option<i32>,
         /// Attempt duration.
         duration_ms: Option<u64>,
+    },
+    /// The attempt failed (or nothing could fit the task) and the policy retries it.
+    RetryScheduled {
+        /// The attempt that failed (`None` for no_capacity).
+        attempt: Option<u32>,
+        /// Process exit code.
+        exit_code: Option<i32>,
+        /// Signal that ended the process.
+        signal: Option<i32>,
+        /// Attempt duration.
+        duration_ms: Option<u64>,
+        /// Why: error, timeout, interruption, no_capacity.
+        reason: String,
+        /// Detail.
+        message: Option<String>,
+        /// When the task may be queued again.
+        next_attempt_at: DateTime<Utc>,
+    },
+    /// The running attempt passed its probe: ready.
+    Ready {
+        /// The attempt.
+        attempt: u32,
     },
     /// The task failed.
     Failed {
@@ -197,6 +264,8 @@ impl Payload {
             Payload::Started { .. } => EventType::Started,
             Payload::Succeeded { .. } => EventType::Succeeded,
             Payload::Failed { .. } => EventType::Failed,
+            Payload::RetryScheduled { .. } => EventType::RetryScheduled,
+            Payload::Ready { .. } => EventType::Ready,
         }
     }
 }
@@ -250,7 +319,63 @@ pub struct EncodedEvent {
     /// `ce_id`, for finding the event again.
     pub ce_id: String,
     /// `ce_type`.
-    pub event_type: EventType,
+    pub event_type: &'static str,
+}
+
+impl EncodedEvent {
+    /// The record as a consumer would read it back.
+    pub fn as_record(&self) -> RawRecord<'_> {
+        RawRecord {
+            key: Some(self.key.as_bytes()),
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| (*k, Some(v.as_bytes())))
+                .collect(),
+            payload: Some(&self.payload),
+        }
+    }
+
+    /// An event about an entity keyed by name (a worker, a service): the name is the
+    /// record key and `ce_subject`.
+    pub(crate) fn keyed(
+        id: &str,
+        source: &str,
+        event_type: &'static str,
+        time: DateTime<Utc>,
+        key: &str,
+        data: &Value,
+    ) -> EncodedEvent {
+        EncodedEvent {
+            key: key.to_string(),
+            headers: headers_for(id, source, event_type, time, key),
+            payload: serde_json::to_vec(data).unwrap_or_default(),
+            ce_id: id.to_string(),
+            event_type,
+        }
+    }
+}
+
+/// The name in `data.<field>` of a keyed entity's event, checked against `ce_subject`
+/// and the record key.
+pub(crate) fn keyed_subject(
+    record: &RawRecord<'_>,
+    attributes: &Attributes,
+    data: &Value,
+    field: &str,
+) -> Result<String, Rejection> {
+    let name = data
+        .get(field)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if name != attributes.subject || record.key.is_some_and(|k| k != name.as_bytes()) {
+        return Err(Rejection::SubjectMismatch(format!(
+            "data.{field} {name:?} differs from the record key or ce_subject {:?}",
+            attributes.subject
+        )));
+    }
+    Ok(name)
 }
 
 impl Event {
@@ -276,68 +401,33 @@ impl Event {
     pub fn encode(&self) -> EncodedEvent {
         EncodedEvent {
             key: self.task_id.to_string(),
-            headers: vec![
-                (header::SPEC_VERSION, SPEC_VERSION.to_string()),
-                (header::ID, self.envelope.id.clone()),
-                (header::SOURCE, self.envelope.source.clone()),
-                (header::TYPE, self.envelope.event_type.as_str().to_string()),
-                (
-                    header::TIME,
-                    self.envelope
-                        .time
-                        .to_rfc3339_opts(SecondsFormat::Micros, true),
-                ),
-                (header::SUBJECT, self.task_id.to_string()),
-                (header::CONTENT_TYPE, CONTENT_TYPE.to_string()),
-            ],
+            headers: headers_for(
+                &self.envelope.id,
+                &self.envelope.source,
+                self.envelope.event_type.as_str(),
+                self.envelope.time,
+                &self.task_id.to_string(),
+            ),
             payload: serde_json::to_vec(&self.data).unwrap_or_default(),
             ce_id: self.envelope.id.clone(),
-            event_type: self.envelope.event_type,
+            event_type: self.envelope.event_type.as_str(),
         }
     }
 
     /// Decodes and validates a record. Any problem is a [`Rejection`] naming it.
     pub fn decode(record: &RawRecord<'_>) -> Result<Event, Rejection> {
-        let envelope_error = |m: String| Rejection::InvalidEnvelope(m);
-        let required = |name: &str| {
-            record
-                .header(name)
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| envelope_error(format!("header {name} is missing or not UTF-8")))
-        };
-        let spec_version = required(header::SPEC_VERSION)?;
-        if spec_version != SPEC_VERSION {
-            return Err(envelope_error(format!(
-                "{} is {spec_version:?}, expected {SPEC_VERSION:?}",
-                header::SPEC_VERSION
-            )));
-        }
-        let type_name = required(header::TYPE)?;
-        let event_type = EventType::parse(type_name)
-            .ok_or_else(|| Rejection::UnknownType(type_name.to_string()))?;
-        let id = required(header::ID)?.to_string();
-        let source = required(header::SOURCE)?.to_string();
-        let time = required(header::TIME)?;
-        let time = DateTime::parse_from_rfc3339(time)
-            .map_err(|e| envelope_error(format!("{} {time:?} is not RFC 3339: {e}", header::TIME)))?
-            .with_timezone(&Utc);
-        let subject = required(header::SUBJECT)?;
-        let subject = Uuid::parse_str(subject).map_err(|_| {
-            envelope_error(format!("{} {subject:?} is not a UUID", header::SUBJECT))
+        let attributes = Attributes::read(record)?;
+        let event_type = EventType::parse(&attributes.type_name)
+            .ok_or_else(|| Rejection::UnknownType(attributes.type_name.clone()))?;
+        let subject = Uuid::parse_str(&attributes.subject).map_err(|_| {
+            Rejection::InvalidEnvelope(format!(
+                "{} {:?} is not a UUID",
+                header::SUBJECT,
+                attributes.subject
+            ))
         })?;
-        if let Some(content_type) = record.header(header::CONTENT_TYPE) {
-            let media_type = content_type.split(';').next().unwrap_or("").trim();
-            if !media_type.eq_ignore_ascii_case(CONTENT_TYPE) {
-                return Err(envelope_error(format!(
-                    "content-type {content_type:?} is not {CONTENT_TYPE}"
-                )));
-            }
-        }
-        let bytes = record
-            .payload
-            .ok_or_else(|| Rejection::InvalidJson("the record has no value".into()))?;
-        let data: Value =
-            serde_json::from_slice(bytes).map_err(|e| Rejection::InvalidJson(e.to_string()))?;
+        let (id, source, time) = (attributes.id, attributes.source, attributes.time);
+        let data = json_value(record)?;
         schema::validate_event_data(event_type, &data).map_err(Rejection::SchemaViolation)?;
         let (task_id, seq, payload) = data_to_payload(event_type, &data)?;
         if task_id != subject {
@@ -374,6 +464,89 @@ impl Event {
     }
 }
 
+/// The CloudEvents attributes of a record, checked for presence and form but not yet
+/// for meaning (type and subject are parsed by the decoder of each kind of event).
+pub(crate) struct Attributes {
+    pub(crate) id: String,
+    pub(crate) source: String,
+    pub(crate) type_name: String,
+    pub(crate) time: DateTime<Utc>,
+    pub(crate) subject: String,
+}
+
+impl Attributes {
+    /// Reads and checks the `ce_*` headers and the content type.
+    pub(crate) fn read(record: &RawRecord<'_>) -> Result<Attributes, Rejection> {
+        let envelope_error = |m: String| Rejection::InvalidEnvelope(m);
+        let required = |name: &str| {
+            record
+                .header(name)
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| envelope_error(format!("header {name} is missing or not UTF-8")))
+        };
+        let spec_version = required(header::SPEC_VERSION)?;
+        if spec_version != SPEC_VERSION {
+            return Err(envelope_error(format!(
+                "{} is {spec_version:?}, expected {SPEC_VERSION:?}",
+                header::SPEC_VERSION
+            )));
+        }
+        let type_name = required(header::TYPE)?.to_string();
+        let id = required(header::ID)?.to_string();
+        let source = required(header::SOURCE)?.to_string();
+        let time = required(header::TIME)?;
+        let time = DateTime::parse_from_rfc3339(time)
+            .map_err(|e| envelope_error(format!("{} {time:?} is not RFC 3339: {e}", header::TIME)))?
+            .with_timezone(&Utc);
+        let subject = required(header::SUBJECT)?.to_string();
+        if let Some(content_type) = record.header(header::CONTENT_TYPE) {
+            let media_type = content_type.split(';').next().unwrap_or("").trim();
+            if !media_type.eq_ignore_ascii_case(CONTENT_TYPE) {
+                return Err(envelope_error(format!(
+                    "content-type {content_type:?} is not {CONTENT_TYPE}"
+                )));
+            }
+        }
+        Ok(Attributes {
+            id,
+            source,
+            type_name,
+            time,
+            subject,
+        })
+    }
+}
+
+/// The record value parsed as JSON.
+pub(crate) fn json_value(record: &RawRecord<'_>) -> Result<Value, Rejection> {
+    let bytes = record
+        .payload
+        .ok_or_else(|| Rejection::InvalidJson("the record has no value".into()))?;
+    serde_json::from_slice(bytes).map_err(|e| Rejection::InvalidJson(e.to_string()))
+}
+
+/// The CloudEvents headers of an event tasklog writes.
+pub(crate) fn headers_for(
+    id: &str,
+    source: &str,
+    type_name: &str,
+    time: DateTime<Utc>,
+    subject: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        (header::SPEC_VERSION, SPEC_VERSION.to_string()),
+        (header::ID, id.to_string()),
+        (header::SOURCE, source.to_string()),
+        (header::TYPE, type_name.to_string()),
+        (
+            header::TIME,
+            time.to_rfc3339_opts(SecondsFormat::Micros, true),
+        ),
+        (header::SUBJECT, subject.to_string()),
+        (header::CONTENT_TYPE, CONTENT_TYPE.to_string()),
+    ]
+}
+
 #[derive(Deserialize)]
 struct Common {
     task_id: Uuid,
@@ -403,6 +576,22 @@ struct SucceededData {
     attempt: Option<u32>,
     exit_code: Option<i32>,
     duration_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct AssignedAttempt {
+    attempt: u32,
+}
+
+#[derive(Deserialize)]
+struct RetryScheduledData {
+    attempt: Option<u32>,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    duration_ms: Option<u64>,
+    reason: String,
+    message: Option<String>,
+    next_attempt_at: DateTime<Utc>,
 }
 
 #[derive(Deserialize)]
@@ -457,6 +646,22 @@ fn data_to_payload(event_type: EventType, data: &Value) -> Result<(Uuid, u64, Pa
                 duration_ms: d.duration_ms,
             }
         }
+        EventType::Ready => {
+            let d: AssignedAttempt = typed(data)?;
+            Payload::Ready { attempt: d.attempt }
+        }
+        EventType::RetryScheduled => {
+            let d: RetryScheduledData = typed(data)?;
+            Payload::RetryScheduled {
+                attempt: d.attempt,
+                exit_code: d.exit_code,
+                signal: d.signal,
+                duration_ms: d.duration_ms,
+                reason: d.reason,
+                message: d.message,
+                next_attempt_at: d.next_attempt_at,
+            }
+        }
         EventType::Failed => {
             let d: FailedData = typed(data)?;
             Payload::Failed {
@@ -485,7 +690,14 @@ fn payload_to_data(task_id: Uuid, seq: u64, payload: &Payload) -> Value {
         Payload::Submitted { spec } => {
             put("spec", serde_json::to_value(spec).unwrap_or(Value::Null));
         }
-        Payload::CancelRequested(r) | Payload::Cancelled(r) | Payload::Queued(r) => {
+        Payload::Cancelled(c) => {
+            if let Value::Object(fields) = serde_json::to_value(c).unwrap_or_default() {
+                for (k, v) in fields {
+                    put(&k, v);
+                }
+            }
+        }
+        Payload::CancelRequested(r) | Payload::Queued(r) => {
             put(
                 "reason",
                 serde_json::to_value(&r.reason).unwrap_or_default(),
@@ -524,6 +736,33 @@ fn payload_to_data(task_id: Uuid, seq: u64, payload: &Payload) -> Value {
             put(
                 "duration_ms",
                 serde_json::to_value(duration_ms).unwrap_or_default(),
+            );
+        }
+        Payload::Ready { attempt } => put("attempt", Value::from(*attempt)),
+        Payload::RetryScheduled {
+            attempt,
+            exit_code,
+            signal,
+            duration_ms,
+            reason,
+            message,
+            next_attempt_at,
+        } => {
+            put("attempt", serde_json::to_value(attempt).unwrap_or_default());
+            put(
+                "exit_code",
+                serde_json::to_value(exit_code).unwrap_or_default(),
+            );
+            put("signal", serde_json::to_value(signal).unwrap_or_default());
+            put(
+                "duration_ms",
+                serde_json::to_value(duration_ms).unwrap_or_default(),
+            );
+            put("reason", Value::from(reason.clone()));
+            put("message", serde_json::to_value(message).unwrap_or_default());
+            put(
+                "next_attempt_at",
+                Value::from(next_attempt_at.to_rfc3339_opts(SecondsFormat::Micros, true)),
             );
         }
         Payload::Failed {
@@ -570,23 +809,11 @@ mod tests {
         )
     }
 
-    fn raw(e: &EncodedEvent) -> RawRecord<'_> {
-        RawRecord {
-            key: Some(e.key.as_bytes()),
-            headers: e
-                .headers
-                .iter()
-                .map(|(k, v)| (*k, Some(v.as_bytes())))
-                .collect(),
-            payload: Some(&e.payload),
-        }
-    }
-
     #[test]
     fn encode_then_decode_round_trips() {
         let event = submitted();
         let encoded = event.encode();
-        let decoded = Event::decode(&raw(&encoded)).expect("decodes");
+        let decoded = Event::decode(&encoded.as_record()).expect("decodes");
         assert_eq!(decoded.task_id, event.task_id);
         assert_eq!(decoded.seq, 1);
         assert_eq!(decoded.payload, event.payload);
@@ -607,7 +834,7 @@ mod tests {
         };
         let payloads = vec![
             Payload::CancelRequested(reason.clone()),
-            Payload::Cancelled(reason.clone()),
+            Payload::Cancelled(reason.clone().into()),
             Payload::Queued(ReasonData::default()),
             Payload::Assigned {
                 worker_id: "w1".into(),
@@ -631,11 +858,20 @@ mod tests {
                 reason: "error".into(),
                 message: Some("boom".into()),
             },
+            Payload::RetryScheduled {
+                attempt: Some(1),
+                exit_code: Some(3),
+                signal: None,
+                duration_ms: Some(10),
+                reason: "error".into(),
+                message: None,
+                next_attempt_at: DateTime::from_timestamp_micros(1_800_000_000_123_456).unwrap(),
+            },
         ];
         for p in payloads {
             let e = Event::new("s", id, 2, p.clone());
             let encoded = e.encode();
-            let decoded = Event::decode(&raw(&encoded)).expect("decodes");
+            let decoded = Event::decode(&encoded.as_record()).expect("decodes");
             assert_eq!(decoded.payload, p);
         }
     }
@@ -645,7 +881,7 @@ mod tests {
     ) -> String {
         let mut encoded = submitted().encode();
         mutate(&mut encoded.headers, &mut encoded.payload);
-        Event::decode(&raw(&encoded))
+        Event::decode(&encoded.as_record())
             .unwrap_err()
             .code()
             .to_string()
@@ -694,7 +930,7 @@ mod tests {
     #[test]
     fn the_key_must_be_the_task() {
         let encoded = submitted().encode();
-        let mut record = raw(&encoded);
+        let mut record = encoded.as_record();
         record.key = Some(b"someone-else");
         assert_eq!(
             Event::decode(&record).unwrap_err().code(),
@@ -708,6 +944,6 @@ mod tests {
     fn content_type_parameters_are_allowed() {
         let mut encoded = submitted().encode();
         encoded.headers[6].1 = "application/json; charset=utf-8".into();
-        assert!(Event::decode(&raw(&encoded)).is_ok());
+        assert!(Event::decode(&encoded.as_record()).is_ok());
     }
 }

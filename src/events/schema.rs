@@ -10,6 +10,8 @@ use jsonschema::{Registry, Validator};
 use serde_json::Value;
 
 use super::EventType;
+use super::service::ServiceEventType;
+use super::worker::WorkerEventType;
 
 /// The task spec schema, as published in `schemas/task-spec.v1.json`.
 pub const TASK_SPEC_SCHEMA: &str = include_str!("../../schemas/task-spec.v1.json");
@@ -37,12 +39,57 @@ fn event_schema_source(event_type: EventType) -> &'static str {
             include_str!("../../schemas/events/dev.tasklog.task.succeeded.v1.json")
         }
         EventType::Failed => include_str!("../../schemas/events/dev.tasklog.task.failed.v1.json"),
+        EventType::RetryScheduled => {
+            include_str!("../../schemas/events/dev.tasklog.task.retry_scheduled.v1.json")
+        }
+        EventType::Ready => include_str!("../../schemas/events/dev.tasklog.task.ready.v1.json"),
+    }
+}
+
+/// The schema of each worker event type.
+fn worker_schema_source(event_type: WorkerEventType) -> &'static str {
+    match event_type {
+        WorkerEventType::Registered => {
+            include_str!("../../schemas/events/dev.tasklog.worker.registered.v1.json")
+        }
+        WorkerEventType::Heartbeat => {
+            include_str!("../../schemas/events/dev.tasklog.worker.heartbeat.v1.json")
+        }
+        WorkerEventType::Draining => {
+            include_str!("../../schemas/events/dev.tasklog.worker.draining.v1.json")
+        }
+        WorkerEventType::Lost => {
+            include_str!("../../schemas/events/dev.tasklog.worker.lost.v1.json")
+        }
+    }
+}
+
+/// The schema of each service event type.
+fn service_schema_source(event_type: ServiceEventType) -> &'static str {
+    match event_type {
+        ServiceEventType::Created => {
+            include_str!("../../schemas/events/dev.tasklog.service.created.v1.json")
+        }
+        ServiceEventType::Scaled => {
+            include_str!("../../schemas/events/dev.tasklog.service.scaled.v1.json")
+        }
+        ServiceEventType::StopRequested => {
+            include_str!("../../schemas/events/dev.tasklog.service.stop_requested.v1.json")
+        }
+        ServiceEventType::Stopped => {
+            include_str!("../../schemas/events/dev.tasklog.service.stopped.v1.json")
+        }
+        ServiceEventType::Failed => {
+            include_str!("../../schemas/events/dev.tasklog.service.failed.v1.json")
+        }
     }
 }
 
 struct Compiled {
     task_spec: Validator,
     events: HashMap<EventType, Validator>,
+    workers: HashMap<WorkerEventType, Validator>,
+    services: HashMap<ServiceEventType, Validator>,
 }
 
 fn compiled() -> &'static Compiled {
@@ -70,9 +117,27 @@ fn compiled() -> &'static Compiled {
                 (*t, build(&schema))
             })
             .collect();
+        let workers = WorkerEventType::ALL
+            .iter()
+            .map(|t| {
+                let schema: Value =
+                    serde_json::from_str(worker_schema_source(*t)).expect("event schema is JSON");
+                (*t, build(&schema))
+            })
+            .collect();
+        let services = ServiceEventType::ALL
+            .iter()
+            .map(|t| {
+                let schema: Value =
+                    serde_json::from_str(service_schema_source(*t)).expect("event schema is JSON");
+                (*t, build(&schema))
+            })
+            .collect();
         Compiled {
             task_spec: build(&spec),
             events,
+            workers,
+            services,
         }
     })
 }
@@ -90,6 +155,19 @@ pub fn validate_task_spec(spec: &Value) -> Result<(), String> {
 /// Validates the data of an event against its type's schema.
 pub fn validate_event_data(event_type: EventType, data: &Value) -> Result<(), String> {
     first_error(&compiled().events[&event_type], data)
+}
+
+/// Validates the data of a worker event against its type's schema.
+pub fn validate_worker_event_data(event_type: WorkerEventType, data: &Value) -> Result<(), String> {
+    first_error(&compiled().workers[&event_type], data)
+}
+
+/// Validates the data of a service event against its type's schema.
+pub fn validate_service_event_data(
+    event_type: ServiceEventType,
+    data: &Value,
+) -> Result<(), String> {
+    first_error(&compiled().services[&event_type], data)
 }
 
 fn first_error(validator: &Validator, instance: &Value) -> Result<(), String> {
@@ -116,6 +194,12 @@ mod tests {
     fn every_embedded_schema_compiles() {
         for t in EventType::ALL {
             let _ = validate_event_data(*t, &json!({}));
+        }
+        for t in WorkerEventType::ALL {
+            let _ = validate_worker_event_data(*t, &json!({}));
+        }
+        for t in ServiceEventType::ALL {
+            let _ = validate_service_event_data(*t, &json!({}));
         }
         assert!(validate_task_spec(&json!({"shell": "true"})).is_ok());
     }

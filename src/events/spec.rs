@@ -49,13 +49,28 @@ pub struct TaskSpec {
     /// Free-form labels for filtering.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Labels the worker must carry (merged with `resources.labels`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+    /// Set on a service's replicas: the service's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Set on a service's replicas: the replica's index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<u32>,
+    /// Health probe, run by the worker (see `worker::probe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<serde_json::Value>,
+    /// Who runs the task: `tasklog` (default) or `external` (never scheduled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<String>,
     /// Tasks that must succeed before this one may run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<Uuid>,
     /// Seconds (integer) or a duration string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<serde_json::Value>,
-    /// Retry policy, stored as given.
+    /// Retry policy: `true`, `false` or an object (see [`super::retry`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<serde_json::Value>,
     /// Per-attempt log quota: bytes or a size string (default 100 MiB).
@@ -103,6 +118,22 @@ impl TaskSpec {
     /// The priority, defaulting to [`DEFAULT_PRIORITY`].
     pub fn priority(&self) -> i64 {
         self.priority.unwrap_or(DEFAULT_PRIORITY)
+    }
+
+    /// Whether an outside system runs the task (`executor: external`).
+    pub fn is_external(&self) -> bool {
+        self.executor.as_deref() == Some("external")
+    }
+
+    /// Every label a worker must carry: `resources.labels` and `selector` together.
+    pub fn required_labels(&self) -> BTreeMap<String, String> {
+        let mut labels = self
+            .resources
+            .as_ref()
+            .map(|r| r.labels.clone())
+            .unwrap_or_default();
+        labels.extend(self.selector.iter().map(|(k, v)| (k.clone(), v.clone())));
+        labels
     }
 
     /// Memory in bytes, if given.
@@ -153,6 +184,15 @@ impl TaskSpec {
         }
     }
 
+    /// Parses a spec given as JSON: schema, types, then [`TaskSpec::check`]. The error
+    /// names the offending field.
+    pub fn from_json(value: serde_json::Value) -> Result<TaskSpec, String> {
+        super::schema::validate_task_spec(&value)?;
+        let spec: TaskSpec = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        spec.check().map_err(|e| e.to_string())?;
+        Ok(spec)
+    }
+
     /// Checks what the JSON Schema cannot express. Call after schema validation.
     pub fn check(&self) -> Result<(), SpecError> {
         match (&self.command, &self.shell) {
@@ -189,6 +229,13 @@ impl TaskSpec {
         self.memory_bytes()?;
         self.timeout_ms()?;
         self.log_quota_bytes()?;
+        super::retry::RetryPolicy::from_spec(self.retry.as_ref())?;
+        if let Some(probe) = &self.probe {
+            super::probe::Probe::from_json(probe).map_err(|e| SpecError {
+                field: e.field,
+                message: e.reason,
+            })?;
+        }
         Ok(())
     }
 }
@@ -336,6 +383,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(spec.check().unwrap_err().field, "resources.memory");
+        let spec = TaskSpec {
+            shell: Some("x".into()),
+            probe: Some(json!({"command": {"argv": ["true"]}, "interval": "soon"})),
+            ..Default::default()
+        };
+        assert_eq!(spec.check().unwrap_err().field, "probe.interval");
+        let spec = TaskSpec {
+            shell: Some("x".into()),
+            retry: Some(json!({"max_attempts": 0})),
+            ..Default::default()
+        };
+        assert_eq!(spec.check().unwrap_err().field, "retry.max_attempts");
     }
 
     #[test]

@@ -123,6 +123,98 @@ pub struct TaskState {
     /// When the task reached a terminal state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<DateTime<Utc>>,
+    /// When the task last entered `queued` (the scheduler's aging counts from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<DateTime<Utc>>,
+    /// Every attempt so far, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
+    /// Retries scheduled so far.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
+    /// When the first failure happened (the retry window starts here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_failure_at: Option<DateTime<Utc>>,
+    /// While waiting to be retried: when the task may be queued again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Whether the running attempt passed its probe (`ready` event).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ready: bool,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// One attempt to run a task: where, when, and how it ended.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// The worker it was placed on (absent for an external executor that named none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    /// When it was assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_at: Option<DateTime<Utc>>,
+    /// When its process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// OS process id on the worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// `succeeded`, `failed` or `cancelled`, once it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<TaskStatus>,
+    /// Why it ended that way (error, timeout, interruption, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Exit code, when the process exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The signal that ended the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// How long the process ran, as its worker measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+/// How an attempt ended, as recorded on it.
+struct AttemptEnd<'a> {
+    outcome: TaskStatus,
+    reason: Option<&'a str>,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    duration_ms: Option<u64>,
+}
+
+impl TaskState {
+    /// The current attempt's record, if there is one.
+    pub fn current_attempt(&self) -> Option<&Attempt> {
+        self.attempts.last().filter(|a| a.attempt == self.attempt)
+    }
+
+    /// Records the end of the current attempt, if one is open.
+    fn end_attempt(&mut self, time: DateTime<Utc>, end: AttemptEnd<'_>) {
+        let attempt = self.attempt;
+        if let Some(a) = self
+            .attempts
+            .last_mut()
+            .filter(|a| a.attempt == attempt && a.finished_at.is_none())
+        {
+            a.finished_at = Some(time);
+            a.outcome = Some(end.outcome);
+            a.reason = end.reason.map(str::to_string);
+            a.exit_code = end.exit_code;
+            a.signal = end.signal;
+            a.duration_ms = end.duration_ms;
+        }
+    }
 }
 
 /// Why an event was not applied. `code()` is the stable machine-readable reason.
@@ -171,6 +263,26 @@ pub enum Rejection {
     /// The same task id (idempotency key) was submitted with a different spec.
     #[error("task {0} was already submitted with a different spec")]
     IdempotencyConflict(Uuid),
+    /// A `retry_scheduled` the task's retry policy does not allow.
+    #[error("no retry allowed: {0}")]
+    RetryNotAllowed(String),
+    /// A service event about a service that was never created.
+    #[error("service {0:?} was never created")]
+    UnknownService(String),
+    /// The service event is not allowed in the service's state.
+    #[error("{0}")]
+    IllegalServiceTransition(String),
+    /// A worker event about a worker that never registered.
+    #[error("worker {0:?} never registered")]
+    UnknownWorker(String),
+    /// The worker event is not allowed in the worker's state.
+    #[error("{event} is not allowed for a worker that is {from}")]
+    IllegalWorkerTransition {
+        /// The worker's state.
+        from: super::worker::WorkerStatus,
+        /// The event type.
+        event: &'static str,
+    },
     /// The attempt number does not match the task's attempt.
     #[error("attempt {got} does not match the task's attempt {expected}")]
     AttemptMismatch {
@@ -197,6 +309,11 @@ impl Rejection {
             Rejection::DuplicateSubmission(_) => "duplicate_submission",
             Rejection::IdempotencyConflict(_) => "idempotency_conflict",
             Rejection::AttemptMismatch { .. } => "attempt_mismatch",
+            Rejection::UnknownWorker(_) => "unknown_worker",
+            Rejection::RetryNotAllowed(_) => "retry_not_allowed",
+            Rejection::UnknownService(_) => "unknown_service",
+            Rejection::IllegalServiceTransition(_) => "illegal_transition",
+            Rejection::IllegalWorkerTransition { .. } => "illegal_transition",
         }
     }
 }
@@ -215,6 +332,12 @@ pub fn apply(state: Option<&TaskState>, event: &Event) -> Result<TaskState, Reje
                 } else {
                     TaskStatus::Pending
                 },
+                queued_at: spec.after.is_empty().then_some(time),
+                attempts: Vec::new(),
+                retries: 0,
+                first_failure_at: None,
+                next_attempt_at: None,
+                ready: false,
                 seq: 1,
                 spec: (**spec).clone(),
                 submitted_by: event.envelope.source.clone(),
@@ -261,6 +384,13 @@ pub fn apply(state: Option<&TaskState>, event: &Event) -> Result<TaskState, Reje
     let mut next = current.clone();
     next.seq = event.seq;
     next.updated_at = time;
+    // Readiness belongs to one running attempt.
+    if !matches!(
+        event.payload,
+        Payload::Ready { .. } | Payload::CancelRequested(_)
+    ) {
+        next.ready = false;
+    }
     match &event.payload {
         Payload::Submitted { .. } => return Err(illegal()),
         Payload::CancelRequested(r) => {
@@ -268,17 +398,31 @@ pub fn apply(state: Option<&TaskState>, event: &Event) -> Result<TaskState, Reje
             next.reason = r.reason.clone().or_else(|| Some("cancel_requested".into()));
             next.message = r.message.clone();
         }
-        Payload::Cancelled(r) => {
+        Payload::Cancelled(c) => {
+            check_attempt(current, c.attempt)?;
             next.state = TaskStatus::Cancelled;
-            next.reason = r.reason.clone().or_else(|| Some("cancelled".into()));
-            next.message = r.message.clone();
+            next.reason = c.reason.clone().or_else(|| Some("cancelled".into()));
+            next.message = c.message.clone();
             next.finished_at = Some(time);
+            next.end_attempt(
+                time,
+                AttemptEnd {
+                    outcome: TaskStatus::Cancelled,
+                    reason: next.reason.clone().as_deref(),
+                    exit_code: c.exit_code,
+                    signal: c.signal,
+                    duration_ms: c.duration_ms,
+                },
+            );
         }
         Payload::Queued(_) => {
             if current.state != TaskStatus::Pending {
                 return Err(illegal());
             }
             next.state = TaskStatus::Queued;
+            // A retried task keeps its place: aging counts from when it first queued.
+            next.queued_at.get_or_insert(time);
+            next.next_attempt_at = None;
         }
         Payload::Assigned { worker_id, attempt } => {
             if current.state != TaskStatus::Queued || current.cancel_requested {
@@ -290,20 +434,45 @@ pub fn apply(state: Option<&TaskState>, event: &Event) -> Result<TaskState, Reje
                     got: *attempt,
                 });
             }
+            if current.spec.is_external() {
+                return Err(illegal());
+            }
             next.state = TaskStatus::Assigned;
             next.attempt = *attempt;
             next.worker_id = Some(worker_id.clone());
+            next.attempts.push(Attempt {
+                attempt: *attempt,
+                worker_id: Some(worker_id.clone()),
+                assigned_at: Some(time),
+                ..Attempt::default()
+            });
         }
         Payload::Started {
-            attempt, worker_id, ..
+            attempt,
+            worker_id,
+            pid,
         } => {
-            if current.state != TaskStatus::Assigned {
+            // Tasks run by an outside system skip assignment: queued -> running.
+            let external = current.spec.is_external() && current.state == TaskStatus::Queued;
+            if current.state != TaskStatus::Assigned && !external {
                 return Err(illegal());
             }
-            if *attempt != current.attempt {
+            let expected = if external {
+                current.attempt + 1
+            } else {
+                current.attempt
+            };
+            if *attempt != expected {
                 return Err(Rejection::AttemptMismatch {
-                    expected: current.attempt,
+                    expected,
                     got: *attempt,
+                });
+            }
+            if external {
+                next.attempt = *attempt;
+                next.attempts.push(Attempt {
+                    attempt: *attempt,
+                    ..Attempt::default()
                 });
             }
             next.state = TaskStatus::Running;
@@ -311,9 +480,18 @@ pub fn apply(state: Option<&TaskState>, event: &Event) -> Result<TaskState, Reje
                 next.worker_id = worker_id.clone();
             }
             next.started_at = Some(time);
+            if let Some(a) = next.attempts.last_mut() {
+                a.started_at = Some(time);
+                a.pid = *pid;
+                if worker_id.is_some() {
+                    a.worker_id = worker_id.clone();
+                }
+            }
         }
         Payload::Succeeded {
-            attempt, exit_code, ..
+            attempt,
+            exit_code,
+            duration_ms,
         } => {
             if current.state != TaskStatus::Running {
                 return Err(illegal());
@@ -324,20 +502,92 @@ pub fn apply(state: Option<&TaskState>, event: &Event) -> Result<TaskState, Reje
             next.reason = None;
             next.message = None;
             next.finished_at = Some(time);
+            next.end_attempt(
+                time,
+                AttemptEnd {
+                    outcome: TaskStatus::Succeeded,
+                    reason: None,
+                    exit_code: next.exit_code,
+                    signal: None,
+                    duration_ms: *duration_ms,
+                },
+            );
+        }
+        Payload::Ready { attempt } => {
+            if current.state != TaskStatus::Running {
+                return Err(illegal());
+            }
+            check_attempt(current, Some(*attempt))?;
+            next.ready = true;
+        }
+        Payload::RetryScheduled {
+            attempt,
+            exit_code,
+            signal,
+            duration_ms,
+            reason,
+            message,
+            next_attempt_at,
+        } => {
+            let ran = matches!(current.state, TaskStatus::Assigned | TaskStatus::Running);
+            let unplaced = current.state == TaskStatus::Queued && reason == "no_capacity";
+            if !(ran || unplaced) {
+                return Err(illegal());
+            }
+            check_attempt(current, *attempt)?;
+            if let super::retry::RetryDecision::Fail { reason, message } =
+                super::retry::decide(current, reason, *exit_code, time)
+            {
+                return Err(Rejection::RetryNotAllowed(
+                    message.unwrap_or_else(|| format!("the policy makes {reason} final")),
+                ));
+            }
+            next.state = TaskStatus::Pending;
+            next.retries += 1;
+            next.first_failure_at.get_or_insert(time);
+            next.next_attempt_at = Some(*next_attempt_at);
+            next.reason = Some(reason.clone());
+            next.message = message.clone();
+            next.worker_id = None;
+            if ran {
+                next.exit_code = *exit_code;
+                next.end_attempt(
+                    time,
+                    AttemptEnd {
+                        outcome: TaskStatus::Failed,
+                        reason: Some(reason),
+                        exit_code: *exit_code,
+                        signal: *signal,
+                        duration_ms: *duration_ms,
+                    },
+                );
+            }
         }
         Payload::Failed {
             attempt,
             exit_code,
+            signal,
+            duration_ms,
             reason,
             message,
-            ..
         } => {
             check_attempt(current, *attempt)?;
+            next.first_failure_at.get_or_insert(time);
             next.state = TaskStatus::Failed;
             next.exit_code = *exit_code;
             next.reason = Some(reason.clone());
             next.message = message.clone();
             next.finished_at = Some(time);
+            next.end_attempt(
+                time,
+                AttemptEnd {
+                    outcome: TaskStatus::Failed,
+                    reason: Some(reason),
+                    exit_code: *exit_code,
+                    signal: *signal,
+                    duration_ms: *duration_ms,
+                },
+            );
         }
     }
     Ok(next)
@@ -361,6 +611,7 @@ mod tests {
     fn spec() -> TaskSpec {
         TaskSpec {
             shell: Some("true".into()),
+            retry: Some(serde_json::json!(true)),
             ..Default::default()
         }
     }
@@ -391,7 +642,7 @@ mod tests {
                 spec: Box::new(spec()),
             },
             EventType::CancelRequested => Payload::CancelRequested(ReasonData::default()),
-            EventType::Cancelled => Payload::Cancelled(ReasonData::default()),
+            EventType::Cancelled => Payload::Cancelled(Default::default()),
             EventType::Queued => Payload::Queued(ReasonData::default()),
             EventType::Assigned => Payload::Assigned {
                 worker_id: "w".into(),
@@ -415,6 +666,16 @@ mod tests {
                 reason: "error".into(),
                 message: None,
             },
+            EventType::Ready => Payload::Ready { attempt },
+            EventType::RetryScheduled => Payload::RetryScheduled {
+                attempt: Some(attempt),
+                exit_code: Some(1),
+                signal: None,
+                duration_ms: None,
+                reason: "error".into(),
+                message: None,
+                next_attempt_at: Utc::now(),
+            },
         }
     }
 
@@ -434,6 +695,8 @@ mod tests {
             (S::Queued, E::Assigned) => Some(S::Assigned),
             (S::Assigned, E::Started) => Some(S::Running),
             (S::Running, E::Succeeded) => Some(S::Succeeded),
+            (S::Assigned | S::Running, E::RetryScheduled) => Some(S::Pending),
+            (S::Running, E::Ready) => Some(S::Running),
             _ => None,
         }
     }
@@ -479,7 +742,7 @@ mod tests {
     #[test]
     fn first_event_must_be_submitted_with_seq_1() {
         let id = Uuid::now_v7();
-        let e = Event::new("t", id, 1, Payload::Cancelled(ReasonData::default()));
+        let e = Event::new("t", id, 1, Payload::Cancelled(Default::default()));
         assert_eq!(apply(None, &e).unwrap_err(), Rejection::UnknownTask(id));
         let e = Event::new(
             "t",
@@ -583,6 +846,115 @@ mod tests {
         assert_eq!(t.worker_id.as_deref(), Some("w"));
         assert_eq!(t.exit_code, Some(0));
         assert!(t.started_at.is_some() && t.finished_at.is_some());
+    }
+
+    #[test]
+    fn attempts_are_recorded_and_external_tasks_start_from_queued() {
+        let id = Uuid::now_v7();
+        let mut external = spec();
+        external.executor = Some("external".into());
+        let t = apply(None, &submitted(id, external)).unwrap();
+        let assign = Event::new("s", id, 2, payload_of(EventType::Assigned, 0));
+        assert_eq!(
+            apply(Some(&t), &assign).unwrap_err().code(),
+            "illegal_transition",
+            "external tasks are never assigned"
+        );
+        let start = Event::new(
+            "spark",
+            id,
+            2,
+            Payload::Started {
+                attempt: 1,
+                worker_id: Some("driver".into()),
+                pid: None,
+            },
+        );
+        let t = apply(Some(&t), &start).unwrap();
+        assert_eq!((t.state, t.attempt), (TaskStatus::Running, 1));
+        let failed = Event::new("spark", id, 3, payload_of(EventType::Failed, 1));
+        let t = apply(Some(&t), &failed).unwrap();
+        let a = t.current_attempt().unwrap();
+        assert_eq!(a.worker_id.as_deref(), Some("driver"));
+        assert_eq!(
+            (a.outcome, a.exit_code, a.reason.as_deref()),
+            (Some(TaskStatus::Failed), Some(1), Some("error"))
+        );
+
+        // A normal task: assigned opens the attempt, started fills the pid, cancelled
+        // closes it with how the process ended.
+        let id = Uuid::now_v7();
+        let mut t = apply(None, &submitted(id, spec())).unwrap();
+        t = apply(
+            Some(&t),
+            &Event::new("s", id, 2, payload_of(EventType::Assigned, 0)),
+        )
+        .unwrap();
+        t = apply(
+            Some(&t),
+            &Event::new("w", id, 3, payload_of(EventType::Started, 1)),
+        )
+        .unwrap();
+        let cancelled = Payload::Cancelled(crate::events::CancelledData {
+            reason: Some("user".into()),
+            attempt: Some(1),
+            signal: Some(9),
+            duration_ms: Some(1200),
+            ..Default::default()
+        });
+        t = apply(Some(&t), &Event::new("w", id, 4, cancelled)).unwrap();
+        assert_eq!(t.attempts.len(), 1);
+        let a = &t.attempts[0];
+        assert_eq!(a.worker_id.as_deref(), Some("w"));
+        assert_eq!(a.pid, Some(1));
+        assert_eq!(
+            (a.outcome, a.signal, a.duration_ms),
+            (Some(TaskStatus::Cancelled), Some(9), Some(1200))
+        );
+        assert!(a.assigned_at.is_some() && a.started_at.is_some() && a.finished_at.is_some());
+    }
+
+    #[test]
+    fn retries_need_a_policy_that_allows_them() {
+        let retry = |t: &TaskState| {
+            Event::new(
+                "w",
+                t.id,
+                t.seq + 1,
+                payload_of(EventType::RetryScheduled, t.attempt),
+            )
+        };
+        let mut t = task_in(TaskStatus::Running);
+        let next = apply(Some(&t), &retry(&t)).unwrap();
+        assert_eq!((next.state, next.retries), (TaskStatus::Pending, 1));
+        assert!(next.first_failure_at.is_some() && next.next_attempt_at.is_some());
+        assert_eq!(next.attempts.len(), t.attempts.len());
+        t.spec.retry = None;
+        assert_eq!(
+            apply(Some(&t), &retry(&t)).unwrap_err().code(),
+            "retry_not_allowed"
+        );
+        t.spec.retry = Some(serde_json::json!({"max_attempts": 1}));
+        assert_eq!(
+            apply(Some(&t), &retry(&t)).unwrap_err().code(),
+            "retry_not_allowed"
+        );
+        t.spec.retry = Some(serde_json::json!(true));
+        t.cancel_requested = true;
+        assert_eq!(
+            apply(Some(&t), &retry(&t)).unwrap_err().code(),
+            "retry_not_allowed"
+        );
+        // Requeued, the task keeps its place in the queue.
+        let mut p = task_in(TaskStatus::Pending);
+        let first_queued = p.submitted_at;
+        p.queued_at = Some(first_queued);
+        let q = apply(
+            Some(&p),
+            &Event::new("s", p.id, 6, Payload::Queued(ReasonData::default())),
+        )
+        .unwrap();
+        assert_eq!(q.queued_at, Some(first_queued));
     }
 
     #[test]

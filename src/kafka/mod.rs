@@ -27,8 +27,14 @@ pub const DEFAULT_PARTITIONS: i32 = 12;
 /// Names of the topics tasklog uses, derived from one prefix (default `tasklog`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
-    /// Task (and later worker/service) events. Kept forever.
+    /// Task events. Kept forever.
     pub events: String,
+    /// Worker events (registered, heartbeat, draining, lost), keyed by worker id.
+    /// Compacted: every heartbeat carries the worker's whole description, so the
+    /// latest record of each worker is enough to rebuild the workers table.
+    pub workers: String,
+    /// Service events (created, scaled, stop_requested, stopped, failed), keyed by name.
+    pub services: String,
     /// Dead letters: records the projector could not apply, with the reason in headers.
     pub dlq: String,
     /// Task log lines, one record per line.
@@ -41,10 +47,12 @@ pub struct Topics {
 pub const DEFAULT_LOGS_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
 impl Topics {
-    /// Topics named `<prefix>.events`, `<prefix>.dlq` and `<prefix>.logs`.
+    /// Topics named `<prefix>.events`, `<prefix>.workers`, `<prefix>.dlq` and `<prefix>.logs`.
     pub fn with_prefix(prefix: &str) -> Topics {
         Topics {
             events: format!("{prefix}.events"),
+            workers: format!("{prefix}.workers"),
+            services: format!("{prefix}.services"),
             dlq: format!("{prefix}.dlq"),
             logs: format!("{prefix}.logs"),
             logs_retention_ms: DEFAULT_LOGS_RETENTION_MS,
@@ -57,14 +65,27 @@ impl Topics {
             TopicSpec {
                 name: self.events.clone(),
                 retention_ms: -1,
+                compact: false,
+            },
+            TopicSpec {
+                name: self.workers.clone(),
+                retention_ms: -1,
+                compact: true,
+            },
+            TopicSpec {
+                name: self.services.clone(),
+                retention_ms: -1,
+                compact: false,
             },
             TopicSpec {
                 name: self.dlq.clone(),
                 retention_ms: -1,
+                compact: false,
             },
             TopicSpec {
                 name: self.logs.clone(),
                 retention_ms: self.logs_retention_ms,
+                compact: false,
             },
         ]
     }
@@ -77,6 +98,8 @@ pub struct TopicSpec {
     pub name: String,
     /// `retention.ms` (-1: forever).
     pub retention_ms: i64,
+    /// `cleanup.policy=compact` (keep the latest record per key).
+    pub compact: bool,
 }
 
 /// Errors talking to Kafka, with context.
@@ -357,7 +380,12 @@ pub async fn ensure_topics(
         .iter()
         .zip(&retention)
         .map(|(t, r)| {
-            NewTopic::new(&t.name, partitions, TopicReplication::Fixed(-1)).set("retention.ms", r)
+            NewTopic::new(&t.name, partitions, TopicReplication::Fixed(-1))
+                .set("retention.ms", r)
+                .set(
+                    "cleanup.policy",
+                    if t.compact { "compact" } else { "delete" },
+                )
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -530,6 +558,7 @@ mod tests {
         assert_eq!(t.events, "t42.events");
         assert_eq!(t.dlq, "t42.dlq");
         assert_eq!(t.logs, "t42.logs");
-        assert_eq!(t.all().len(), 3);
+        assert_eq!(t.workers, "t42.workers");
+        assert_eq!(t.all().len(), 5);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use tokio_postgres::Transaction;
 use uuid::Uuid;
 
@@ -32,11 +32,8 @@ impl Projection for LogIndexProjection {
     type Decoded = Result<LogMeta, InvalidLogRecord>;
 
     fn decode(message: &OwnedMessage) -> Self::Decoded {
-        let headers: Vec<(&str, Option<&[u8]>)> = message
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-            .unwrap_or_default();
-        decode_meta(message.key(), &headers)
+        let record = crate::projector::raw_record(message);
+        decode_meta(record.key, &record.headers)
     }
 
     fn channel(&self) -> &'static str {

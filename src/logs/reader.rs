@@ -9,15 +9,38 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Statistics};
 use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
 use super::{LogMeta, Stream, decode_meta};
 use crate::kafka::client_config;
+
+/// A pooled reader consumer.
+type ReaderConsumer = BaseConsumer<ReaderContext>;
+
+/// Client context of the reader's consumers: reaching the end of a partition is how
+/// every read ends, not an error worth a log line (librdkafka also reports it as a
+/// global error for consumers resting in the pool).
+struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn stats(&self, _: Statistics) {}
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let end_of_partition = matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF);
+        if !end_of_partition {
+            tracing::warn!(%error, reason, "log reader: Kafka error");
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
 
 /// Offsets per cached block.
 pub const BLOCK: i64 = 1024;
@@ -96,7 +119,7 @@ pub struct ScanRange {
 pub struct LogReader {
     brokers: String,
     topic: String,
-    idle: Mutex<Vec<BaseConsumer>>,
+    idle: Mutex<Vec<ReaderConsumer>>,
     cache: Mutex<Cache>,
 }
 
@@ -149,7 +172,7 @@ impl LogReader {
         &self.topic
     }
 
-    fn consumer(&self) -> Result<BaseConsumer, ReadError> {
+    fn consumer(&self) -> Result<ReaderConsumer, ReadError> {
         if let Some(c) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Ok(c);
         }
@@ -160,11 +183,11 @@ impl LogReader {
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "error")
             .set("fetch.wait.max.ms", "10")
-            .create()
+            .create_with_context(ReaderContext)
             .map_err(|e| ReadError::Kafka(e.to_string()))
     }
 
-    fn give_back(&self, consumer: BaseConsumer) {
+    fn give_back(&self, consumer: ReaderConsumer) {
         let _ = consumer.unassign();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < 16 {

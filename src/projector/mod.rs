@@ -13,10 +13,14 @@
 //! letter (at-least-once, with the source partition/offset in headers to dedupe) but
 //! never lose one.
 //!
-//! The runner here is generic; [`tasks::TaskProjection`] folds task events, and the log
-//! index ([`crate::logs::index`]) indexes log lines.
+//! The runner here is generic; [`tasks::TaskProjection`] folds task events,
+//! [`workers::WorkerProjection`] worker events, and the log index
+//! ([`crate::logs::index`]) indexes log lines.
 
+pub mod keyed;
+pub mod services;
 pub mod tasks;
+pub mod workers;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -56,6 +60,18 @@ pub struct Refusal {
     pub reason: &'static str,
     /// Detail.
     pub message: String,
+}
+
+/// A consumed message as the pure decoders see it (no Kafka types).
+pub fn raw_record(message: &OwnedMessage) -> crate::events::RawRecord<'_> {
+    crate::events::RawRecord {
+        key: message.key(),
+        headers: message
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+            .unwrap_or_default(),
+        payload: message.payload(),
+    }
 }
 
 /// A fold of one topic into Postgres.
@@ -163,6 +179,33 @@ impl ProjectorOptions {
         logs
     }
 
+    /// The same settings for the workers projection (topic `workers`; its own group).
+    pub fn for_workers(&self) -> ProjectorOptions {
+        let mut workers = self.clone();
+        workers.topic = self.topics.workers.clone();
+        // Heartbeats removed by compaction or retention lose nothing: every one carries
+        // the worker's whole description.
+        workers.truncation_is_fatal = false;
+        workers.group_id = if self.group_id == DEFAULT_GROUP {
+            workers::DEFAULT_GROUP.to_string()
+        } else {
+            format!("{}-workers", self.group_id)
+        };
+        workers
+    }
+
+    /// The same settings for the services projection (topic `services`; its own group).
+    pub fn for_services(&self) -> ProjectorOptions {
+        let mut services = self.clone();
+        services.topic = self.topics.services.clone();
+        services.group_id = if self.group_id == DEFAULT_GROUP {
+            services::DEFAULT_GROUP.to_string()
+        } else {
+            format!("{}-services", self.group_id)
+        };
+        services
+    }
+
     /// Defaults for the given brokers and topics.
     pub fn new(brokers: &str, topics: Topics) -> ProjectorOptions {
         ProjectorOptions {
@@ -171,7 +214,7 @@ impl ProjectorOptions {
             topics,
             group_id: DEFAULT_GROUP.to_string(),
             max_batch: 5000,
-            linger: Duration::from_millis(5),
+            linger: Duration::from_millis(1),
             session_timeout: Duration::from_secs(10),
             truncation_is_fatal: true,
         }
@@ -350,7 +393,8 @@ pub async fn check_log_matches(
     Ok(())
 }
 
-/// Runs every projection — tasks and the log index — until `shutdown` resolves.
+/// Runs every projection — tasks, workers, services and the log index — until
+/// `shutdown` resolves.
 pub async fn run_all(
     options: ProjectorOptions,
     store: Store,
@@ -361,11 +405,25 @@ pub async fn run_all(
         let _ = rx.wait_for(|s| *s).await;
     };
     let logs = options.for_logs();
-    let both = futures::future::try_join(
+    let worker_options = options.for_workers();
+    let service_options = options.for_services();
+    let all = futures::future::try_join4(
         run_projection(
             options,
             store.clone(),
             TaskProjection,
+            stopped(stop_rx.clone()),
+        ),
+        run_projection(
+            worker_options,
+            store.clone(),
+            workers::WorkerProjection::new(),
+            stopped(stop_rx.clone()),
+        ),
+        run_projection(
+            service_options,
+            store.clone(),
+            services::ServiceProjection::new(),
             stopped(stop_rx.clone()),
         ),
         run_projection(
@@ -375,13 +433,13 @@ pub async fn run_all(
             stopped(stop_rx),
         ),
     );
-    let mut both = std::pin::pin!(both);
+    let mut all = std::pin::pin!(all);
     tokio::select! {
-        result = &mut both => return result.map(|_| ()),
+        result = &mut all => return result.map(|_| ()),
         _ = shutdown => {}
     }
     let _ = stop_tx.send(true);
-    both.await.map(|_| ())
+    all.await.map(|_| ())
 }
 
 /// Runs the task projection until `shutdown` resolves.

@@ -3,12 +3,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use super::{Projection, Record, Refusal};
-use crate::events::{self, Event, RawRecord, Rejection};
+use crate::events::{self, Event, Rejection};
 use crate::metrics::metrics;
 use crate::store::projection::{self, AppliedEvent, TaskBatchWrite, TaskRow};
 use crate::store::{PROJECTION_CHANNEL, StoreError};
@@ -20,15 +20,7 @@ impl Projection for TaskProjection {
     type Decoded = Result<Event, Rejection>;
 
     fn decode(message: &OwnedMessage) -> Self::Decoded {
-        let headers: Vec<(&str, Option<&[u8]>)> = message
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-            .unwrap_or_default();
-        Event::decode(&RawRecord {
-            key: message.key(),
-            headers,
-            payload: message.payload(),
-        })
+        Event::decode(&super::raw_record(message))
     }
 
     fn channel(&self) -> &'static str {
@@ -76,6 +68,7 @@ impl Projection for TaskProjection {
                 });
             match outcome {
                 Ok((event, before, after)) => {
+                    observe_attempt(before, &after);
                     if let Some(b) = before {
                         *write.state_deltas.entry(b.as_str()).or_default() -= 1;
                     }
@@ -118,5 +111,35 @@ impl Projection for TaskProjection {
             m.events_applied.with_label_values(&[e.event_type]).inc();
         }
         Ok(refusals)
+    }
+}
+
+/// Scheduling metrics from one applied transition: submit→running for first attempts,
+/// and every attempt that ended.
+fn observe_attempt(before: Option<events::TaskStatus>, after: &events::TaskState) {
+    use events::TaskStatus as S;
+    let m = metrics();
+    if after.state == S::Running && before != Some(S::Running) && after.attempt == 1 {
+        let waited = after.updated_at - after.submitted_at;
+        m.submit_to_running
+            .observe(waited.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
+    }
+    let ended_attempt = matches!(before, Some(S::Assigned | S::Running));
+    let retried = after.state == S::Pending;
+    if ended_attempt && (after.state.is_terminal() || retried) {
+        let outcome = if retried {
+            "failed"
+        } else {
+            after.state.as_str()
+        };
+        let reason = match after.reason.as_deref() {
+            None => "none",
+            Some(
+                r @ ("error" | "timeout" | "interruption" | "cancelled" | "user_requested"
+                | "spawn_error" | "unhealthy"),
+            ) => r,
+            Some(_) => "other",
+        };
+        m.attempts.with_label_values(&[outcome, reason]).inc();
     }
 }

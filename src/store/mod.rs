@@ -18,6 +18,8 @@ use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, NoTls};
 use uuid::Uuid;
 
+use crate::events::service::ServiceState;
+use crate::events::worker::WorkerState;
 use crate::events::{TaskState, TaskStatus};
 
 /// Default database URL.
@@ -25,6 +27,10 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://tasklog:tasklog@127.0.0.1:543
 
 /// The channel the projector notifies after every committed batch.
 pub const PROJECTION_CHANNEL: &str = "tasklog_projection";
+/// The channel the workers projection notifies after every committed batch.
+pub const WORKERS_CHANNEL: &str = "tasklog_workers";
+/// The channel the services projection notifies after every committed batch.
+pub const SERVICES_CHANNEL: &str = "tasklog_services";
 /// The channel the log indexer notifies after every committed batch.
 pub const LOG_INDEX_CHANNEL: &str = "tasklog_log_index";
 
@@ -32,6 +38,8 @@ pub const LOG_INDEX_CHANNEL: &str = "tasklog_log_index";
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/0001_projection.sql")),
     (2, include_str!("migrations/0002_log_index.sql")),
+    (3, include_str!("migrations/0003_workers.sql")),
+    (4, include_str!("migrations/0004_services.sql")),
 ];
 
 /// Errors from the store, with context.
@@ -474,7 +482,7 @@ impl Store {
             .await?
             .batch_execute(
                 "TRUNCATE tasks, task_events, rejected_events, projection_offsets, task_state_counts,
-                          log_index, log_checkpoints",
+                          log_index, log_checkpoints, workers, services",
             )
             .await
             .map_err(ctx("reset projection"))
@@ -484,12 +492,18 @@ impl Store {
     /// every committed projector batch (and after a reconnect, when one may have been
     /// missed). Reconnects by itself.
     pub fn follow_projection(&self) -> watch::Receiver<u64> {
+        self.follow(&[PROJECTION_CHANNEL])
+    }
+
+    /// Follows `NOTIFY` on `channels`, like [`Store::follow_projection`].
+    pub fn follow(&self, channels: &[&'static str]) -> watch::Receiver<u64> {
         let (tx, rx) = watch::channel(0u64);
         let url = self.url.clone();
+        let statement: String = channels.iter().map(|c| format!("LISTEN {c};")).collect();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                if let Err(e) = listen_once(&url, &tx).await {
+                if let Err(e) = listen_once(&url, &statement, &tx).await {
                     tracing::warn!(error = %e, "projection notifications lost; reconnecting");
                 }
                 if tx.is_closed() {
@@ -502,15 +516,195 @@ impl Store {
         });
         rx
     }
+
+    /// Every worker, by id.
+    pub async fn workers(&self) -> Result<Vec<WorkerState>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT doc FROM workers ORDER BY id", &[])
+            .await
+            .map_err(ctx("list workers"))?;
+        rows.iter().map(|r| worker_doc(r.get(0))).collect()
+    }
+
+    /// One worker.
+    pub async fn worker(&self, id: &str) -> Result<Option<WorkerState>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT doc FROM workers WHERE id = $1", &[&id])
+            .await
+            .map_err(ctx("read worker"))?;
+        row.map(|r| worker_doc(r.get(0))).transpose()
+    }
+
+    /// Tasks assigned to or running on `worker_id`.
+    pub async fn tasks_on_worker(&self, worker_id: &str) -> Result<Vec<TaskRecord>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT doc, event_partition, last_offset FROM tasks
+                 WHERE state IN ('assigned', 'running') AND doc->>'worker_id' = $1
+                 ORDER BY submitted_at, id",
+                &[&worker_id],
+            )
+            .await
+            .map_err(ctx("list a worker's tasks"))?;
+        rows.iter().map(task_record).collect()
+    }
+
+    /// Every assigned or running task, by the worker it is on (one query for all
+    /// workers).
+    pub async fn tasks_by_worker(&self) -> Result<HashMap<String, Vec<TaskRecord>>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT doc, event_partition, last_offset FROM tasks
+                 WHERE state IN ('assigned', 'running') ORDER BY submitted_at, id",
+                &[],
+            )
+            .await
+            .map_err(ctx("list tasks on workers"))?;
+        let mut by_worker: HashMap<String, Vec<TaskRecord>> = HashMap::new();
+        for row in &rows {
+            let record = task_record(row)?;
+            if let Some(w) = record.task.worker_id.clone() {
+                by_worker.entry(w).or_default().push(record);
+            }
+        }
+        Ok(by_worker)
+    }
+
+    /// Queued tasks per priority band (`0-24`, `25-49`, `50-74`, `75-100`), every band
+    /// present.
+    pub async fn queue_depth_by_band(&self) -> Result<Vec<(&'static str, i64)>, StoreError> {
+        const BANDS: [&str; 4] = ["0-24", "25-49", "50-74", "75-100"];
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT LEAST(priority / 25, 3)::int, count(*) FROM tasks
+                 WHERE state = 'queued' GROUP BY 1",
+                &[],
+            )
+            .await
+            .map_err(ctx("count queued tasks by band"))?;
+        let mut counts = [0i64; 4];
+        for r in rows {
+            let band: i32 = r.get(0);
+            counts[band.clamp(0, 3) as usize] = r.get(1);
+        }
+        Ok(BANDS.into_iter().zip(counts).collect())
+    }
+
+    /// Every service, by name.
+    pub async fn services(&self) -> Result<Vec<ServiceState>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT doc FROM services ORDER BY name", &[])
+            .await
+            .map_err(ctx("list services"))?;
+        rows.iter().map(|r| service_doc(r.get(0))).collect()
+    }
+
+    /// One service.
+    pub async fn service(&self, name: &str) -> Result<Option<ServiceState>, StoreError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT doc FROM services WHERE name = $1", &[&name])
+            .await
+            .map_err(ctx("read service"))?;
+        row.map(|r| service_doc(r.get(0))).transpose()
+    }
+
+    /// Every replica task of service `name` submitted at or after `since` (the current
+    /// incarnation), oldest first.
+    pub async fn service_replicas(
+        &self,
+        name: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT doc, event_partition, last_offset FROM tasks
+                 WHERE doc->'spec'->>'service' = $1 AND submitted_at >= $2
+                 ORDER BY submitted_at, id",
+                &[&name, &since],
+            )
+            .await
+            .map_err(ctx("list a service's replicas"))?;
+        rows.iter().map(task_record).collect()
+    }
+
+    /// Every task that is not terminal.
+    pub async fn unfinished_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT doc, event_partition, last_offset FROM tasks
+                 WHERE state IN ('pending', 'queued', 'assigned', 'running')",
+                &[],
+            )
+            .await
+            .map_err(ctx("list unfinished tasks"))?;
+        rows.iter().map(task_record).collect()
+    }
+
+    /// Tasks whose last event sits at or after `from[partition]`: every task changed
+    /// since a reader saw offsets up to `from - 1`.
+    pub async fn tasks_changed_since(
+        &self,
+        from: &HashMap<i32, i64>,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let partitions: Vec<i32> = from.keys().copied().collect();
+        let offsets: Vec<i64> = partitions.iter().map(|p| from[p]).collect();
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT t.doc, t.event_partition, t.last_offset
+                 FROM unnest($1::int[], $2::bigint[]) AS f(p, o)
+                 JOIN tasks t ON t.event_partition = f.p AND t.last_offset >= f.o",
+                &[&partitions, &offsets],
+            )
+            .await
+            .map_err(ctx("list changed tasks"))?;
+        rows.iter().map(task_record).collect()
+    }
 }
 
-async fn listen_once(url: &str, tx: &watch::Sender<u64>) -> Result<(), tokio_postgres::Error> {
+fn service_doc(doc: Value) -> Result<ServiceState, StoreError> {
+    serde_json::from_value(doc).map_err(|e| StoreError::Corrupt {
+        context: "services.doc",
+        message: e.to_string(),
+    })
+}
+
+fn worker_doc(doc: Value) -> Result<WorkerState, StoreError> {
+    serde_json::from_value(doc).map_err(|e| StoreError::Corrupt {
+        context: "workers.doc",
+        message: e.to_string(),
+    })
+}
+
+async fn listen_once(
+    url: &str,
+    statement: &str,
+    tx: &watch::Sender<u64>,
+) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-    let statement = format!("LISTEN {PROJECTION_CHANNEL}");
     {
         // The connection must be driven while LISTEN runs.
-        let mut listen = std::pin::pin!(client.batch_execute(&statement));
+        let mut listen = std::pin::pin!(client.batch_execute(statement));
         loop {
             tokio::select! {
                 result = &mut listen => { result?; break; }

@@ -16,6 +16,8 @@ use uuid::Uuid;
 
 use super::{StoreError, ctx};
 use crate::events::TaskState;
+use crate::events::service::ServiceState;
+use crate::events::worker::WorkerState;
 
 /// A task row to upsert: its final state in this batch and where its last event sits.
 #[derive(Debug, Clone)]
@@ -178,6 +180,109 @@ pub async fn load_tasks(
                 })
         })
         .collect()
+}
+
+/// Current states of these workers.
+pub async fn load_workers(
+    tx: &Transaction<'_>,
+    ids: &[String],
+) -> Result<HashMap<String, WorkerState>, StoreError> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = tx
+        .query("SELECT id, doc FROM workers WHERE id = ANY($1)", &[&ids])
+        .await
+        .map_err(ctx("load workers for the fold"))?;
+    rows.iter()
+        .map(|r| {
+            serde_json::from_value(r.get(1))
+                .map(|w| (r.get(0), w))
+                .map_err(|e| StoreError::Corrupt {
+                    context: "workers.doc",
+                    message: e.to_string(),
+                })
+        })
+        .collect()
+}
+
+/// Upserts worker rows.
+pub async fn write_workers(
+    tx: &Transaction<'_>,
+    workers: &[&WorkerState],
+) -> Result<(), StoreError> {
+    for w in workers {
+        let doc = serde_json::to_value(w).map_err(|e| StoreError::Corrupt {
+            context: "workers.doc",
+            message: e.to_string(),
+        })?;
+        tx.execute(
+            "INSERT INTO workers (id, state, last_heartbeat_at, updated_at, doc)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,
+                 last_heartbeat_at = EXCLUDED.last_heartbeat_at,
+                 updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc",
+            &[
+                &w.id,
+                &w.state.as_str(),
+                &w.last_heartbeat_at,
+                &w.updated_at,
+                &doc,
+            ],
+        )
+        .await
+        .map_err(ctx("upsert worker"))?;
+    }
+    Ok(())
+}
+
+/// Current states of these services.
+pub async fn load_services(
+    tx: &Transaction<'_>,
+    names: &[String],
+) -> Result<HashMap<String, ServiceState>, StoreError> {
+    if names.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = tx
+        .query(
+            "SELECT name, doc FROM services WHERE name = ANY($1)",
+            &[&names],
+        )
+        .await
+        .map_err(ctx("load services for the fold"))?;
+    rows.iter()
+        .map(|r| {
+            serde_json::from_value(r.get(1))
+                .map(|s| (r.get(0), s))
+                .map_err(|e| StoreError::Corrupt {
+                    context: "services.doc",
+                    message: e.to_string(),
+                })
+        })
+        .collect()
+}
+
+/// Upserts service rows.
+pub async fn write_services(
+    tx: &Transaction<'_>,
+    services: &[&ServiceState],
+) -> Result<(), StoreError> {
+    for s in services {
+        let doc = serde_json::to_value(s).map_err(|e| StoreError::Corrupt {
+            context: "services.doc",
+            message: e.to_string(),
+        })?;
+        tx.execute(
+            "INSERT INTO services (name, lifecycle, updated_at, doc) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO UPDATE SET lifecycle = EXCLUDED.lifecycle,
+                 updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc",
+            &[&s.name, &s.lifecycle.as_str(), &s.updated_at, &doc],
+        )
+        .await
+        .map_err(ctx("upsert service"))?;
+    }
+    Ok(())
 }
 
 /// Which of these `ce_id`s were already applied.

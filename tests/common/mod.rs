@@ -430,7 +430,7 @@ pub fn role(broker: &Broker, db: &Db, args: &[&str]) -> Command {
     c
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -564,6 +564,18 @@ impl Stack {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// The body of a GET as text (e.g. `/metrics`).
+    pub async fn text(&self, path: &str) -> String {
+        self.http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("body")
+    }
+
     /// Waits until the task is projected and returns it.
     pub async fn task(&self, id: &str) -> Value {
         let (status, body) = self.get(&format!("/v1/tasks/{id}?wait_ms=20000")).await;
@@ -599,4 +611,246 @@ pub fn ce_headers(ce_type: &str, subject: &str, ce_id: &str) -> Vec<(String, Str
         ("ce_subject".into(), subject.into()),
         ("content-type".into(), "application/json".into()),
     ]
+}
+
+/// `tasklog scheduler` with extra arguments.
+pub fn start_scheduler(broker: &Broker, db: &Db, args: &[&str]) -> Proc {
+    let mut all = vec!["scheduler"];
+    all.extend_from_slice(args);
+    let child = role(broker, db, &all).spawn().expect("spawn scheduler");
+    Proc {
+        child,
+        name: "scheduler",
+    }
+}
+
+/// Environment variable that marks the processes a test's workers started.
+const TEST_MARKER: &str = "TASKLOG_TEST_RUN";
+
+/// SIGKILLs every process carrying `TASKLOG_TEST_RUN=<marker>` in its environment:
+/// attempts orphaned when a test SIGKILLs (or drops) their worker would otherwise
+/// outlive the test and hold its ports.
+fn kill_marked(marker: &str) {
+    let needle = format!("{TEST_MARKER}={marker}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var == needle.as_bytes())
+        {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// A stack that runs tasks: API, projector, one scheduler, and workers added by tests.
+/// Fields drop in order: workers and the scheduler stop before the stack.
+pub struct Cluster {
+    pub workers: Vec<(String, Proc)>,
+    pub schedulers: Vec<Proc>,
+    pub stack: Stack,
+    /// The workers' state directory (attempt ledgers), this test's own.
+    pub state_dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// A stack and one scheduler started with `scheduler_args`.
+    pub async fn start(scheduler_args: &[&str]) -> Cluster {
+        let stack = Stack::start().await;
+        let scheduler = start_scheduler(&stack.broker, &stack.db, scheduler_args);
+        Cluster {
+            workers: Vec::new(),
+            schedulers: vec![scheduler],
+            stack,
+            state_dir: tempfile::tempdir().expect("state dir"),
+        }
+    }
+
+    /// The command line of a worker named `name` (heartbeat every 500 ms).
+    pub fn worker_command(&self, name: &str, args: &[&str]) -> Command {
+        let mut all = vec![
+            "worker",
+            "--name",
+            name,
+            "--api",
+            &self.stack.url,
+            "--heartbeat",
+            "500ms",
+        ];
+        let state_dir = self.state_dir.path().to_str().expect("UTF-8 temp dir");
+        all.extend_from_slice(&["--state-dir", state_dir]);
+        all.extend_from_slice(args);
+        role(&self.stack.broker, &self.stack.db, &all)
+    }
+
+    /// Starts a worker and waits until the projection lists it as active.
+    pub async fn add_worker(&mut self, name: &str, args: &[&str]) {
+        let child = self
+            .worker_command(name, args)
+            // Inherited by every process the worker starts, so the test can find them.
+            .env(TEST_MARKER, &self.stack.broker.prefix)
+            .spawn()
+            .expect("spawn worker");
+        self.workers.push((
+            name.to_string(),
+            Proc {
+                child,
+                name: "worker",
+            },
+        ));
+        self.wait_worker(name, "active").await;
+    }
+
+    /// The worker process named `name`.
+    pub fn worker(&mut self, name: &str) -> &mut Proc {
+        &mut self
+            .workers
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .expect("no such worker")
+            .1
+    }
+
+    /// Waits until worker `name` is in `state`; returns its view.
+    pub async fn wait_worker(&self, name: &str, state: &str) -> Value {
+        eventually(
+            &format!("worker {name} {state}"),
+            Duration::from_secs(60),
+            || async move {
+                let (status, w) = self.stack.get(&format!("/v1/workers/{name}")).await;
+                (status == 200 && w["state"] == state).then_some(w)
+            },
+        )
+        .await
+    }
+
+    /// Submits a spec; returns the task id.
+    pub async fn submit(&self, spec: Value) -> String {
+        let (status, body) = self.stack.post("/v1/tasks", &spec).await;
+        assert_eq!(status, 202, "submit {spec}: {body}");
+        body["id"].as_str().expect("id").to_string()
+    }
+
+    /// Waits until the task satisfies `done`; returns it.
+    pub async fn wait_task(
+        &self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let done = &done;
+        eventually(&format!("task {id}: {what}"), timeout, || async move {
+            let (status, t) = self.stack.get(&format!("/v1/tasks/{id}")).await;
+            (status == 200 && done(&t)).then_some(t)
+        })
+        .await
+    }
+
+    /// Waits until the task is in `state`.
+    pub async fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Value {
+        self.wait_task(id, state, timeout, |t| t["state"] == state)
+            .await
+    }
+
+    /// The task's event types, in order.
+    pub async fn event_types(&self, id: &str) -> Vec<String> {
+        let (_, body) = self.stack.get(&format!("/v1/tasks/{id}/events")).await;
+        body["events"]
+            .as_array()
+            .map(|events| {
+                events
+                    .iter()
+                    .filter_map(|e| e["type"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, worker) in &mut self.workers {
+            worker.kill();
+        }
+        kill_marked(&self.stack.broker.prefix);
+    }
+}
+
+/// A shell command that waits until `gate` exists (a test opens it to let a task end).
+pub fn gated(gate: &std::path::Path, then: &str) -> String {
+    format!(
+        "while [ ! -e '{}' ]; do sleep 0.02; done; {then}",
+        gate.display()
+    )
+}
+
+/// RFC 3339 time of a JSON field as microseconds since the epoch.
+pub fn micros(v: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or_else(|| panic!("not a time: {v}")))
+        .expect("RFC 3339")
+        .timestamp_micros()
+}
+
+/// Produces one CloudEvent to the events topic with kcat, exactly as an outside
+/// producer would (binary mode, key = task id, murmur2 partitioner).
+pub fn kcat_event(
+    broker: &Broker,
+    task_id: &str,
+    ce_id: &str,
+    ce_type: &str,
+    source: &str,
+    value: &str,
+) {
+    let mut child = Command::new("kcat")
+        .args([
+            "-P",
+            "-b",
+            &broker.addr,
+            "-t",
+            &broker.events_topic(),
+            "-k",
+            task_id,
+        ])
+        .args(["-X", "partitioner=murmur2_random"])
+        .args(["-H", "ce_specversion=1.0", "-H", &format!("ce_id={ce_id}")])
+        .args([
+            "-H",
+            &format!("ce_source={source}"),
+            "-H",
+            &format!("ce_type={ce_type}"),
+        ])
+        .args([
+            "-H",
+            &format!("ce_time={}", chrono::Utc::now().to_rfc3339()),
+        ])
+        .args([
+            "-H",
+            &format!("ce_subject={task_id}"),
+            "-H",
+            "content-type=application/json",
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("kcat is installed (scripts/test installs it)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{value}\n").as_bytes())
+        .expect("write to kcat");
+    assert!(child.wait().expect("kcat").success(), "kcat failed");
 }

@@ -1,0 +1,339 @@
+//! Services: `POST /v1/services`, `GET /v1/services`, `GET /v1/services/{name}`,
+//! `PATCH /v1/services/{name}` (scale), `POST /v1/services/{name}/stop`, and the
+//! replica readiness report `POST /v1/tasks/{id}/attempts/{n}/ready`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::transition::{Decision, transition};
+use super::{ApiError, AppState, JsonBody};
+use crate::events::service::{
+    MAX_REPLICAS, ServiceEvent, ServiceLifecycle, ServicePayload, ServiceSpec, ServiceState,
+    ServiceStatus, derive_status, valid_service_name,
+};
+use crate::events::{Payload, TaskSpec, TaskStatus};
+use crate::store::{EventOutcome, TaskRecord};
+
+use super::tasks::{parse_id, projected_past_topic, wait_for};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    replicas: u32,
+    template: Value,
+    #[serde(default)]
+    retry: Option<Value>,
+    #[serde(default)]
+    probe: Option<Value>,
+}
+
+fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request(code, message)
+}
+
+fn checked_name(name: &str) -> Result<&str, ApiError> {
+    if valid_service_name(name) {
+        Ok(name)
+    } else {
+        Err(bad(
+            "invalid_service_name",
+            format!("{name:?} is not a service name (letters, digits and ._- up to 128)"),
+        ))
+    }
+}
+
+fn checked_replicas(n: u32) -> Result<u32, ApiError> {
+    if n <= MAX_REPLICAS {
+        Ok(n)
+    } else {
+        Err(bad(
+            "invalid_replicas",
+            format!("replicas must be 0..={MAX_REPLICAS}, not {n}"),
+        ))
+    }
+}
+
+/// Checks the template as a task spec, with the service's retry and probe in it.
+fn check_template(body: &CreateBody) -> Result<(), ApiError> {
+    let mut template = body.template.clone();
+    let Value::Object(fields) = &mut template else {
+        return Err(bad("invalid_spec", "template must be a task spec object"));
+    };
+    for reserved in ["service", "replica", "idempotency_key", "after", "executor"] {
+        if fields.contains_key(reserved) {
+            return Err(bad(
+                "invalid_spec",
+                format!("template.{reserved}: not allowed in a service template"),
+            ));
+        }
+    }
+    if let Some(r) = &body.retry {
+        fields.insert("retry".into(), r.clone());
+    }
+    if let Some(p) = &body.probe {
+        fields.insert("probe".into(), p.clone());
+    }
+    TaskSpec::from_json(template)
+        .map(|_| ())
+        .map_err(|e| bad("invalid_spec", format!("template.{e}")))
+}
+
+/// Appends a service event and waits (briefly) until the services projection has it.
+async fn append_service(
+    state: &Arc<AppState>,
+    name: &str,
+    payload: ServicePayload,
+) -> Result<(), ApiError> {
+    let event = ServiceEvent::new(&state.options.source, name, payload).encode();
+    let appended = state
+        .appender
+        .append(&state.options.topics.services, &event)
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let topic = state.options.topics.services.clone();
+    wait_for(state, deadline, || {
+        projected_past_topic(state, &topic, appended.partition, appended.offset)
+    })
+    .await?;
+    match state.store.event_outcome(&event.ce_id).await? {
+        Some(EventOutcome::Rejected { reason, message }) => Err(ApiError::conflict(
+            "service_event_rejected",
+            format!("the service event was not applied ({reason}): {message}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A replica as the API shows it.
+fn replica_view(t: &TaskRecord) -> Value {
+    let task = &t.task;
+    json!({
+        "index": task.spec.replica,
+        "task_id": task.id,
+        "state": task.state,
+        "ready": task.state == TaskStatus::Running && (task.ready || task.spec.probe.is_none()),
+        "attempt": task.attempt,
+        "worker_id": task.worker_id,
+        "pid": task.current_attempt().and_then(|a| a.pid),
+        "reason": task.reason,
+        "attempts": task.attempts,
+    })
+}
+
+/// The service with its replicas and derived status.
+async fn service_view(state: &AppState, service: &ServiceState) -> Result<Value, ApiError> {
+    let replicas = state
+        .store
+        .service_replicas(&service.name, service.created_at)
+        .await?;
+    // The latest task of each index within the wanted count.
+    let mut latest: std::collections::BTreeMap<u32, &TaskRecord> = Default::default();
+    for r in &replicas {
+        if let Some(i) = r.task.spec.replica {
+            latest.insert(i, r);
+        }
+    }
+    let wanted = service.spec.replicas;
+    let current: Vec<&TaskRecord> = latest
+        .iter()
+        .filter(|(i, _)| **i < wanted)
+        .map(|(_, r)| *r)
+        .collect();
+    // Without a probe, a running replica counts as ready.
+    let is_ready = |r: &TaskRecord| {
+        r.task.state == TaskStatus::Running && (r.task.ready || r.task.spec.probe.is_none())
+    };
+    let ready = current.iter().filter(|r| is_ready(r)).count() as u32;
+    let any_failure = current
+        .iter()
+        .any(|r| r.task.retries > 0 || r.task.state.is_terminal());
+    let status = derive_status(service.lifecycle, wanted, ready, any_failure);
+    let mut v = serde_json::to_value(service).unwrap_or_default();
+    v["status"] = json!(status);
+    v["ready_replicas"] = json!(ready);
+    v["replicas"] = Value::from(latest.values().map(|r| replica_view(r)).collect::<Vec<_>>());
+    Ok(v)
+}
+
+/// `POST /v1/services` `{name, replicas, template, retry, probe}`
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let body: CreateBody = serde_json::from_value(body).map_err(|e| {
+        bad(
+            "invalid_body",
+            format!("expected {{name, replicas, template, retry, probe}}: {e}"),
+        )
+    })?;
+    checked_name(&body.name)?;
+    checked_replicas(body.replicas)?;
+    check_template(&body)?;
+    if let Some(existing) = state.store.service(&body.name).await?
+        && !existing.lifecycle.is_terminal()
+    {
+        return Err(ApiError::conflict(
+            "service_exists",
+            format!("service {} is {}", body.name, existing.lifecycle.as_str()),
+        ));
+    }
+    let spec = ServiceSpec {
+        replicas: body.replicas,
+        template: body.template,
+        retry: body.retry,
+        probe: body.probe,
+    };
+    append_service(&state, &body.name, ServicePayload::Created(Box::new(spec))).await?;
+    let service = state
+        .store
+        .service(&body.name)
+        .await?
+        .ok_or_else(|| ApiError::not_found("the service was not projected"))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(service_view(&state, &service).await?),
+    )
+        .into_response())
+}
+
+/// `GET /v1/services`
+pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let mut out = Vec::new();
+    for s in state.store.services().await? {
+        out.push(service_view(&state, &s).await?);
+    }
+    Ok(Json(json!({ "services": out })))
+}
+
+async fn load(state: &AppState, name: &str) -> Result<ServiceState, ApiError> {
+    let name = checked_name(name)?;
+    state
+        .store
+        .service(name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("service {name:?} does not exist")))
+}
+
+/// `GET /v1/services/{name}`
+pub async fn get_service(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let service = load(&state, &name).await?;
+    Ok(Json(service_view(&state, &service).await?))
+}
+
+/// `PATCH /v1/services/{name}` `{replicas}`: scale up (new replicas) or down (the
+/// highest indexes are cancelled with reason `scaled_down`).
+pub async fn scale(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ScaleBody {
+        replicas: u32,
+    }
+    let body: ScaleBody = serde_json::from_value(body)
+        .map_err(|e| bad("invalid_body", format!("expected {{replicas}}: {e}")))?;
+    let replicas = checked_replicas(body.replicas)?;
+    let service = load(&state, &name).await?;
+    if service.lifecycle != ServiceLifecycle::Active {
+        return Err(ApiError::conflict(
+            "service_not_active",
+            format!("service {name} is {}", service.lifecycle.as_str()),
+        ));
+    }
+    append_service(&state, &service.name, ServicePayload::Scaled { replicas }).await?;
+    let service = load(&state, &name).await?;
+    Ok(Json(service_view(&state, &service).await?))
+}
+
+/// `POST /v1/services/{name}/stop`: cancels every replica (reason `service_stopped`).
+pub async fn stop(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let service = load(&state, &name).await?;
+    if service.lifecycle != ServiceLifecycle::Active {
+        return Err(ApiError::conflict(
+            "service_not_active",
+            format!("service {name} is {}", service.lifecycle.as_str()),
+        ));
+    }
+    append_service(&state, &service.name, ServicePayload::StopRequested).await?;
+    let service = load(&state, &name).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(service_view(&state, &service).await?),
+    )
+        .into_response())
+}
+
+/// `POST /v1/tasks/{id}/attempts/{n}/ready`: the worker's probe passed.
+pub async fn ready(
+    State(state): State<Arc<AppState>>,
+    Path((id, n)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let attempt: u32 = n
+        .parse()
+        .ok()
+        .filter(|a| *a >= 1)
+        .ok_or_else(|| bad("invalid_attempt", format!("{n:?} is not an attempt number")))?;
+    transition(&state, id, |task| {
+        if task.state != TaskStatus::Running || task.attempt != attempt {
+            return Err(ApiError::conflict(
+                "attempt_not_current",
+                format!("attempt {attempt} of task {id} is not running"),
+            ));
+        }
+        if task.ready {
+            return Ok(Decision::AlreadyDone);
+        }
+        Ok(Decision::Append(vec![Payload::Ready { attempt }]))
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Sets the service gauges (at scrape time).
+pub async fn refresh_gauges(state: &AppState) -> Result<(), ApiError> {
+    let m = crate::metrics::metrics();
+    for service in state.store.services().await? {
+        let view = service_view(state, &service).await?;
+        let status = view["status"].as_str().unwrap_or("");
+        for s in ServiceStatus::ALL {
+            m.service_status
+                .with_label_values(&[&service.name, s.as_str()])
+                .set(i64::from(s.as_str() == status));
+        }
+        let mut counts: std::collections::BTreeMap<&str, i64> =
+            [("ready", 0), ("starting", 0), ("waiting", 0), ("ended", 0)].into();
+        for r in view["replicas"].as_array().into_iter().flatten() {
+            let key = match (r["state"].as_str(), r["ready"].as_bool()) {
+                (Some("running"), Some(true)) => "ready",
+                (Some("running" | "assigned"), _) => "starting",
+                (Some("pending" | "queued"), _) => "waiting",
+                _ => "ended",
+            };
+            *counts.entry(key).or_default() += 1;
+        }
+        for (k, n) in counts {
+            m.service_replicas
+                .with_label_values(&[&service.name, k])
+                .set(n);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! Appending an event to a task that others may be changing at the same time.
+//!
+//! Every task event carries the task's next `seq`, and the fold rejects an event whose
+//! seq was taken by someone else (the scheduler, a worker, another API process). A
+//! command therefore reads the task, decides what to append, appends it, waits until
+//! the projection has applied or rejected it, and — if it lost the race for the seq —
+//! reads the task again and decides afresh.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::ApiError;
+use super::tasks::{count_append, projected_past, wait_for};
+use crate::events::{Event, Payload, TaskState};
+use crate::store::{EventOutcome, TaskRecord};
+
+/// How many times a command re-reads and retries after losing a seq race.
+const ATTEMPTS: usize = 8;
+
+/// What a command decided, given the task as it stands.
+pub enum Decision {
+    /// Append these events, in order, with the next seqs.
+    Append(Vec<Payload>),
+    /// Nothing to append: the task is already where the command would take it.
+    AlreadyDone,
+}
+
+/// What became of a command.
+pub enum Outcome {
+    /// Applied (or already done): the task after it.
+    Applied(Box<TaskRecord>),
+    /// On the log, but the projection had not applied it within the wait.
+    NotYetApplied {
+        /// Partition of the last appended event.
+        partition: i32,
+        /// Its offset.
+        offset: i64,
+    },
+}
+
+/// Runs a command on task `id`: `decide` sees the current state and says what to
+/// append (or refuses with an error). Retries when the append loses a seq race.
+pub async fn transition(
+    state: &Arc<AppState>,
+    id: Uuid,
+    mut decide: impl FnMut(&TaskState) -> Result<Decision, ApiError>,
+) -> Result<Outcome, ApiError> {
+    let mut last_rejection = String::new();
+    for _ in 0..ATTEMPTS {
+        let Some(record) = state.store.task(id).await? else {
+            return Err(ApiError::not_found(format!("task {id} does not exist")));
+        };
+        let payloads = match decide(&record.task)? {
+            Decision::AlreadyDone => return Ok(Outcome::Applied(Box::new(record))),
+            Decision::Append(p) => p,
+        };
+        let source = &state.options.source;
+        let to_append: Vec<_> = payloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| Event::new(source, id, record.task.seq + 1 + i as u64, p).encode())
+            .collect();
+        let results = state
+            .appender
+            .append_all(&state.options.topics.events, &to_append)
+            .await;
+        for (e, r) in to_append.iter().zip(&results) {
+            count_append(e.event_type, r);
+        }
+        let mut last = None;
+        for r in results {
+            last = Some(r?);
+        }
+        let Some(last) = last else {
+            return Ok(Outcome::Applied(Box::new(record)));
+        };
+        let deadline = Instant::now() + state.options.cancel_wait;
+        let caught_up = wait_for(state, deadline, || {
+            projected_past(state, last.partition, last.offset)
+        })
+        .await?;
+        if caught_up.is_none() {
+            return Ok(Outcome::NotYetApplied {
+                partition: last.partition,
+                offset: last.offset,
+            });
+        }
+        match state.store.event_outcome(&to_append[0].ce_id).await? {
+            Some(EventOutcome::Applied) => {
+                let record = state
+                    .store
+                    .task(id)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found(format!("task {id} does not exist")))?;
+                return Ok(Outcome::Applied(Box::new(record)));
+            }
+            // Lost a race for the seq, or a retry window closed between deciding and
+            // appending: decide again on the task as it now is.
+            Some(EventOutcome::Rejected { reason, message })
+                if reason == "seq_conflict" || reason == "retry_not_allowed" =>
+            {
+                last_rejection = message;
+            }
+            Some(EventOutcome::Rejected { reason, message }) => {
+                return Err(ApiError::conflict(
+                    "event_rejected",
+                    format!("the event was not applied ({reason}): {message}"),
+                ));
+            }
+            None => {}
+        }
+    }
+    Err(ApiError::conflict(
+        "task_contended",
+        format!(
+            "task {id} kept changing; the command lost the race {ATTEMPTS} times ({last_rejection})"
+        ),
+    ))
+}

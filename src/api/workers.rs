@@ -1,0 +1,391 @@
+//! Workers and their attempts: `GET /v1/workers`, `GET /v1/workers/{id}`, the
+//! assignment long-poll a worker agent waits on, and the attempt reports it sends.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::transition::{Decision, Outcome, transition};
+use super::{ApiError, AppState, JsonBody};
+use crate::events::worker::WorkerState;
+use crate::events::{Payload, TaskState, TaskStatus};
+use crate::scheduler::plan::Capacity;
+use crate::store::TaskRecord;
+
+use super::tasks::{parse_id, parse_number, query_pairs, single};
+
+/// The capacity these tasks take.
+fn used_by(tasks: &[TaskRecord]) -> Capacity {
+    tasks.iter().fold(Capacity::default(), |used, t| {
+        used.saturating_add(crate::scheduler::need_of(&t.task.spec))
+    })
+}
+
+/// A worker with what it runs and the capacity that takes.
+fn worker_view(worker: &WorkerState, tasks: &[TaskRecord]) -> Value {
+    let used = used_by(tasks);
+    let mut v = serde_json::to_value(worker).unwrap_or_default();
+    v["used"] = json!({
+        "cpu": used.cpu_milli as f64 / 1000.0,
+        "memory": used.memory,
+        "gpu": used.gpu,
+    });
+    v["tasks"] = Value::from(
+        tasks
+            .iter()
+            .map(|t| json!({"id": t.task.id, "state": t.task.state, "attempt": t.task.attempt}))
+            .collect::<Vec<_>>(),
+    );
+    v
+}
+
+fn checked_worker_id(id: &str) -> Result<&str, ApiError> {
+    if crate::worker::valid_worker_id(id) {
+        Ok(id)
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_worker_id",
+            format!("{id:?} is not a worker id (letters, digits and ._:@- up to 256)"),
+        ))
+    }
+}
+
+/// `GET /v1/workers`
+pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let (workers, mut placed) =
+        tokio::try_join!(state.store.workers(), state.store.tasks_by_worker())?;
+    let out: Vec<Value> = workers
+        .iter()
+        .map(|w| worker_view(w, &placed.remove(&w.id).unwrap_or_default()))
+        .collect();
+    Ok(Json(json!({ "workers": out })))
+}
+
+/// `GET /v1/workers/{id}`
+pub async fn get_worker(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = checked_worker_id(&id)?;
+    let Some(worker) = state.store.worker(id).await? else {
+        return Err(ApiError::not_found(format!("worker {id:?} does not exist")));
+    };
+    let tasks = state.store.tasks_on_worker(id).await?;
+    Ok(Json(worker_view(&worker, &tasks)))
+}
+
+/// One assignment as the worker agent sees it.
+fn assignment(task: &TaskState) -> Value {
+    json!({
+        "task_id": task.id,
+        "attempt": task.attempt,
+        "state": task.state,
+        "cancel_requested": task.cancel_requested,
+        "reason": task.reason,
+        "spec": task.spec,
+    })
+}
+
+/// `GET /v1/workers/{id}/assignments?wait_ms=N&known=V`
+///
+/// The attempts assigned to or running on the worker, with cancel requests, and the
+/// worker's own state (so an agent learns that it was declared lost). `version`
+/// identifies the answer: with `known` equal to it, the call waits (on projection
+/// notifications) up to `wait_ms` for something to change.
+pub async fn assignments(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let id = checked_worker_id(&id)?.to_string();
+    let pairs = query_pairs(&query);
+    let max_wait = state.options.max_wait.as_millis() as i64;
+    let wait_ms = single(&pairs, "wait_ms")?
+        .map(|v| parse_number("wait_ms", v, 0, max_wait))
+        .transpose()?
+        .unwrap_or(0);
+    let known = single(&pairs, "known")?.map(str::to_string);
+    let deadline = Instant::now() + Duration::from_millis(wait_ms as u64);
+    let mut changes = state.projection.clone();
+    loop {
+        changes.borrow_and_update();
+        let worker = state.store.worker(&id).await?;
+        let tasks = state.store.tasks_on_worker(&id).await?;
+        let items: Vec<Value> = tasks.iter().map(|t| assignment(&t.task)).collect();
+        let worker_state = worker.as_ref().map(|w| w.state.as_str());
+        let incarnation = worker.as_ref().and_then(|w| w.info.incarnation.clone());
+        let mut hasher = DefaultHasher::new();
+        worker_state.hash(&mut hasher);
+        incarnation.hash(&mut hasher);
+        for t in &tasks {
+            (t.task.id, t.task.seq).hash(&mut hasher);
+        }
+        let version = format!("{:016x}", hasher.finish());
+        let unchanged = known.as_deref() == Some(version.as_str());
+        if !unchanged || Instant::now() >= deadline {
+            return Ok(Json(json!({
+                "worker_id": id,
+                "worker_state": worker_state,
+                "incarnation": incarnation,
+                "version": version,
+                "assignments": items,
+            })));
+        }
+        if tokio::time::timeout_at(deadline, changes.changed())
+            .await
+            .is_err()
+        {
+            // Deadline: answer with what there is (one more look first).
+            continue;
+        }
+    }
+}
+
+/// Body of `POST /v1/tasks/{id}/attempts/{n}/start`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartReport {
+    worker_id: String,
+    #[serde(default)]
+    pid: Option<u32>,
+}
+
+/// How an attempt ended, as its worker reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ReportedOutcome {
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// Body of `POST /v1/tasks/{id}/attempts/{n}/finish`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FinishReport {
+    outcome: ReportedOutcome,
+    #[serde(default)]
+    exit_code: Option<i32>,
+    #[serde(default)]
+    signal: Option<i32>,
+    #[serde(default)]
+    duration_ms: Option<u64>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+fn parse_body<T: for<'de> Deserialize<'de>>(body: Value) -> Result<T, ApiError> {
+    serde_json::from_value(body).map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))
+}
+
+fn parse_attempt(n: &str) -> Result<u32, ApiError> {
+    n.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+        ApiError::bad_request("invalid_attempt", format!("{n:?} is not an attempt number"))
+    })
+}
+
+fn not_current(task: &TaskState, attempt: u32) -> ApiError {
+    ApiError::conflict(
+        "attempt_not_current",
+        format!(
+            "attempt {attempt} of task {} is not current (the task is {} at attempt {})",
+            task.id, task.state, task.attempt
+        ),
+    )
+}
+
+fn respond(outcome: Outcome) -> Response {
+    match outcome {
+        Outcome::Applied(record) => {
+            (StatusCode::OK, Json(json!({ "task": record }))).into_response()
+        }
+        Outcome::NotYetApplied { partition, offset } => (
+            StatusCode::ACCEPTED,
+            Json(json!({"applied": false, "event": {"partition": partition, "offset": offset}})),
+        )
+            .into_response(),
+    }
+}
+
+/// `POST /v1/tasks/{id}/attempts/{n}/start` `{"worker_id", "pid"}`: the worker started
+/// the attempt's process. 409 `attempt_not_current` tells the worker to stop it.
+pub async fn start(
+    State(state): State<Arc<AppState>>,
+    Path((id, n)): Path<(String, String)>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let attempt = parse_attempt(&n)?;
+    let report: StartReport = parse_body(body)?;
+    let outcome = transition(&state, id, |task| {
+        let ours = task.attempt == attempt && task.worker_id.as_deref() == Some(&report.worker_id);
+        match task.state {
+            TaskStatus::Assigned if ours => Ok(Decision::Append(vec![Payload::Started {
+                attempt,
+                worker_id: Some(report.worker_id.clone()),
+                pid: report.pid,
+            }])),
+            TaskStatus::Running if ours => Ok(Decision::AlreadyDone),
+            _ => Err(not_current(task, attempt)),
+        }
+    })
+    .await?;
+    Ok(respond(outcome))
+}
+
+/// `POST /v1/tasks/{id}/attempts/{n}/finish`
+/// `{"outcome": "succeeded"|"failed"|"cancelled", "exit_code", "signal", "duration_ms",
+/// "reason", "message"}`: how the attempt ended. Idempotent: reporting the same end
+/// again answers 200.
+pub async fn finish(
+    State(state): State<Arc<AppState>>,
+    Path((id, n)): Path<(String, String)>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let attempt = parse_attempt(&n)?;
+    let report: FinishReport = parse_body(body)?;
+    if let Some(r) = &report.reason
+        && (r.is_empty() || r.len() > 128)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "reason must be 1 to 128 characters",
+        ));
+    }
+    let outcome = transition(&state, id, |task| {
+        if task.attempt != attempt {
+            return Err(not_current(task, attempt));
+        }
+        let this_attempt_ended = task.current_attempt().and_then(|a| a.outcome);
+        if task.state == TaskStatus::Pending
+            && this_attempt_ended
+                .is_some_and(|o| o.as_str() == outcome_status(report.outcome).as_str())
+        {
+            // Reported again after it was turned into a retry.
+            return Ok(Decision::AlreadyDone);
+        }
+        if task.state.is_terminal() {
+            let same = task
+                .current_attempt()
+                .and_then(|a| a.outcome)
+                .is_some_and(|o| o.as_str() == outcome_status(report.outcome).as_str());
+            return if same {
+                Ok(Decision::AlreadyDone)
+            } else {
+                Err(not_current(task, attempt))
+            };
+        }
+        if !matches!(task.state, TaskStatus::Assigned | TaskStatus::Running) {
+            return Err(not_current(task, attempt));
+        }
+        let payload = match report.outcome {
+            ReportedOutcome::Succeeded if task.state == TaskStatus::Running => Payload::Succeeded {
+                attempt: Some(attempt),
+                exit_code: report.exit_code,
+                duration_ms: report.duration_ms,
+            },
+            ReportedOutcome::Succeeded => {
+                return Err(ApiError::conflict(
+                    "attempt_not_started",
+                    format!("attempt {attempt} of task {id} was never reported started"),
+                ));
+            }
+            // A cancel was asked for: however the process ended, the task is cancelled.
+            ReportedOutcome::Failed if task.cancel_requested => {
+                Payload::Cancelled(crate::events::CancelledData {
+                    reason: task.reason.clone().or_else(|| Some("cancelled".into())),
+                    message: report.message.clone(),
+                    attempt: Some(attempt),
+                    exit_code: report.exit_code,
+                    signal: report.signal,
+                    duration_ms: report.duration_ms,
+                })
+            }
+            ReportedOutcome::Failed => crate::events::retry::failure_event(
+                task,
+                Some(attempt),
+                &report.reason.clone().unwrap_or_else(|| "error".into()),
+                report.exit_code,
+                report.signal,
+                report.duration_ms,
+                report.message.clone(),
+                chrono::Utc::now(),
+            ),
+            ReportedOutcome::Cancelled => Payload::Cancelled(crate::events::CancelledData {
+                // The reason of the cancel request (user_requested, scaled_down, ...)
+                // is the task's; the worker only knows it stopped the process.
+                reason: task
+                    .cancel_requested
+                    .then(|| task.reason.clone())
+                    .flatten()
+                    .or_else(|| report.reason.clone())
+                    .or_else(|| Some("cancelled".into())),
+                message: report.message.clone(),
+                attempt: Some(attempt),
+                exit_code: report.exit_code,
+                signal: report.signal,
+                duration_ms: report.duration_ms,
+            }),
+        };
+        Ok(Decision::Append(vec![payload]))
+    })
+    .await?;
+    Ok(respond(outcome))
+}
+
+fn outcome_status(outcome: ReportedOutcome) -> TaskStatus {
+    match outcome {
+        ReportedOutcome::Succeeded => TaskStatus::Succeeded,
+        ReportedOutcome::Failed => TaskStatus::Failed,
+        ReportedOutcome::Cancelled => TaskStatus::Cancelled,
+    }
+}
+
+/// Sets the queue-depth, worker and capacity gauges from the projection (at scrape
+/// time, so any API process reports them).
+pub async fn refresh_gauges(state: &AppState) -> Result<(), ApiError> {
+    let m = crate::metrics::metrics();
+    for (band, n) in state.store.queue_depth_by_band().await? {
+        m.queue_depth.with_label_values(&[band]).set(n);
+    }
+    let (workers, placed) = tokio::try_join!(state.store.workers(), state.store.tasks_by_worker())?;
+    let (mut used, mut total) = ([0f64; 3], [0f64; 3]);
+    for s in crate::events::worker::WorkerStatus::ALL {
+        let n = workers.iter().filter(|w| w.state == *s).count();
+        m.workers.with_label_values(&[s.as_str()]).set(n as i64);
+    }
+    for w in workers
+        .iter()
+        .filter(|w| w.state == crate::events::worker::WorkerStatus::Active)
+    {
+        let c = &w.info.capacity;
+        total[0] += c.cpu;
+        total[1] += c.memory as f64;
+        total[2] += f64::from(c.gpu);
+        let u = used_by(placed.get(&w.id).map(Vec::as_slice).unwrap_or_default());
+        used[0] += u.cpu_milli as f64 / 1000.0;
+        used[1] += u.memory as f64;
+        used[2] += f64::from(u.gpu);
+    }
+    for (i, resource) in ["cpu", "memory", "gpu"].iter().enumerate() {
+        m.capacity
+            .with_label_values(&[resource, "used"])
+            .set(used[i]);
+        m.capacity
+            .with_label_values(&[resource, "free"])
+            .set((total[i] - used[i]).max(0.0));
+    }
+    Ok(())
+}

@@ -1,0 +1,647 @@
+//! The worker agent: registers, heartbeats, receives its assignments by long-polling
+//! the API, and runs each attempt as a child process ([`process`]), streaming every
+//! line to the logs topic through the [`LogWriter`].
+//!
+//! The agent appends its own worker events (`registered`, `heartbeat`, `draining`) to
+//! the workers topic. It reports attempts to the API (`start`, `finish`), which appends
+//! the task events with the task's next seq and retries a lost seq race; a report the
+//! fold no longer accepts (the attempt was cancelled or reassigned meanwhile) answers
+//! 409, and the agent stops the process.
+//!
+//! Ordering that matters: every log line of an attempt is acknowledged by the broker
+//! before the attempt's outcome is reported, so a finished task's log is complete.
+
+pub mod ledger;
+pub mod probe;
+pub mod process;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::events::worker::{WorkerCapacity, WorkerEvent, WorkerInfo, WorkerPayload};
+use crate::events::{TaskSpec, TaskStatus};
+use crate::kafka::{Appender, Topics};
+use crate::logs::{LogWriter, LogWriterOptions, Stream};
+use crate::metrics::metrics;
+use process::{EndedBy, Launch, OutputStream};
+
+/// Settings of a worker agent.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Worker id: unique among workers, stable across restarts of the same machine.
+    pub name: String,
+    /// What it offers.
+    pub capacity: WorkerCapacity,
+    /// Labels tasks can require.
+    pub labels: BTreeMap<String, String>,
+    /// Base URL of the tasklog API.
+    pub api_url: String,
+    /// Topics.
+    pub topics: Topics,
+    /// Interval between heartbeats.
+    pub heartbeat: Duration,
+    /// Time between SIGTERM and SIGKILL when an attempt is cancelled or times out.
+    pub kill_grace: Duration,
+    /// How long one assignments long-poll waits.
+    pub poll_wait: Duration,
+    /// `ce_source` of its events.
+    pub source: String,
+    /// Where it records running attempts, to stop leftovers after a crash (default:
+    /// [`ledger::Ledger::default_path`] of its name).
+    pub ledger: Option<std::path::PathBuf>,
+}
+
+impl WorkerOptions {
+    /// Defaults: this machine's hostname, cores and memory, no gpu.
+    pub fn new(api_url: &str, topics: Topics) -> WorkerOptions {
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        WorkerOptions {
+            name: host.clone(),
+            capacity: WorkerCapacity {
+                cpu: std::thread::available_parallelism()
+                    .map(|n| n.get() as f64)
+                    .unwrap_or(1.0),
+                memory: machine_memory().unwrap_or(1 << 30),
+                gpu: 0,
+            },
+            labels: BTreeMap::new(),
+            api_url: api_url.to_string(),
+            topics,
+            heartbeat: Duration::from_secs(5),
+            kill_grace: Duration::from_secs(10),
+            poll_wait: Duration::from_secs(20),
+            source: format!("tasklog://{host}/worker"),
+            ledger: None,
+        }
+    }
+}
+
+/// Total memory of this machine, from `/proc/meminfo`.
+pub fn machine_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Whether `name` can be a worker id (letters, digits and `._:@-`, up to 256).
+pub fn valid_worker_id(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+}
+
+/// One entry of the assignments answer.
+#[derive(Debug, Clone, Deserialize)]
+struct Assignment {
+    task_id: Uuid,
+    attempt: u32,
+    state: TaskStatus,
+    cancel_requested: bool,
+    #[serde(default)]
+    reason: Option<String>,
+    spec: TaskSpec,
+}
+
+#[derive(Debug, Deserialize)]
+struct AssignmentsAnswer {
+    worker_state: Option<String>,
+    incarnation: Option<String>,
+    version: String,
+    assignments: Vec<Assignment>,
+}
+
+/// An attempt this agent runs.
+struct Running {
+    cancel: Option<oneshot::Sender<()>>,
+}
+
+type AttemptKey = (Uuid, u32);
+
+/// What the agent shares between its loops.
+struct Agent {
+    options: WorkerOptions,
+    appender: Appender,
+    writer: LogWriter,
+    http: reqwest::Client,
+    incarnation: Mutex<String>,
+    running: Mutex<HashMap<AttemptKey, Running>>,
+    /// Attempts reported without running (cancelled before start, orphans) whose
+    /// report is in flight or done: never reported twice.
+    reported: Mutex<HashSet<AttemptKey>>,
+    ledger: ledger::Ledger,
+}
+
+/// Runs the agent until `shutdown` resolves, then drains: appends `draining`, takes
+/// no new work, and returns once its running attempts have ended.
+pub async fn run(
+    options: WorkerOptions,
+    appender: Appender,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        valid_worker_id(&options.name),
+        "worker name {:?} is not valid: use letters, digits and ._:@- (up to 256)",
+        options.name
+    );
+    let writer = LogWriter::new(
+        appender.clone(),
+        LogWriterOptions::new(&options.topics.logs),
+    );
+    let agent = Arc::new(Agent {
+        writer,
+        appender,
+        http: reqwest::Client::builder()
+            .timeout(options.poll_wait + Duration::from_secs(15))
+            .build()?,
+        incarnation: Mutex::new(new_incarnation()),
+        running: Mutex::new(HashMap::new()),
+        reported: Mutex::new(HashSet::new()),
+        ledger: ledger::Ledger::new(
+            options
+                .ledger
+                .clone()
+                .unwrap_or_else(|| ledger::Ledger::default_path(&options.name)),
+        ),
+        options,
+    });
+    let leftovers = agent.ledger.reap_leftovers();
+    if leftovers > 0 {
+        tracing::warn!(
+            leftovers,
+            "worker: stopped attempts left running by a previous run"
+        );
+    }
+    agent.register().await?;
+    let heartbeats = tokio::spawn(agent.clone().heartbeat_loop());
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut known: Option<String> = None;
+    let mut draining = false;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let poll = agent.poll(known.as_deref(), draining);
+        let answer = if draining {
+            poll.await
+        } else {
+            tokio::select! {
+                a = poll => a,
+                _ = &mut shutdown => {
+                    draining = true;
+                    tracing::info!("worker: draining");
+                    agent.append_worker_event(WorkerPayload::Draining).await?;
+                    continue;
+                }
+            }
+        };
+        match answer {
+            Ok(answer) => {
+                backoff = Duration::from_millis(200);
+                let nothing_left = answer.assignments.is_empty();
+                known = Some(answer.version.clone());
+                agent.handle(answer).await?;
+                if draining && nothing_left && agent.running_count() == 0 {
+                    break;
+                }
+            }
+            Err(e) if draining && agent.running_count() == 0 => {
+                // Nothing runs here; attempts assigned meanwhile end as interrupted
+                // once the heartbeats stop.
+                tracing::warn!(error = %e, "worker: API unreachable while draining; exiting");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "worker: cannot get assignments");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                known = None;
+            }
+        }
+    }
+    heartbeats.abort();
+    tracing::info!("worker: drained; exiting");
+    Ok(())
+}
+
+fn new_incarnation() -> String {
+    Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+impl Agent {
+    fn info(&self) -> WorkerInfo {
+        WorkerInfo {
+            capacity: self.options.capacity.clone(),
+            labels: self.options.labels.clone(),
+            hostname: hostname::get()
+                .ok()
+                .map(|h| h.to_string_lossy().into_owned()),
+            pid: Some(std::process::id()),
+            incarnation: Some(self.incarnation()),
+        }
+    }
+
+    fn incarnation(&self) -> String {
+        self.incarnation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn running_count(&self) -> usize {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    async fn append_worker_event(&self, payload: WorkerPayload) -> anyhow::Result<()> {
+        let event = WorkerEvent::new(&self.options.source, &self.options.name, payload).encode();
+        self.appender
+            .append(&self.options.topics.workers, &event)
+            .await
+            .with_context(|| format!("append {}", event.event_type))?;
+        Ok(())
+    }
+
+    async fn register(&self) -> anyhow::Result<()> {
+        self.append_worker_event(WorkerPayload::Registered(self.info()))
+            .await?;
+        tracing::info!(worker = %self.options.name, incarnation = %self.incarnation(), "worker: registered");
+        Ok(())
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.options.heartbeat);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = self
+                .append_worker_event(WorkerPayload::Heartbeat(self.info()))
+                .await
+            {
+                tracing::warn!(error = %e, "worker: heartbeat not sent");
+            }
+        }
+    }
+
+    async fn poll(&self, known: Option<&str>, draining: bool) -> anyhow::Result<AssignmentsAnswer> {
+        let wait = if draining {
+            Duration::from_millis(500)
+        } else {
+            self.options.poll_wait
+        };
+        let mut query = vec![("wait_ms", wait.as_millis().to_string())];
+        if let Some(k) = known {
+            query.push(("known", k.to_string()));
+        }
+        let url = format!(
+            "{}/v1/workers/{}/assignments",
+            self.options.api_url.trim_end_matches('/'),
+            self.options.name
+        );
+        let response = self.http.get(&url).query(&query).send().await?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            anyhow::bail!("HTTP {status}: {body}");
+        }
+        Ok(response.json().await?)
+    }
+
+    /// Acts on one assignments answer.
+    async fn handle(self: &Arc<Self>, answer: AssignmentsAnswer) -> anyhow::Result<()> {
+        let ours = answer.incarnation.as_deref() == Some(self.incarnation().as_str());
+        if answer.worker_state.as_deref() == Some("lost") && ours {
+            // Declared lost (a long pause, a partition): our attempts were ended by the
+            // scheduler. Stop them and come back as a new incarnation.
+            tracing::warn!("worker: declared lost; stopping attempts and registering again");
+            self.cancel_all();
+            *self.incarnation.lock().unwrap_or_else(|e| e.into_inner()) = new_incarnation();
+            self.register().await?;
+            return Ok(());
+        }
+        let current: HashSet<AttemptKey> = answer
+            .assignments
+            .iter()
+            .map(|a| (a.task_id, a.attempt))
+            .collect();
+        self.reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k| current.contains(k));
+        for a in answer.assignments {
+            let key = (a.task_id, a.attempt);
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = running.get_mut(&key) {
+                if a.cancel_requested
+                    && let Some(cancel) = r.cancel.take()
+                {
+                    let _ = cancel.send(());
+                }
+                continue;
+            }
+            if !self
+                .reported
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key)
+            {
+                continue;
+            }
+            match (a.state, a.cancel_requested) {
+                (TaskStatus::Assigned, false) => {
+                    let (cancel, cancelled) = oneshot::channel();
+                    running.insert(
+                        key,
+                        Running {
+                            cancel: Some(cancel),
+                        },
+                    );
+                    metrics().worker_attempts_running.set(running.len() as i64);
+                    let agent = self.clone();
+                    tokio::spawn(async move {
+                        agent.run_attempt(a, cancelled).await;
+                        let mut running = agent.running.lock().unwrap_or_else(|e| e.into_inner());
+                        running.remove(&key);
+                        metrics().worker_attempts_running.set(running.len() as i64);
+                    });
+                }
+                (TaskStatus::Assigned, true) => {
+                    let agent = self.clone();
+                    tokio::spawn(async move {
+                        let body = json!({
+                            "outcome": "cancelled",
+                            "reason": a.reason.clone().unwrap_or_else(|| "cancelled".into()),
+                            "message": "cancelled before it started",
+                        });
+                        agent.report(a.task_id, a.attempt, "finish", body).await;
+                    });
+                }
+                (TaskStatus::Running, _) => {
+                    // Running here according to the log, but not in this process: left
+                    // over from before a restart.
+                    let agent = self.clone();
+                    tokio::spawn(async move {
+                        let body = json!({
+                            "outcome": if a.cancel_requested { "cancelled" } else { "failed" },
+                            "reason": if a.cancel_requested { "cancelled" } else { "interruption" },
+                            "message": "the worker restarted while the attempt ran",
+                        });
+                        agent.report(a.task_id, a.attempt, "finish", body).await;
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn cancel_all(&self) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        for r in running.values_mut() {
+            if let Some(cancel) = r.cancel.take() {
+                let _ = cancel.send(());
+            }
+        }
+    }
+
+    /// Reports to the API; retries while the API is unreachable or failing (5xx), gives
+    /// up on a 4xx. Returns the HTTP status of the last answer, if any.
+    async fn report(&self, task: Uuid, attempt: u32, what: &str, body: Value) -> Option<u16> {
+        let url = format!(
+            "{}/v1/tasks/{task}/attempts/{attempt}/{what}",
+            self.options.api_url.trim_end_matches('/')
+        );
+        let mut backoff = Duration::from_millis(100);
+        let started = Instant::now();
+        loop {
+            match self.http.post(&url).json(&body).send().await {
+                Ok(r) if r.status().is_success() => return Some(r.status().as_u16()),
+                Ok(r) if r.status().is_client_error() => {
+                    let status = r.status().as_u16();
+                    let text = r.text().await.unwrap_or_default();
+                    tracing::info!(%task, attempt, what, status, %text, "worker: report refused");
+                    return Some(status);
+                }
+                Ok(r) => {
+                    tracing::warn!(%task, attempt, what, status = %r.status(), "worker: report failed; retrying")
+                }
+                Err(e) => {
+                    tracing::warn!(%task, attempt, what, error = %e, "worker: report failed; retrying")
+                }
+            }
+            // An outcome must not be lost: keep trying (for a day at most).
+            if started.elapsed() > Duration::from_secs(86_400) {
+                return None;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Runs one attempt from spawn to reported outcome.
+    async fn run_attempt(&self, a: Assignment, cancelled: oneshot::Receiver<()>) {
+        let (task, attempt) = (a.task_id, a.attempt);
+        let traceparent = format!(
+            "00-{}-{}-01",
+            task.simple(),
+            &Uuid::new_v4().simple().to_string()[..16]
+        );
+        if let Ok(Some(quota)) = a.spec.log_quota_bytes() {
+            self.writer.set_quota(task, attempt as i32, quota);
+        }
+        let launch = self.launch(&a, &traceparent);
+        let (lines_tx, mut lines_rx) = mpsc::channel(4096);
+        let started = Instant::now();
+        let child = match process::spawn(&launch, lines_tx) {
+            Ok(child) => child,
+            Err(e) => {
+                let message = e.to_string();
+                let (_, delivered) = self.writer.write(
+                    task,
+                    attempt as i32,
+                    Stream::System,
+                    format!("[tasklog] cannot start the process: {message}").as_bytes(),
+                    None,
+                    Some(&traceparent),
+                );
+                let _ = delivered.await;
+                self.writer.finish(task, attempt as i32);
+                let body =
+                    json!({"outcome": "failed", "reason": "spawn_error", "message": message});
+                self.report(task, attempt, "finish", body).await;
+                return;
+            }
+        };
+        let pid = child.pid();
+        self.ledger.add(pid as i32, task, attempt);
+        let start = self.report(
+            task,
+            attempt,
+            "start",
+            json!({"worker_id": self.options.name, "pid": pid}),
+        );
+        // A refused start (the attempt was cancelled or taken away meanwhile) stops
+        // the process at once; so does a cancel request.
+        let start = futures::FutureExt::shared(start);
+        let start_report = start.clone();
+        // A service replica's probe: ready once it passes, stopped when it fails
+        // failure_threshold times in a row (the attempt then fails as `unhealthy`).
+        let probe = a
+            .spec
+            .probe
+            .as_ref()
+            .and_then(|p| probe::Probe::from_json(p).ok());
+        let unhealthy = std::sync::atomic::AtomicBool::new(false);
+        let (ready_tx, ready_rx) = oneshot::channel::<()>();
+        let probe_env = launch.env.clone();
+        let stop = async {
+            let accepted =
+                matches!(start_report.await, Some(status) if (200..300).contains(&status));
+            if !accepted {
+                return;
+            }
+            let cancel = async {
+                if cancelled.await.is_err() {
+                    // The agent forgot the attempt without asking to stop it: never stop.
+                    futures::future::pending::<()>().await;
+                }
+            };
+            match &probe {
+                None => cancel.await,
+                Some(p) => {
+                    let mut ready_tx = Some(ready_tx);
+                    let watch = probe::run(p, &probe_env, move || {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    });
+                    tokio::select! {
+                        () = cancel => {}
+                        _ = watch => {
+                            unhealthy.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+        };
+        let ready_report = async {
+            if ready_rx.await.is_ok() {
+                self.report(task, attempt, "ready", json!({})).await;
+            }
+        };
+        let pump = async {
+            let mut pending = FuturesUnordered::new();
+            let mut failed = 0u64;
+            while let Some(line) = lines_rx.recv().await {
+                let stream = match line.stream {
+                    OutputStream::Stdout => Stream::Stdout,
+                    OutputStream::Stderr => Stream::Stderr,
+                };
+                let (_, delivered) = self.writer.write(
+                    task,
+                    attempt as i32,
+                    stream,
+                    &line.bytes,
+                    None,
+                    Some(&traceparent),
+                );
+                pending.push(delivered);
+                while pending.len() > 20_000 {
+                    if let Some(Err(_)) = pending.next().await {
+                        failed += 1;
+                    }
+                }
+            }
+            while let Some(r) = pending.next().await {
+                if r.is_err() {
+                    failed += 1;
+                }
+            }
+            failed
+        };
+        let (exit, undelivered, ()) =
+            futures::future::join3(child.wait(stop), pump, ready_report).await;
+        // The outcome follows the start on the log: a fast process may end before the
+        // start report is through.
+        let _ = start.await;
+        self.writer.finish(task, attempt as i32);
+        self.ledger.remove(pid as i32);
+        let duration_ms = exit.duration.as_millis() as u64;
+        let mut body = json!({
+            "exit_code": exit.exit_code,
+            "signal": exit.signal,
+            "duration_ms": duration_ms,
+        });
+        let (outcome, reason) = match exit.ended_by {
+            EndedBy::Exited if exit.exit_code == Some(0) => ("succeeded", None),
+            EndedBy::Exited => ("failed", Some("error".to_string())),
+            EndedBy::Timeout => ("failed", Some("timeout".to_string())),
+            EndedBy::Cancelled if unhealthy.load(std::sync::atomic::Ordering::SeqCst) => {
+                ("failed", Some("unhealthy".to_string()))
+            }
+            EndedBy::Cancelled => (
+                "cancelled",
+                Some(a.reason.clone().unwrap_or_else(|| "cancelled".into())),
+            ),
+        };
+        body["outcome"] = Value::from(outcome);
+        if let Some(r) = reason {
+            body["reason"] = Value::from(r);
+        }
+        if undelivered > 0 {
+            body["message"] = Value::from(format!(
+                "{undelivered} log lines could not be delivered to the logs topic"
+            ));
+        }
+        tracing::info!(%task, attempt, outcome, ?exit, elapsed = ?started.elapsed(), "worker: attempt ended");
+        self.report(task, attempt, "finish", body).await;
+    }
+
+    /// The process to start for an assignment.
+    fn launch(&self, a: &Assignment, traceparent: &str) -> Launch {
+        let argv = match (&a.spec.command, &a.spec.shell) {
+            (Some(argv), _) => argv.clone(),
+            (None, Some(script)) => vec!["sh".into(), "-c".into(), script.clone()],
+            (None, None) => Vec::new(),
+        };
+        let mut env: Vec<(String, String)> = a
+            .spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        env.push(("TASKLOG_TASK_ID".into(), a.task_id.to_string()));
+        env.push(("TASKLOG_ATTEMPT".into(), a.attempt.to_string()));
+        env.push(("TASKLOG_WORKER".into(), self.options.name.clone()));
+        env.push(("TRACEPARENT".into(), traceparent.to_string()));
+        if let Some(service) = &a.spec.service {
+            env.push(("TASKLOG_SERVICE".into(), service.clone()));
+            env.push((
+                "TASKLOG_REPLICA".into(),
+                a.spec.replica.unwrap_or(0).to_string(),
+            ));
+        }
+        Launch {
+            argv,
+            env,
+            working_dir: a.spec.working_dir.as_ref().map(Into::into),
+            timeout: a
+                .spec
+                .timeout_ms()
+                .ok()
+                .flatten()
+                .map(Duration::from_millis),
+            kill_grace: self.options.kill_grace,
+        }
+    }
+}
