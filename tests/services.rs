@@ -224,3 +224,53 @@ async fn scale_up_down_and_stop() {
         .await;
     assert_eq!(t["reason"], "service_stopped");
 }
+
+/// With retry, a service whose every replica keeps failing is `down` (not `failed`, not
+/// `degraded`), on the API and in the metrics; once the replicas can start, their retries
+/// bring it back to `running`.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_replica_retrying_is_down_until_they_come_up() {
+    let mut c = Cluster::start(&[]).await;
+    c.add_worker("w", &["--kill-grace", "1s"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("up");
+    let body = json!({
+        "name": "flaky",
+        "replicas": 2,
+        "template": {
+            "shell": "test -e \"$UP\" || exit 3; exec sleep 1000",
+            "env": {"UP": up.to_str().unwrap()},
+            "resources": {"cpu": 0.1},
+        },
+        "retry": {"duration": "off", "backoff": {"initial": "2s", "max": "2s", "jitter": 0}},
+    });
+    create(&c, &body).await;
+    let s = wait_service(&c, "flaky", "down", |s| s["status"] == "down").await;
+    assert_eq!(s["ready_replicas"], 0, "{s}");
+    common::eventually("down in the metrics", MINUTE, || async {
+        let metrics = c.stack.text("/metrics").await;
+        metrics
+            .contains("tasklog_service_status{service=\"flaky\",status=\"down\"} 1")
+            .then_some(())
+    })
+    .await;
+
+    std::fs::write(&up, b"").unwrap();
+    let s = wait_service(&c, "flaky", "running", |s| {
+        s["status"] == "running" && s["ready_replicas"] == 2
+    })
+    .await;
+    for i in 0..2 {
+        let r = replica(&s, i);
+        assert!(r["attempt"].as_u64().unwrap() >= 2, "{r}");
+    }
+    let (_, t) = c
+        .stack
+        .get(&format!(
+            "/v1/tasks/{}",
+            replica(&s, 0)["task_id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(t["state"], "running", "{t}");
+    assert_eq!(t["attempts"][0]["exit_code"], 3, "{t}");
+}

@@ -8,10 +8,12 @@
 //! {"command": {"argv": ["pg_isready"]}}
 //! ```
 //!
-//! Failures count toward `failure_threshold` from the very first check, also while the
-//! replica is still starting (before it was ever ready). That keeps the rule simple and
-//! makes a replica that never comes up unhealthy; a service that needs a while to start
-//! needs a probe whose `failure_threshold × interval` covers its start-up time.
+//! The first check runs `initial_delay` (default 0) after the replica starts. From then
+//! on failures count toward `failure_threshold`, also while the replica is still
+//! starting (before it was ever ready), so a replica that never comes up becomes
+//! unhealthy; a service that needs a while to start sets `initial_delay` (like
+//! Kubernetes' `initialDelaySeconds`) or a `failure_threshold × interval` that covers
+//! its start-up time.
 
 use std::time::Duration;
 
@@ -53,6 +55,8 @@ pub struct Probe {
     pub failure_threshold: u32,
     /// Consecutive successful checks that make the replica ready (default 1, at least 1).
     pub ready_after: u32,
+    /// Time from the replica's start to its first check (default 0, at most 24h).
+    pub initial_delay: Duration,
 }
 
 /// What one check of a [`Probe`] does.
@@ -104,6 +108,7 @@ impl Probe {
             timeout: DEFAULT_TIMEOUT,
             failure_threshold: DEFAULT_FAILURE_THRESHOLD,
             ready_after: DEFAULT_READY_AFTER,
+            initial_delay: Duration::ZERO,
         }
     }
 
@@ -112,7 +117,7 @@ impl Probe {
     /// Exactly one of `http` and `command` must be given. Unknown fields are refused, at the
     /// top level and inside `http`/`command`. Durations are integer seconds or strings of
     /// `<n><unit>` parts with units `ms`, `s`, `m`, `h` (e.g. `"500ms"`, `"1m30s"`); they
-    /// must be positive and at most [`MAX_DURATION`].
+    /// must be at most [`MAX_DURATION`], and positive but for `initial_delay`.
     pub fn from_json(v: &Value) -> Result<Probe, ProbeError> {
         let obj = as_object(v, "probe")?;
         reject_unknown(
@@ -125,6 +130,7 @@ impl Probe {
                 "timeout",
                 "failure_threshold",
                 "ready_after",
+                "initial_delay",
             ],
         )?;
         let check = match (obj.get("http"), obj.get("command")) {
@@ -145,10 +151,16 @@ impl Probe {
         };
         Ok(Probe {
             check,
-            interval: opt_duration(obj, "interval", DEFAULT_INTERVAL)?,
-            timeout: opt_duration(obj, "timeout", DEFAULT_TIMEOUT)?,
+            interval: opt_duration(obj, "interval", DEFAULT_INTERVAL, Positive::Required)?,
+            timeout: opt_duration(obj, "timeout", DEFAULT_TIMEOUT, Positive::Required)?,
             failure_threshold: opt_count(obj, "failure_threshold", DEFAULT_FAILURE_THRESHOLD)?,
             ready_after: opt_count(obj, "ready_after", DEFAULT_READY_AFTER)?,
+            initial_delay: opt_duration(
+                obj,
+                "initial_delay",
+                Duration::ZERO,
+                Positive::NotRequired,
+            )?,
         })
     }
 }
@@ -225,10 +237,18 @@ fn parse_command(v: &Value) -> Result<Check, ProbeError> {
     }
 }
 
+/// Whether a probe duration may be zero.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Positive {
+    Required,
+    NotRequired,
+}
+
 fn opt_duration(
     obj: &Map<String, Value>,
     key: &str,
     default: Duration,
+    positive: Positive,
 ) -> Result<Duration, ProbeError> {
     let field = format!("probe.{key}");
     let duration = match obj.get(key) {
@@ -253,7 +273,7 @@ fn opt_duration(
             ));
         }
     };
-    if duration.is_zero() {
+    if duration.is_zero() && positive == Positive::Required {
         return Err(ProbeError::new(&field, "must be positive"));
     }
     if duration > MAX_DURATION {
@@ -303,13 +323,15 @@ mod tests {
         assert_eq!(probe.timeout, Duration::from_secs(1));
         assert_eq!(probe.failure_threshold, 3);
         assert_eq!(probe.ready_after, 1);
+        assert_eq!(probe.initial_delay, Duration::ZERO);
     }
 
     #[test]
     fn from_json_http_full() {
         let probe = Probe::from_json(&json!({
             "http": {"url": "http://127.0.0.1:${PORT}/health", "expect_status": 204},
-            "interval": "1s", "timeout": "2s", "failure_threshold": 5, "ready_after": 2
+            "interval": "1s", "timeout": "2s", "failure_threshold": 5, "ready_after": 2,
+            "initial_delay": "30s"
         }))
         .unwrap();
         assert_eq!(
@@ -323,6 +345,7 @@ mod tests {
                 timeout: Duration::from_secs(2),
                 failure_threshold: 5,
                 ready_after: 2,
+                initial_delay: Duration::from_secs(30),
             }
         );
     }
@@ -359,6 +382,16 @@ mod tests {
         assert_eq!(
             err_field(json!({"command": cmd, "interval": "0s"})),
             "probe.interval"
+        );
+        assert_eq!(
+            err_field(json!({"command": cmd, "initial_delay": "25h"})),
+            "probe.initial_delay"
+        );
+        assert_eq!(
+            Probe::from_json(&json!({"command": cmd, "initial_delay": 0}))
+                .unwrap()
+                .initial_delay,
+            Duration::ZERO
         );
         assert_eq!(
             err_field(json!({"command": cmd, "timeout": 1.5})),

@@ -179,8 +179,8 @@ impl Tracker {
     }
 }
 
-/// Runs checks every `interval` (first one immediately) until it is unhealthy; calls
-/// `on_ready` once when ready.
+/// Runs checks every `interval` (the first one `initial_delay` after the call) until it
+/// is unhealthy; calls `on_ready` once when ready.
 ///
 /// Returns when unhealthy (the caller then stops the replica); never returns otherwise
 /// (the caller drops/aborts it when the process ends). Failures before the first ready
@@ -201,7 +201,10 @@ pub async fn run(probe: &Probe, env: &[(String, String)], mut on_ready: impl FnM
         }
     };
     let mut tracker = Tracker::default();
-    let mut next = Instant::now();
+    let now = Instant::now();
+    let mut next = now
+        .checked_add(probe.initial_delay.min(MAX_DURATION))
+        .unwrap_or(now);
     loop {
         tokio::time::sleep_until(next).await;
         let started = Instant::now();
@@ -401,6 +404,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn first_check_waits_for_initial_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("checks");
+        let delay = Duration::from_millis(400);
+        let probe = Probe {
+            initial_delay: delay,
+            interval: Duration::from_millis(50),
+            ..Probe::command(&["sh", "-c", "echo x >> \"$LOG\""])
+        };
+        let e = env(&[("LOG", log.to_str().unwrap())]);
+        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+        let started = Instant::now();
+        let task = tokio::spawn(async move {
+            run(&probe, &e, move || {
+                let _ = ready_tx.send(Instant::now());
+            })
+            .await
+        });
+        let ready_at = tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
+            .await
+            .expect("ready in time")
+            .expect("on_ready called");
+        task.abort();
+        assert!(
+            ready_at.duration_since(started) >= delay,
+            "the first check ran {:?} after the start, before the {delay:?} initial delay",
+            ready_at.duration_since(started)
+        );
+        assert!(std::fs::read_to_string(&log).unwrap().lines().count() >= 1);
+    }
+
+    #[tokio::test]
     async fn run_ready_then_unhealthy() {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -430,6 +465,7 @@ mod tests {
             timeout: Duration::from_secs(2),
             failure_threshold: threshold,
             ready_after: 1,
+            initial_delay: Duration::ZERO,
         };
         let e = env(&[
             ("F", file.to_str().unwrap()),
