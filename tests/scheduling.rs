@@ -636,8 +636,58 @@ async fn a_terminated_worker_drains() {
     }
 }
 
-/// A worker restarted after a SIGKILL stops the attempts its crashed run left running
-/// (recorded in its ledger) and ends them as interrupted.
+/// The processes whose parent is `parent` and whose command line contains `needle`.
+fn children_running(parent: u32, needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(parent) && String::from_utf8_lossy(&cmdline).contains(needle)
+        })
+        .collect()
+}
+
+/// A SIGKILLed worker's watchdog stops its attempts at once: the whole process group,
+/// a background grandchild included, not only when the worker comes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_workers_attempts_are_stopped_by_its_watchdog() {
+    let mut c = Cluster::start(&["--worker-timeout", "120s"]).await;
+    c.add_worker("mortal", &["--kill-grace", "1s"]).await;
+    let id = c
+        .submit(json!({"shell": "sleep 300 & echo \"child $!\"; wait"}))
+        .await;
+    let t = c.wait_state(&id, "running", MINUTE).await;
+    let leader = first_attempt(&t)["pid"].as_u64().expect("pid");
+    let grandchild: u64 = eventually("the child's pid on the log", MINUTE, || async {
+        let (_, logs) = c.stack.get(&format!("/v1/tasks/{id}/logs")).await;
+        logs["lines"]
+            .as_array()?
+            .iter()
+            .find_map(|l| l["text"].as_str()?.strip_prefix("child ")?.parse().ok())
+    })
+    .await;
+    assert!(process_exists(leader) && process_exists(grandchild));
+    c.worker("mortal").kill();
+    for pid in [leader, grandchild] {
+        eventually("the attempt's processes are gone", MINUTE, || async move {
+            (!process_exists(pid)).then_some(())
+        })
+        .await;
+    }
+}
+
+/// A worker restarted after it and its watchdog were SIGKILLed stops the attempts its
+/// crashed run left running (recorded in its ledger) and ends them as interrupted.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_worker_stops_what_its_crashed_run_left_behind() {
     // Loss detection is slow here, so the restart is what ends the attempt.
@@ -646,10 +696,20 @@ async fn a_restarted_worker_stops_what_its_crashed_run_left_behind() {
     let id = c.submit(json!({"shell": "exec sleep 300"})).await;
     let t = c.wait_state(&id, "running", MINUTE).await;
     let pid = first_attempt(&t)["pid"].as_u64().expect("pid");
+    let worker_pid = c.worker("phoenix").pid();
+    let watchdogs = children_running(worker_pid, "worker-watchdog");
+    assert_eq!(watchdogs.len(), 1, "one watchdog per worker: {watchdogs:?}");
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &watchdogs[0].to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
     c.worker("phoenix").kill();
     assert!(
         process_exists(pid),
-        "the attempt outlives its SIGKILLed worker"
+        "without its watchdog, the attempt outlives its SIGKILLed worker"
     );
     c.add_worker("phoenix", &[]).await;
     let t = c.wait_state(&id, "failed", MINUTE).await;

@@ -36,6 +36,10 @@ enum Command {
     Scheduler(SchedulerArgs),
     /// Run a worker agent: registers, takes assignments, runs them as processes.
     Worker(WorkerArgs),
+    /// The worker's companion that stops its attempts if it dies (started by the
+    /// worker itself, reading its stdin).
+    #[command(name = crate::worker::watchdog::SUBCOMMAND, hide = true)]
+    WorkerWatchdog(WorkerWatchdogArgs),
     /// List workers with their state, capacity and what they run.
     Workers(WorkersArgs),
     /// Submit a task, follow its logs, and exit with its exit code.
@@ -264,6 +268,13 @@ pub enum ServiceCommand {
 }
 
 #[derive(Debug, Args)]
+struct WorkerWatchdogArgs {
+    /// Time between SIGTERM and SIGKILL for the attempts it stops.
+    #[arg(long, default_value_t = 10_000)]
+    grace_ms: u64,
+}
+
+#[derive(Debug, Args)]
 struct DevBrokerArgs {
     /// Address to serve the Kafka API on (port 0: any free port).
     #[arg(long, default_value = DEFAULT_BROKERS)]
@@ -430,6 +441,15 @@ pub async fn run() -> i32 {
         Command::Projector(a) => servers::projector(a).await,
         Command::Scheduler(a) => servers::scheduler(a).await,
         Command::Worker(a) => servers::worker(a).await,
+        Command::WorkerWatchdog(a) => {
+            let grace = std::time::Duration::from_millis(a.grace_ms);
+            tokio::task::spawn_blocking(move || {
+                crate::worker::watchdog::watch(std::io::stdin().lock(), grace)
+            })
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from)
+        }
         Command::Workers(a) => client::workers(a).await,
         Command::Service(c) => client::service(c).await,
         Command::Run(a) => match client::run(a).await {

@@ -366,6 +366,13 @@ fn worker_options(
     if let Some(dir) = &args.state_dir {
         options.ledger = Some(dir.join(format!("worker-{}.attempts", options.name)));
     }
+    options.watchdog = match std::env::current_exe() {
+        Ok(exe) => Some(exe),
+        Err(e) => {
+            tracing::warn!(error = %e, "worker: cannot locate the tasklog binary for its watchdog");
+            None
+        }
+    };
     if let Some(cpu) = args.cpu {
         anyhow::ensure!(
             cpu > 0.0 && cpu.is_finite(),

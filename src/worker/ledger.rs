@@ -6,6 +6,9 @@
 //! A line per attempt: `<pgid> <task id> <attempt>`. A group is killed only if its
 //! leader still carries `TASKLOG_TASK_ID=<task id>` in its environment, so a process
 //! id reused by something else is never touched.
+//!
+//! The ledger also keeps the worker's [`Watchdog`] informed, which stops the attempts
+//! as soon as the worker dies; the file covers the case where both were killed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,10 +16,13 @@ use std::sync::Mutex;
 
 use uuid::Uuid;
 
-/// Running attempts of this agent, mirrored to a file.
+use super::watchdog::{Message, Watchdog};
+
+/// Running attempts of this agent, mirrored to a file (and to its watchdog, if any).
 pub struct Ledger {
     path: PathBuf,
     entries: Mutex<BTreeMap<i32, (Uuid, u32)>>,
+    watchdog: Option<Watchdog>,
 }
 
 impl Ledger {
@@ -25,6 +31,15 @@ impl Ledger {
         Ledger {
             path,
             entries: Mutex::new(BTreeMap::new()),
+            watchdog: None,
+        }
+    }
+
+    /// The same ledger, also telling `watchdog` which attempts run.
+    pub fn with_watchdog(self, watchdog: Watchdog) -> Ledger {
+        Ledger {
+            watchdog: Some(watchdog),
+            ..self
         }
     }
 
@@ -73,6 +88,9 @@ impl Ledger {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.insert(pgid, (task, attempt));
         self.save(&entries);
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.tell(Message::Started { pgid, task });
+        }
     }
 
     /// Forgets an ended attempt.
@@ -80,6 +98,9 @@ impl Ledger {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.remove(&pgid);
         self.save(&entries);
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.tell(Message::Ended { pgid });
+        }
     }
 
     fn save(&self, entries: &BTreeMap<i32, (Uuid, u32)>) {
@@ -103,7 +124,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Whether process `pid` is running task `task` (its environment says so).
-fn runs_task(pid: i32, task: &Uuid) -> bool {
+pub(crate) fn runs_task(pid: i32, task: &Uuid) -> bool {
     let needle = format!("TASKLOG_TASK_ID={task}");
     std::fs::read(format!("/proc/{pid}/environ"))
         .map(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
@@ -111,20 +132,21 @@ fn runs_task(pid: i32, task: &Uuid) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Starts `sh` in its own process group (optionally carrying `task` in its
-    /// environment), waiting on its stdin, and returns once the shell has printed a line: by then its
+    /// environment), running `prefix` and then waiting on its stdin, and returns once
+    /// the shell has printed a line: by then its
     /// exec is complete and `/proc/<pid>/environ` shows its environment. (Right
     /// after `spawn` it may not yet: a vfork-based spawn returns while the kernel
     /// is still setting up the new image.)
-    fn started_group(task: Option<&Uuid>) -> std::process::Child {
+    pub(crate) fn started_group(task: Option<&Uuid>, prefix: &str) -> std::process::Child {
         use std::io::BufRead;
         use std::os::unix::process::CommandExt;
         let mut command = std::process::Command::new("sh");
         command
-            .args(["-c", "echo up; read -r never"])
+            .args(["-c", &format!("{prefix}echo up; read -r never")])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .process_group(0);
@@ -146,8 +168,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.attempts");
         let task = Uuid::now_v7();
-        let mut ours = started_group(Some(&task));
-        let mut stranger = started_group(None);
+        let mut ours = started_group(Some(&task), "");
+        let mut stranger = started_group(None, "");
         let ledger = Ledger::new(path.clone());
         ledger.add(ours.id() as i32, task, 1);
         ledger.add(stranger.id() as i32, Uuid::now_v7(), 1);

@@ -14,6 +14,7 @@
 pub mod ledger;
 pub mod probe;
 pub mod process;
+pub mod watchdog;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -58,6 +59,10 @@ pub struct WorkerOptions {
     /// Where it records running attempts, to stop leftovers after a crash (default:
     /// [`ledger::Ledger::default_path`] of its name).
     pub ledger: Option<std::path::PathBuf>,
+    /// The tasklog binary, run as its [`watchdog`] (`tasklog worker-watchdog`), which
+    /// stops the attempts if the worker dies without stopping them; `None`: no
+    /// watchdog (then only a restart stops such leftovers).
+    pub watchdog: Option<std::path::PathBuf>,
 }
 
 impl WorkerOptions {
@@ -83,6 +88,31 @@ impl WorkerOptions {
             poll_wait: Duration::from_secs(20),
             source: format!("tasklog://{host}/worker"),
             ledger: None,
+            watchdog: None,
+        }
+    }
+}
+
+/// The ledger `options` ask for, with its watchdog started (if one is asked for and it
+/// starts).
+fn attempt_ledger(options: &WorkerOptions) -> ledger::Ledger {
+    let ledger = ledger::Ledger::new(
+        options
+            .ledger
+            .clone()
+            .unwrap_or_else(|| ledger::Ledger::default_path(&options.name)),
+    );
+    let Some(program) = &options.watchdog else {
+        return ledger;
+    };
+    match watchdog::Watchdog::spawn(program, options.kill_grace) {
+        Ok(watchdog) => {
+            tracing::info!(pid = watchdog.pid(), "worker: watchdog started");
+            ledger.with_watchdog(watchdog)
+        }
+        Err(e) => {
+            tracing::warn!(program = %program.display(), error = %e, "worker: cannot start the watchdog; a crash of this worker would leave its attempts running until it restarts");
+            ledger
         }
     }
 }
@@ -170,12 +200,7 @@ pub async fn run(
         incarnation: Mutex::new(new_incarnation()),
         running: Mutex::new(HashMap::new()),
         reported: Mutex::new(HashSet::new()),
-        ledger: ledger::Ledger::new(
-            options
-                .ledger
-                .clone()
-                .unwrap_or_else(|| ledger::Ledger::default_path(&options.name)),
-        ),
+        ledger: attempt_ledger(&options),
         options,
     });
     let leftovers = agent.ledger.reap_leftovers();
