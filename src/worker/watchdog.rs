@@ -117,9 +117,35 @@ fn signal_group(pgid: i32, signal: i32) {
     }
 }
 
+/// Whether any member of group `pgid` still runs. Zombies do not count: the attempts'
+/// parent (the worker) is dead, and whoever adopted them may be slow to reap them, or
+/// never do it (a bare pid 1 in a container).
 fn group_alive(pgid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the group exists; no memory effects.
-    unsafe { libc::killpg(pgid, 0) == 0 }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        // SAFETY: signal 0 only checks that the group exists; no memory effects.
+        return unsafe { libc::killpg(pgid, 0) == 0 };
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .any(|stat| running_member_of(&stat, pgid))
+}
+
+/// Whether a `/proc/<pid>/stat` line is of a live (not zombie) member of group `pgid`.
+fn running_member_of(stat: &str, pgid: i32) -> bool {
+    // `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = rest.split_whitespace();
+    let state = fields.next();
+    let group = fields.nth(1).and_then(|g| g.parse::<i32>().ok());
+    group == Some(pgid) && state != Some("Z")
 }
 
 /// The worker's end of a running watchdog.
@@ -193,6 +219,15 @@ mod tests {
         ] {
             assert_eq!(Message::parse(junk), None, "{junk:?}");
         }
+    }
+
+    #[test]
+    fn group_members_are_read_from_proc_stat_and_zombies_do_not_count() {
+        let line = "4242 (my (odd) cmd) S 1 4240 4240 0 -1 4194560 98 0 0 0";
+        assert!(running_member_of(line, 4240));
+        assert!(!running_member_of(line, 4242));
+        assert!(!running_member_of(&line.replace(") S ", ") Z "), 4240));
+        assert!(!running_member_of("garbage", 4240));
     }
 
     #[test]
