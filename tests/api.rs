@@ -198,6 +198,53 @@ async fn one_bad_item_does_not_sink_the_batch() {
     assert_eq!(s.db.count("SELECT count(*) FROM tasks").await, 2);
 }
 
+/// `after` must name tasks that exist: ones submitted before (even a moment before,
+/// not yet projected) or ones in the same batch. Anything else is a 400 that names them,
+/// and nothing reaches the log.
+#[tokio::test(flavor = "multi_thread")]
+async fn dependencies_must_name_known_tasks() {
+    let s = Stack::start().await;
+    let (status, a) = s.post("/v1/tasks", &json!({"shell": "true"})).await;
+    assert_eq!(status, 202, "{a}");
+    // Right away, before the projection may have it.
+    let (status, b) = s
+        .post("/v1/tasks", &json!({"shell": "true", "after": [a["id"]]}))
+        .await;
+    assert_eq!(status, 202, "{b}");
+    assert_eq!(b["state"], "pending");
+
+    let ghost = uuid::Uuid::new_v4().to_string();
+    let (status, err) = s
+        .post(
+            "/v1/tasks",
+            &json!({"shell": "true", "after": [a["id"], ghost]}),
+        )
+        .await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["code"], "unknown_dependency");
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&ghost), "{message}");
+    assert!(!message.contains(a["id"].as_str().unwrap()), "{message}");
+
+    let first = tasklog::api::task_id_for_key("dep-first");
+    let batch = json!({"tasks": [
+        {"shell": "true", "after": [first]},
+        {"shell": "true", "idempotency_key": "dep-first"},
+        {"shell": "true", "after": [ghost]},
+        {"shell": "true", "after": [a["id"], b["id"]]},
+    ]});
+    let (status, body) = s.post("/v1/tasks/batch", &batch).await;
+    assert_eq!(status, 202, "{body}");
+    let r = body["results"].as_array().unwrap();
+    assert!(r[0]["id"].is_string(), "a task of the same batch: {}", r[0]);
+    assert_eq!(r[1]["id"], json!(first));
+    assert_eq!(r[2]["error"]["code"], "unknown_dependency", "{}", r[2]);
+    assert!(r[3]["id"].is_string(), "{}", r[3]);
+    assert_eq!(body["accepted"], 3);
+    s.wait_projected(5).await;
+    assert_eq!(s.db.count("SELECT count(*) FROM tasks").await, 5);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_a_json_4xx_naming_the_problem() {
     let s = Stack::start().await;

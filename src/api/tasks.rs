@@ -1,6 +1,6 @@
 //! Task routes: submit (single and batch), get, list, history, cancel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +24,10 @@ use crate::store::{TaskFilter, TaskRecord};
 
 /// Most tasks in one batch submission.
 pub const MAX_BATCH: usize = 1000;
+
+/// How long a submission waits for the tasks its `after` names to be projected (a
+/// dependency submitted a moment ago may not be yet) before it is refused.
+pub const DEPENDENCY_WAIT: Duration = Duration::from_secs(2);
 /// Largest encoded event accepted (Kafka's default `message.max.bytes` is 1 MB).
 pub const MAX_EVENT_BYTES: usize = 900_000;
 /// Namespace of task ids derived from idempotency keys (UUIDv5).
@@ -231,6 +235,10 @@ pub async fn submit(
         Replay::Conflict => return Err(conflict(prepared.id)),
         Replay::New => {}
     }
+    let missing = missing_dependencies(&state, &prepared.spec.after).await?;
+    if !missing.is_empty() {
+        return Err(unknown_dependencies(&missing));
+    }
     let result = state
         .appender
         .append(&state.options.topics.events, &prepared.encoded)
@@ -324,6 +332,34 @@ pub async fn submit_batch(
         }
     }
 
+    // Dependencies may be tasks of this batch, or tasks already submitted.
+    let in_batch: HashSet<Uuid> = to_send.iter().map(|(_, p)| p.id).collect();
+    let named: Vec<Uuid> = to_send
+        .iter()
+        .flat_map(|(_, p)| p.spec.after.iter().copied())
+        .filter(|id| !in_batch.contains(id))
+        .collect::<HashSet<Uuid>>()
+        .into_iter()
+        .collect();
+    let missing: HashSet<Uuid> = missing_dependencies(&state, &named)
+        .await?
+        .into_iter()
+        .collect();
+    to_send.retain(|(i, p)| {
+        let unknown: Vec<Uuid> = p
+            .spec
+            .after
+            .iter()
+            .copied()
+            .filter(|id| missing.contains(id))
+            .collect();
+        if unknown.is_empty() {
+            return true;
+        }
+        results[*i] =
+            Some(json!({"index": i, "error": unknown_dependencies(&unknown).body()["error"]}));
+        false
+    });
     let pending: Vec<_> = to_send
         .iter()
         .map(|(_, p)| {
@@ -371,6 +407,57 @@ pub async fn submit_batch(
         })),
     )
         .into_response())
+}
+
+/// The ids in `after` that name no task, once the projection has had
+/// [`DEPENDENCY_WAIT`] to catch up with submissions made a moment ago.
+async fn missing_dependencies(state: &AppState, after: &[Uuid]) -> Result<Vec<Uuid>, ApiError> {
+    if after.is_empty() {
+        return Ok(Vec::new());
+    }
+    let missing = |found: HashMap<Uuid, TaskRecord>| -> Vec<Uuid> {
+        after
+            .iter()
+            .copied()
+            .filter(|id| !found.contains_key(id))
+            .collect()
+    };
+    let mut still_missing = missing(state.store.tasks(after).await?);
+    if still_missing.is_empty() {
+        return Ok(still_missing);
+    }
+    let deadline = Instant::now() + DEPENDENCY_WAIT;
+    let found = wait_for(state, deadline, || {
+        let ids = still_missing.clone();
+        async move {
+            let found = state.store.tasks(&ids).await?;
+            Ok((found.len() == ids.len()).then_some(()))
+        }
+    })
+    .await?;
+    if found.is_some() {
+        return Ok(Vec::new());
+    }
+    still_missing = missing(state.store.tasks(after).await?);
+    Ok(still_missing)
+}
+
+fn unknown_dependencies(missing: &[Uuid]) -> ApiError {
+    let shown: Vec<String> = missing.iter().take(5).map(Uuid::to_string).collect();
+    let more = missing.len().saturating_sub(shown.len());
+    ApiError::bad_request(
+        "unknown_dependency",
+        format!(
+            "`after` names {} task(s) that do not exist: {}{}",
+            missing.len(),
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ),
+    )
 }
 
 pub(super) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
