@@ -409,8 +409,8 @@ pub async fn submit_batch(
         .into_response())
 }
 
-/// The ids in `after` that name no task, once the projection has had
-/// [`DEPENDENCY_WAIT`] to catch up with submissions made a moment ago.
+/// The ids in `after` (unique: the spec schema says so) that name no task, once the
+/// projection has had [`DEPENDENCY_WAIT`] to catch up with submissions made a moment ago.
 async fn missing_dependencies(state: &AppState, after: &[Uuid]) -> Result<Vec<Uuid>, ApiError> {
     if after.is_empty() {
         return Ok(Vec::new());
