@@ -946,12 +946,14 @@ async fn submit_to_running(args: &ScheduleBenchArgs, env: &BenchEnv) -> anyhow::
         memory: 1 << 40,
         gpu: 0,
     };
-    // The worker stops before the API it reports to.
+    // The worker drains and stops before the API it reports to.
     let worker_appender = appender.clone();
+    let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(async move {
-        if let Err(e) =
-            crate::worker::run(worker_options, worker_appender, std::future::pending()).await
-        {
+        let shutdown = async move {
+            let _ = worker_stopped.await;
+        };
+        if let Err(e) = crate::worker::run(worker_options, worker_appender, shutdown).await {
             tracing::error!(error = %e, "bench worker stopped");
         }
     });
@@ -1005,8 +1007,11 @@ async fn submit_to_running(args: &ScheduleBenchArgs, env: &BenchEnv) -> anyhow::
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     latencies.sort();
-    worker.abort();
+    let _ = stop_worker.send(());
+    let _ = worker.await;
     running.stop().await;
+    // Every client of the scratch database and the broker goes before they do.
+    drop((store, appender));
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
         "  submit→running ({} tasks, free capacity): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms   aim p50 ≤ 50 ms, p99 ≤ 250 ms",

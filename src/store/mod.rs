@@ -503,11 +503,13 @@ impl Store {
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                if let Err(e) = listen_once(&url, &statement, &tx).await {
-                    tracing::warn!(error = %e, "projection notifications lost; reconnecting");
-                }
+                let listened = listen_once(&url, &statement, &tx).await;
+                // Nobody follows any more (e.g. the server stopped): end quietly.
                 if tx.is_closed() {
                     return;
+                }
+                if let Err(e) = listened {
+                    tracing::warn!(error = %e, "projection notifications lost; reconnecting");
                 }
                 tx.send_modify(|n| *n += 1);
                 tokio::time::sleep(backoff).await;

@@ -211,7 +211,8 @@ pub async fn run(
         );
     }
     agent.register().await?;
-    let heartbeats = tokio::spawn(agent.clone().heartbeat_loop());
+    // Heartbeats stop with this function, also when its future is dropped midway.
+    let _heartbeats = AbortOnDrop(tokio::spawn(agent.clone().heartbeat_loop()));
     let mut shutdown = std::pin::pin!(shutdown);
     let mut known: Option<String> = None;
     let mut draining = false;
@@ -255,9 +256,17 @@ pub async fn run(
             }
         }
     }
-    heartbeats.abort();
     tracing::info!("worker: drained; exiting");
     Ok(())
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn new_incarnation() -> String {
