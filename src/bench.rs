@@ -108,12 +108,18 @@ impl InProcess {
         Ok(this)
     }
 
-    /// Starts every projection (tasks and the log index).
-    fn start_projections(&mut self, brokers: &str, topics: &Topics) {
+    /// Starts projections: every one (`all`), or only the task projection (what
+    /// `bench submit` measures).
+    fn start_projections(&mut self, brokers: &str, topics: &Topics, all: bool) {
         let (store, stopped) = (self.state.store.clone(), self.stopped());
         let options = ProjectorOptions::new(brokers, topics.clone());
         self.tasks.push(tokio::spawn(async move {
-            if let Err(e) = projector::run_all(options, store, stopped).await {
+            let result = if all {
+                projector::run_all(options, store, stopped).await
+            } else {
+                projector::run(options, store, stopped).await
+            };
+            if let Err(e) = result {
                 tracing::error!(error = %e, "projection stopped");
             }
         }));
@@ -351,7 +357,7 @@ async fn run_all(
     // Projection: a projector starting on the full backlog.
     let total = (n + args.single) as i64;
     let started = Instant::now();
-    system.start_projections(brokers, topics);
+    system.start_projections(brokers, topics, false);
     let mut changes = system.state.projection.clone();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -540,7 +546,7 @@ async fn run_logs(
 
     // The system: API + projections in process.
     let mut system = InProcess::start_api(&store, &appender, brokers, topics, 12).await?;
-    system.start_projections(brokers, topics);
+    system.start_projections(brokers, topics, true);
     let (state, base) = (system.state.clone(), system.base.clone());
     let http = reqwest::Client::new();
     let task: Value = http
@@ -905,7 +911,7 @@ async fn submit_to_running(args: &ScheduleBenchArgs, env: &BenchEnv) -> anyhow::
 
     // Baseline: one record produced and acknowledged, one at a time.
     let mut raw = Vec::with_capacity(200);
-    for i in 0..200 {
+    for _ in 0..200 {
         let encoded = Event::new(
             "bench",
             Uuid::now_v7(),
@@ -916,7 +922,6 @@ async fn submit_to_running(args: &ScheduleBenchArgs, env: &BenchEnv) -> anyhow::
         let started = Instant::now();
         appender.append(&env.raw_topic, &encoded).await?;
         raw.push(started.elapsed());
-        let _ = i;
     }
     raw.sort();
 
@@ -928,7 +933,7 @@ async fn submit_to_running(args: &ScheduleBenchArgs, env: &BenchEnv) -> anyhow::
         args.partitions,
     )
     .await?;
-    running.start_projections(&env.brokers, &env.topics);
+    running.start_projections(&env.brokers, &env.topics, true);
     let mut scheduler_options = crate::scheduler::SchedulerOptions::new(env.topics.clone());
     scheduler_options.no_capacity_after = Duration::from_secs(600);
     let (sched_store, sched_appender, stopped) =
@@ -1009,6 +1014,7 @@ async fn submit_to_running(args: &ScheduleBenchArgs, env: &BenchEnv) -> anyhow::
     latencies.sort();
     let _ = stop_worker.send(());
     let _ = worker.await;
+    let _ = std::fs::remove_dir_all(&ledger_dir);
     running.stop().await;
     // Every client of the scratch database and the broker goes before they do.
     drop((store, appender));

@@ -109,7 +109,7 @@ async fn aging_lets_a_low_priority_task_through_a_stream_of_high_ones() {
     let mut before = 0;
     let mut late_ones = 0;
     for id in &highs {
-        let (_, t) = c.stack.get(&format!("/v1/tasks/{id}")).await;
+        let t = c.stack.task(id).await;
         let queued = micros(&t["queued_at"]);
         let ran_before = t["attempts"][0]["started_at"].is_string() && started_at(&t) < low_started;
         if ran_before {
@@ -530,7 +530,7 @@ async fn external_executor_lifecycle_from_kcat() {
     // A normal task submitted after it runs; the external one stays queued.
     let normal = c.submit(json!({"shell": "true"})).await;
     c.wait_state(&normal, "succeeded", MINUTE).await;
-    let (_, t) = c.stack.get(&format!("/v1/tasks/{id}")).await;
+    let t = c.stack.task(&id).await;
     assert_eq!(t["state"], "queued", "never scheduled: {t}");
 
     let kcat = |seq: u64, ce_type: &str, extra: &str| {

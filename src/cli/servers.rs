@@ -140,23 +140,20 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
     let worker_task = if args.no_worker {
         None
     } else {
-        let mut options = worker_options(&format!("http://{addr}"), topics.clone(), &args.worker)?;
-        if args.worker.name.is_none() {
-            options.name = "local".into();
-        }
+        // Named `local` unless told otherwise (and its ledger file with it).
+        let mut resources = args.worker.clone();
+        resources.name.get_or_insert_with(|| "local".into());
+        let options = worker_options(&format!("http://{addr}"), topics.clone(), &resources)?;
         let appender = Appender::new(&AppenderOptions::new(&brokers))?;
         Some((
             options.name.clone(),
             tokio::spawn(worker::run(options, appender, stopped(worker_stop_rx))),
         ))
     };
-    let mut projector_stop = stop_rx.clone();
     let projector = tokio::spawn(projector::run_all(
         ProjectorOptions::new(&brokers, topics.clone()),
         store,
-        async move {
-            let _ = projector_stop.wait_for(|s| *s).await;
-        },
+        stopped(stop_rx.clone()),
     ));
     println!("tasklog is up");
     println!("  API:      http://{addr}/v1/tasks");
@@ -177,10 +174,7 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
         "Try: tasklog run -f examples/hello.yaml, or tasklog submit -f examples/train.yaml && tasklog ls     (Ctrl-C stops)"
     );
 
-    let mut server_stop = stop_rx;
-    let server = api::serve(listener, state, async move {
-        let _ = server_stop.wait_for(|s| *s).await;
-    });
+    let server = api::serve(listener, state, stopped(stop_rx));
     let mut projector = std::pin::pin!(projector);
     let mut server = std::pin::pin!(server);
     tokio::select! {
@@ -204,8 +198,8 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     let _ = stop_tx.send(true);
-    scheduler_task.abort();
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = scheduler_task.await;
         let _ = (&mut server).await;
         let _ = (&mut projector).await;
     })

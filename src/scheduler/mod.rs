@@ -617,11 +617,11 @@ async fn lead(
         }
         let unknown = model.unknown_dependencies();
         if !unknown.is_empty() {
+            // Only final states: an unfinished one comes with the next changes anyway,
+            // and taking it here would move `from` past changes not read yet.
             for (id, record) in store.tasks(&unknown).await? {
                 if record.task.state.is_terminal() {
                     model.remember_finished(id, record.task.state);
-                } else {
-                    model.update(record);
                 }
             }
         }
@@ -631,8 +631,22 @@ async fn lead(
         crate::metrics::metrics()
             .scheduler_pass_duration
             .observe(started.elapsed().as_secs_f64());
-        let mut actions = pass.actions;
-        actions.extend(control_services(store).await?);
+        // The service controller's word on a replica (a cancel) wins this pass; the
+        // planner decides on that task again from its next state.
+        let service_actions = control_services(store).await?;
+        let touched: HashSet<Uuid> = service_actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Task { task_id, .. } => Some(*task_id),
+                _ => None,
+            })
+            .collect();
+        let mut actions: Vec<Action> = pass
+            .actions
+            .into_iter()
+            .filter(|a| !matches!(a, Action::Task { task_id, .. } if touched.contains(task_id)))
+            .collect();
+        actions.extend(service_actions);
         let appended = append(options, appender, &model, actions).await;
         if !appended.is_empty() {
             // See our own decisions before deciding again.

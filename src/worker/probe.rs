@@ -437,14 +437,9 @@ mod tests {
 
     #[tokio::test]
     async fn run_ready_then_unhealthy() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!("probe-test-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("up");
-        let log = dir.join("checks");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("up");
+        let log = dir.path().join("checks");
         let count_checks = || {
             std::fs::read_to_string(&log)
                 .map(|s| s.lines().count())
@@ -479,8 +474,13 @@ mod tests {
             .await
         });
 
-        // Nothing can succeed while the file is missing.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Nothing can succeed while the file is missing. Once a second check has begun,
+        // the first one has run (and failed) without it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count_checks() < 2 {
+            assert!(Instant::now() < deadline, "no second check within 5 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert!(ready_rx.try_recv().is_err(), "ready before the file exists");
         assert!(!task.is_finished(), "gave up before the file was created");
         std::fs::write(&file, b"").unwrap();
@@ -488,10 +488,6 @@ mod tests {
             .await
             .expect("ready in time")
             .expect("on_ready called");
-        assert!(
-            count_checks() >= 2,
-            "the first check ran before the file existed"
-        );
 
         // Stay ready a little, then take the file away.
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -511,6 +507,5 @@ mod tests {
         );
         // on_ready was called exactly once (the sender is gone with the task).
         assert!(ready_rx.recv().await.is_none());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
