@@ -415,31 +415,22 @@ async fn missing_dependencies(state: &AppState, after: &[Uuid]) -> Result<Vec<Uu
     if after.is_empty() {
         return Ok(Vec::new());
     }
-    let missing = |found: HashMap<Uuid, TaskRecord>| -> Vec<Uuid> {
-        after
-            .iter()
-            .copied()
-            .filter(|id| !found.contains_key(id))
-            .collect()
-    };
-    let mut still_missing = missing(state.store.tasks(after).await?);
-    if still_missing.is_empty() {
-        return Ok(still_missing);
-    }
+    // `wait_for` looks at once, on every projection change, and once more at the
+    // deadline.
     let deadline = Instant::now() + DEPENDENCY_WAIT;
-    let found = wait_for(state, deadline, || {
-        let ids = still_missing.clone();
-        async move {
-            let found = state.store.tasks(&ids).await?;
-            Ok((found.len() == ids.len()).then_some(()))
-        }
+    let all_found = wait_for(state, deadline, || async {
+        Ok((state.store.tasks(after).await?.len() == after.len()).then_some(()))
     })
     .await?;
-    if found.is_some() {
+    if all_found.is_some() {
         return Ok(Vec::new());
     }
-    still_missing = missing(state.store.tasks(after).await?);
-    Ok(still_missing)
+    let found = state.store.tasks(after).await?;
+    Ok(after
+        .iter()
+        .copied()
+        .filter(|id| !found.contains_key(id))
+        .collect())
 }
 
 fn unknown_dependencies(missing: &[Uuid]) -> ApiError {

@@ -118,9 +118,8 @@ pub async fn assignments(
     let mut changes = state.projection.clone();
     loop {
         changes.borrow_and_update();
-        let worker = state.store.worker(&id).await?;
-        let tasks = state.store.tasks_on_worker(&id).await?;
-        let items: Vec<Value> = tasks.iter().map(|t| assignment(&t.task)).collect();
+        let (worker, tasks) =
+            tokio::try_join!(state.store.worker(&id), state.store.tasks_on_worker(&id))?;
         let worker_state = worker.as_ref().map(|w| w.state.as_str());
         let incarnation = worker.as_ref().and_then(|w| w.info.incarnation.clone());
         let mut hasher = DefaultHasher::new();
@@ -132,6 +131,7 @@ pub async fn assignments(
         let version = format!("{:016x}", hasher.finish());
         let unchanged = known.as_deref() == Some(version.as_str());
         if !unchanged || Instant::now() >= deadline {
+            let items: Vec<Value> = tasks.iter().map(|t| assignment(&t.task)).collect();
             return Ok(Json(json!({
                 "worker_id": id,
                 "worker_state": worker_state,
@@ -140,12 +140,13 @@ pub async fn assignments(
                 "assignments": items,
             })));
         }
-        if tokio::time::timeout_at(deadline, changes.changed())
-            .await
-            .is_err()
-        {
-            // Deadline: answer with what there is (one more look first).
-            continue;
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            // Deadline: answer with what there is (one more look first). Without
+            // notifications (their follower is gone), wait out the deadline rather
+            // than query in a loop.
+            Err(_) => {}
+            Ok(Err(_)) => tokio::time::sleep_until(deadline).await,
         }
     }
 }

@@ -79,7 +79,10 @@ async fn submit_file(
         request = request.header("Idempotency-Key", key);
     }
     let body = client.call(request).await?;
-    Ok(body["id"].as_str().unwrap_or_default().to_string())
+    body["id"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("the API's answer has no task id: {body}"))
 }
 
 pub(super) async fn submit(args: SubmitArgs) -> anyhow::Result<()> {

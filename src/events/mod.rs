@@ -867,7 +867,11 @@ mod tests {
                 message: None,
                 next_attempt_at: DateTime::from_timestamp_micros(1_800_000_000_123_456).unwrap(),
             },
+            Payload::Ready { attempt: 2 },
         ];
+        // Every type but `submitted` (tested on its own) is here.
+        let covered: Vec<EventType> = payloads.iter().map(Payload::event_type).collect();
+        assert_eq!(covered, EventType::ALL[1..]);
         for p in payloads {
             let e = Event::new("s", id, 2, p.clone());
             let encoded = e.encode();

@@ -16,12 +16,16 @@
 //! starts at submission. A failure at or after the window's end is final, with reason
 //! `retry_limit_exceeded`; so is one that would start attempt `max_attempts + 1`. The
 //! delay before retry *n* (from 1) is `min(max, initial × multiplier^(n−1))`, shortened
-//! by up to `jitter` × itself; the jitter is derived from the task id and *n*, so the same
-//! failure always gives the same time (the fold can check it, and replay agrees).
+//! by up to `jitter` × itself; the jitter is derived from the task id and *n* (spread,
+//! not randomness: a writer that decides twice gets the same time).
 //!
 //! Every writer that ends an attempt (the API for worker reports, the scheduler for
 //! lost workers and no capacity) asks [`decide`], and the fold accepts a
-//! `retry_scheduled` event only when [`decide`] says the policy allows it.
+//! `retry_scheduled` event only when [`decide`], at the event's time, allows a retry at
+//! all; it does not check `next_attempt_at`, which is the writer's. A writer's clock
+//! and the event's time differ slightly, so at the very end of a window the fold may
+//! refuse a retry the writer chose (`retry_not_allowed`): the API then decides again
+//! on the task as it is, and the scheduler does on its next pass.
 
 use std::hash::{Hash, Hasher};
 

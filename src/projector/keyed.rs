@@ -27,6 +27,11 @@ pub trait KeyedEntity: Send + Sync + 'static {
     fn key(event: &Self::Event) -> &str;
     /// The pure fold.
     fn fold(state: Option<&Self::State>, event: &Self::Event) -> Result<Self::State, Rejection>;
+    /// Whether an event is routine: no reader waits to see it applied (a heartbeat).
+    /// A batch of routine events only, all applied, is committed without a `NOTIFY`.
+    fn routine(_event: &Self::Event) -> bool {
+        false
+    }
     /// Current states of these entities.
     fn load<'a>(
         tx: &'a Transaction<'_>,
@@ -64,6 +69,13 @@ impl<E: KeyedEntity> Projection for KeyedProjection<E> {
 
     fn channel(&self) -> &'static str {
         E::CHANNEL
+    }
+
+    fn notifies(&self, records: &[&Record<Self::Decoded>], refusals: &[Refusal]) -> bool {
+        !refusals.is_empty()
+            || records
+                .iter()
+                .any(|r| r.decoded.as_ref().map_or(true, |e| !E::routine(e)))
     }
 
     async fn apply(

@@ -93,6 +93,13 @@ pub trait Projection: Send + Sync + 'static {
 
     /// The `NOTIFY` channel signalled after each commit.
     fn channel(&self) -> &'static str;
+
+    /// Whether the commit of this batch (these fresh records, of which `refusals` were
+    /// refused) is signalled on [`Projection::channel`]. Always, unless a projection
+    /// knows that no reader waits for what the batch holds.
+    fn notifies(&self, _records: &[&Record<Self::Decoded>], _refusals: &[Refusal]) -> bool {
+        true
+    }
 }
 
 /// Test-only crash points. `TASKLOG_FAILPOINT=<point>:<n>` makes the projector abort the
@@ -797,14 +804,11 @@ impl<P: Projection> Runner<P> {
             .collect();
         if !next_offsets.is_empty() {
             let rows: Vec<RejectedRecord> = rejected.iter().map(|(r, _)| r.clone()).collect();
-            projection::finish_batch(
-                &tx,
-                &self.topic,
-                &rows,
-                &next_offsets,
-                self.projection.channel(),
-            )
-            .await?;
+            let channel = self
+                .projection
+                .notifies(&fresh, &refusals)
+                .then(|| self.projection.channel());
+            projection::finish_batch(&tx, &self.topic, &rows, &next_offsets, channel).await?;
             // Dead letters are acknowledged before the commit: a crash may repeat one,
             // never lose one.
             let pending: Vec<_> = rejected

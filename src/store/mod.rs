@@ -488,14 +488,9 @@ impl Store {
             .map_err(ctx("reset projection"))
     }
 
-    /// Follows `NOTIFY` on [`PROJECTION_CHANNEL`]: the returned counter changes after
-    /// every committed projector batch (and after a reconnect, when one may have been
-    /// missed). Reconnects by itself.
-    pub fn follow_projection(&self) -> watch::Receiver<u64> {
-        self.follow(&[PROJECTION_CHANNEL])
-    }
-
-    /// Follows `NOTIFY` on `channels`, like [`Store::follow_projection`].
+    /// Follows `NOTIFY` on `channels` (e.g. [`PROJECTION_CHANNEL`]): the returned
+    /// counter changes after every signalled projector commit (and after a reconnect,
+    /// when one may have been missed). Reconnects by itself.
     pub fn follow(&self, channels: &[&'static str]) -> watch::Receiver<u64> {
         let (tx, rx) = watch::channel(0u64);
         let url = self.url.clone();

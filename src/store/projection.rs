@@ -341,13 +341,13 @@ pub async fn write_task_batch(
 }
 
 /// Writes what every projection's batch ends with: its rejections, the next offset of
-/// every partition it read, and a `NOTIFY` on `channel` (delivered at commit).
+/// every partition it read, and a `NOTIFY` on `channel`, if given (delivered at commit).
 pub async fn finish_batch(
     tx: &Transaction<'_>,
     topic: &str,
     rejected: &[RejectedRecord],
     next_offsets: &HashMap<i32, i64>,
-    channel: &str,
+    channel: Option<&str>,
 ) -> Result<(), StoreError> {
     for r in rejected {
         tx.execute(
@@ -384,9 +384,11 @@ pub async fn finish_batch(
         .await
         .map_err(ctx("store projection offsets"))?;
     }
-    tx.execute(&format!("NOTIFY {channel}"), &[])
-        .await
-        .map_err(ctx("notify"))?;
+    if let Some(channel) = channel {
+        tx.execute(&format!("NOTIFY {channel}"), &[])
+            .await
+            .map_err(ctx("notify"))?;
+    }
     Ok(())
 }
 

@@ -69,11 +69,7 @@ impl Ledger {
                     continue;
                 };
                 if pgid > 1 && runs_task(pgid, &task) {
-                    // SAFETY: killpg with a validated group id > 1 and a constant
-                    // signal; it has no memory effects.
-                    unsafe {
-                        libc::killpg(pgid, libc::SIGKILL);
-                    }
+                    super::process::signal_group(pgid, libc::SIGKILL);
                     tracing::warn!(pgid, %task, "worker: killed an attempt left by a previous run");
                     killed += 1;
                 }

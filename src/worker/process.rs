@@ -391,7 +391,7 @@ async fn sleep_until_deadline(deadline: Option<Instant>) {
 }
 
 /// Sends `signal` to process group `pgid`, ignoring groups that are already gone.
-fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
+pub(super) fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
     // killpg(0 or 1, …) would hit our own group or every process.
     if pgid <= 1 {
         return;
@@ -404,6 +404,37 @@ fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
             warn!(pgid, signal, %error, "cannot signal attempt process group");
         }
     }
+}
+
+/// Whether any member of group `pgid` still runs. Zombies do not count: whoever is to
+/// reap them may be slow to (the worker's watchdog waits for attempts whose parent, the
+/// worker, is dead), or never do it (a bare pid 1 in a container).
+pub(super) fn group_has_live_members(pgid: i32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        // SAFETY: signal 0 only checks that the group exists; no memory effects.
+        return unsafe { libc::killpg(pgid, 0) == 0 };
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .any(|stat| live_member_of(&stat, pgid))
+}
+
+/// Whether a `/proc/<pid>/stat` line is of a live (not zombie or dead) member of group `pgid`.
+fn live_member_of(stat: &str, pgid: i32) -> bool {
+    // `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = rest.split_whitespace();
+    let state = fields.next();
+    let group = fields.nth(1).and_then(|g| g.parse::<i32>().ok());
+    group == Some(pgid) && !matches!(state, Some("Z") | Some("X"))
 }
 
 /// Whether child `pid` has exited, leaving it unreaped (a zombie) if so.
@@ -678,46 +709,26 @@ mod tests {
         result == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
     }
 
-    /// Processes in group `pgid` that are neither zombies nor dead.
-    fn live_group_members(pgid: u32) -> Vec<u32> {
-        let mut live = Vec::new();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return live;
-        };
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            // Fields after the parenthesised command: state ppid pgrp ...
-            let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-                continue;
-            };
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            if fields.get(2).and_then(|pgrp| pgrp.parse::<u32>().ok()) == Some(pgid)
-                && !matches!(fields.first(), Some(&"Z") | Some(&"X"))
-            {
-                live.push(pid);
-            }
-        }
-        live
+    #[test]
+    fn group_members_are_read_from_proc_stat_and_zombies_do_not_count() {
+        let line = "4242 (my (odd) cmd) S 1 4240 4240 0 -1 4194560 98 0 0 0";
+        assert!(live_member_of(line, 4240));
+        assert!(!live_member_of(line, 4242));
+        assert!(!live_member_of(&line.replace(") S ", ") Z "), 4240));
+        assert!(!live_member_of("garbage", 4240));
     }
 
     /// Members killed with SIGKILL may take a moment to finish exiting; poll the real state.
     async fn assert_group_gone(pgid: u32) {
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
-            let live = live_group_members(pgid);
-            if live.is_empty() {
+            if !group_has_live_members(pgid as i32) {
                 return;
             }
-            assert!(Instant::now() < deadline, "group {pgid} still has {live:?}");
+            assert!(
+                Instant::now() < deadline,
+                "group {pgid} still has live members"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -18,11 +18,13 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
+
+use super::process::{group_has_live_members, signal_group};
 
 /// The name of the hidden CLI subcommand that runs [`watch`].
 pub const SUBCOMMAND: &str = "worker-watchdog";
@@ -100,58 +102,19 @@ pub fn watch(input: impl BufRead, grace: Duration) -> usize {
         signal_group(*pgid, libc::SIGTERM);
     }
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && ours.iter().any(|pgid| group_alive(*pgid)) {
+    while Instant::now() < deadline && ours.iter().any(|pgid| group_has_live_members(*pgid)) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    for pgid in ours.iter().filter(|pgid| group_alive(**pgid)) {
+    for pgid in ours.iter().filter(|pgid| group_has_live_members(**pgid)) {
         signal_group(*pgid, libc::SIGKILL);
     }
     ours.len()
 }
 
-fn signal_group(pgid: i32, signal: i32) {
-    // SAFETY: killpg with a group id > 1 (checked by `Message::parse`) and a constant
-    // signal; it has no memory effects.
-    unsafe {
-        libc::killpg(pgid, signal);
-    }
-}
-
-/// Whether any member of group `pgid` still runs. Zombies do not count: the attempts'
-/// parent (the worker) is dead, and whoever adopted them may be slow to reap them, or
-/// never do it (a bare pid 1 in a container).
-fn group_alive(pgid: i32) -> bool {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        // SAFETY: signal 0 only checks that the group exists; no memory effects.
-        return unsafe { libc::killpg(pgid, 0) == 0 };
-    };
-    entries
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .any(|stat| running_member_of(&stat, pgid))
-}
-
-/// Whether a `/proc/<pid>/stat` line is of a live (not zombie) member of group `pgid`.
-fn running_member_of(stat: &str, pgid: i32) -> bool {
-    // `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return false;
-    };
-    let mut fields = rest.split_whitespace();
-    let state = fields.next();
-    let group = fields.nth(1).and_then(|g| g.parse::<i32>().ok());
-    group == Some(pgid) && state != Some("Z")
-}
-
 /// The worker's end of a running watchdog.
 pub struct Watchdog {
     stdin: Mutex<Option<ChildStdin>>,
-    child: Mutex<Child>,
+    pid: u32,
 }
 
 impl Watchdog {
@@ -167,16 +130,17 @@ impl Watchdog {
             .stdout(Stdio::null())
             .process_group(0)
             .spawn()?;
-        let stdin = child.stdin.take();
+        // It exits by itself when the pipe closes; nothing waits for it before this
+        // process ends (dropping a `Child` neither kills nor waits).
         Ok(Watchdog {
-            stdin: Mutex::new(stdin),
-            child: Mutex::new(child),
+            stdin: Mutex::new(child.stdin.take()),
+            pid: child.id(),
         })
     }
 
     /// Its process id.
     pub fn pid(&self) -> u32 {
-        self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
+        self.pid
     }
 
     /// Tells the watchdog about a started or ended attempt. If it is gone, says so once
@@ -219,15 +183,6 @@ mod tests {
         ] {
             assert_eq!(Message::parse(junk), None, "{junk:?}");
         }
-    }
-
-    #[test]
-    fn group_members_are_read_from_proc_stat_and_zombies_do_not_count() {
-        let line = "4242 (my (odd) cmd) S 1 4240 4240 0 -1 4194560 98 0 0 0";
-        assert!(running_member_of(line, 4240));
-        assert!(!running_member_of(line, 4242));
-        assert!(!running_member_of(&line.replace(") S ", ") Z "), 4240));
-        assert!(!running_member_of("garbage", 4240));
     }
 
     #[test]
