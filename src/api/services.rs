@@ -3,7 +3,6 @@
 //! replica readiness report `POST /v1/tasks/{id}/attempts/{n}/ready`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -11,18 +10,18 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 
-use super::transition::{Decision, transition};
+use super::transition::{Confirmation, Decision, append_and_confirm, transition};
 use super::{ApiError, AppState, JsonBody};
 use crate::events::service::{
     MAX_REPLICAS, ServiceEvent, ServiceLifecycle, ServicePayload, ServiceSpec, ServiceState,
-    ServiceStatus, derive_status, valid_service_name,
+    ServiceStatus, derive_status, latest_replicas, replica_ready, valid_service_name,
 };
 use crate::events::{Payload, TaskSpec, TaskStatus};
 use crate::store::{EventOutcome, TaskRecord};
 
-use super::tasks::{parse_id, projected_past_topic, wait_for};
+use super::tasks::parse_id;
+use super::workers::parse_attempt;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,9 +62,8 @@ fn checked_replicas(n: u32) -> Result<u32, ApiError> {
 }
 
 /// Checks the template as a task spec, with the service's retry and probe in it.
-fn check_template(body: &CreateBody) -> Result<(), ApiError> {
-    let mut template = body.template.clone();
-    let Value::Object(fields) = &mut template else {
+fn check_template(spec: &ServiceSpec) -> Result<(), ApiError> {
+    let Value::Object(fields) = &spec.template else {
         return Err(bad("invalid_spec", "template must be a task spec object"));
     };
     for reserved in ["service", "replica", "idempotency_key", "after", "executor"] {
@@ -76,40 +74,40 @@ fn check_template(body: &CreateBody) -> Result<(), ApiError> {
             ));
         }
     }
-    if let Some(r) = &body.retry {
-        fields.insert("retry".into(), r.clone());
-    }
-    if let Some(p) = &body.probe {
-        fields.insert("probe".into(), p.clone());
-    }
-    TaskSpec::from_json(template)
+    TaskSpec::from_json(spec.template_with_policies())
         .map(|_| ())
         .map_err(|e| bad("invalid_spec", format!("template.{e}")))
 }
 
-/// Appends a service event and waits (briefly) until the services projection has it.
+/// Appends a service event and waits (as long as a task command does) until the
+/// services projection has it. `Some(response)`: it was not projected in time, and the
+/// response (202) says where it is on the log.
 async fn append_service(
     state: &Arc<AppState>,
     name: &str,
     payload: ServicePayload,
-) -> Result<(), ApiError> {
+) -> Result<Option<Response>, ApiError> {
     let event = ServiceEvent::new(&state.options.source, name, payload).encode();
-    let appended = state
-        .appender
-        .append(&state.options.topics.services, &event)
-        .await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let topic = state.options.topics.services.clone();
-    wait_for(state, deadline, || {
-        projected_past_topic(state, &topic, appended.partition, appended.offset)
-    })
-    .await?;
-    match state.store.event_outcome(&event.ce_id).await? {
-        Some(EventOutcome::Rejected { reason, message }) => Err(ApiError::conflict(
-            "service_event_rejected",
-            format!("the service event was not applied ({reason}): {message}"),
+    let topic = &state.options.topics.services;
+    match append_and_confirm(state, topic, std::slice::from_ref(&event)).await? {
+        Confirmation::Pending(at) => Ok(Some(
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "name": name,
+                    "applied": false,
+                    "event": {"topic": topic, "partition": at.partition, "offset": at.offset},
+                })),
+            )
+                .into_response(),
         )),
-        _ => Ok(()),
+        Confirmation::Projected(Some(EventOutcome::Rejected { reason, message })) => {
+            Err(ApiError::conflict(
+                "service_event_rejected",
+                format!("the service event was not applied ({reason}): {message}"),
+            ))
+        }
+        Confirmation::Projected(_) => Ok(None),
     }
 }
 
@@ -120,7 +118,7 @@ fn replica_view(t: &TaskRecord) -> Value {
         "index": task.spec.replica,
         "task_id": task.id,
         "state": task.state,
-        "ready": task.state == TaskStatus::Running && (task.ready || task.spec.probe.is_none()),
+        "ready": replica_ready(task),
         "attempt": task.attempt,
         "worker_id": task.worker_id,
         "pid": task.current_attempt().and_then(|a| a.pid),
@@ -129,38 +127,48 @@ fn replica_view(t: &TaskRecord) -> Value {
     })
 }
 
-/// The service with its replicas and derived status.
-async fn service_view(state: &AppState, service: &ServiceState) -> Result<Value, ApiError> {
+/// A service's replicas as the API and the gauges show them.
+struct Summary {
+    /// The latest task of each replica index, by index.
+    latest: Vec<TaskRecord>,
+    /// How many of the wanted replicas are ready.
+    ready: u32,
+    /// The derived status.
+    status: ServiceStatus,
+}
+
+async fn summarize(state: &AppState, service: &ServiceState) -> Result<Summary, ApiError> {
     let replicas = state
         .store
         .service_replicas(&service.name, service.created_at)
         .await?;
-    // The latest task of each index within the wanted count.
-    let mut latest: std::collections::BTreeMap<u32, &TaskRecord> = Default::default();
-    for r in &replicas {
-        if let Some(i) = r.task.spec.replica {
-            latest.insert(i, r);
-        }
-    }
-    let wanted = service.spec.replicas;
-    let current: Vec<&TaskRecord> = latest
-        .iter()
-        .filter(|(i, _)| **i < wanted)
-        .map(|(_, r)| *r)
+    let latest: Vec<TaskRecord> = latest_replicas(&replicas, |r| &r.task)
+        .into_values()
+        .cloned()
         .collect();
-    // Without a probe, a running replica counts as ready.
-    let is_ready = |r: &TaskRecord| {
-        r.task.state == TaskStatus::Running && (r.task.ready || r.task.spec.probe.is_none())
+    let wanted = service.spec.replicas;
+    let current = || {
+        latest
+            .iter()
+            .filter(|r| r.task.spec.replica.is_some_and(|i| i < wanted))
     };
-    let ready = current.iter().filter(|r| is_ready(r)).count() as u32;
-    let any_failure = current
-        .iter()
-        .any(|r| r.task.retries > 0 || r.task.state.is_terminal());
+    let ready = current().filter(|r| replica_ready(&r.task)).count() as u32;
+    let any_failure = current().any(|r| r.task.retries > 0 || r.task.state.is_terminal());
     let status = derive_status(service.lifecycle, wanted, ready, any_failure);
+    Ok(Summary {
+        latest,
+        ready,
+        status,
+    })
+}
+
+/// The service with its replicas and derived status.
+async fn service_view(state: &AppState, service: &ServiceState) -> Result<Value, ApiError> {
+    let summary = summarize(state, service).await?;
     let mut v = serde_json::to_value(service).unwrap_or_default();
-    v["status"] = json!(status);
-    v["ready_replicas"] = json!(ready);
-    v["replicas"] = Value::from(latest.values().map(|r| replica_view(r)).collect::<Vec<_>>());
+    v["status"] = json!(summary.status);
+    v["ready_replicas"] = json!(summary.ready);
+    v["replicas"] = Value::from(summary.latest.iter().map(replica_view).collect::<Vec<_>>());
     Ok(v)
 }
 
@@ -177,7 +185,13 @@ pub async fn create(
     })?;
     checked_name(&body.name)?;
     checked_replicas(body.replicas)?;
-    check_template(&body)?;
+    let spec = ServiceSpec {
+        replicas: body.replicas,
+        template: body.template,
+        retry: body.retry,
+        probe: body.probe,
+    };
+    check_template(&spec)?;
     if let Some(existing) = state.store.service(&body.name).await?
         && !existing.lifecycle.is_terminal()
     {
@@ -186,13 +200,11 @@ pub async fn create(
             format!("service {} is {}", body.name, existing.lifecycle.as_str()),
         ));
     }
-    let spec = ServiceSpec {
-        replicas: body.replicas,
-        template: body.template,
-        retry: body.retry,
-        probe: body.probe,
-    };
-    append_service(&state, &body.name, ServicePayload::Created(Box::new(spec))).await?;
+    if let Some(pending) =
+        append_service(&state, &body.name, ServicePayload::Created(Box::new(spec))).await?
+    {
+        return Ok(pending);
+    }
     let service = state
         .store
         .service(&body.name)
@@ -238,7 +250,7 @@ pub async fn scale(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     JsonBody(body): JsonBody,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct ScaleBody {
@@ -254,9 +266,13 @@ pub async fn scale(
             format!("service {name} is {}", service.lifecycle.as_str()),
         ));
     }
-    append_service(&state, &service.name, ServicePayload::Scaled { replicas }).await?;
+    if let Some(pending) =
+        append_service(&state, &service.name, ServicePayload::Scaled { replicas }).await?
+    {
+        return Ok(pending);
+    }
     let service = load(&state, &name).await?;
-    Ok(Json(service_view(&state, &service).await?))
+    Ok(Json(service_view(&state, &service).await?).into_response())
 }
 
 /// `POST /v1/services/{name}/stop`: cancels every replica (reason `service_stopped`).
@@ -271,7 +287,11 @@ pub async fn stop(
             format!("service {name} is {}", service.lifecycle.as_str()),
         ));
     }
-    append_service(&state, &service.name, ServicePayload::StopRequested).await?;
+    if let Some(pending) =
+        append_service(&state, &service.name, ServicePayload::StopRequested).await?
+    {
+        return Ok(pending);
+    }
     let service = load(&state, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -286,11 +306,7 @@ pub async fn ready(
     Path((id, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let attempt: u32 = n
-        .parse()
-        .ok()
-        .filter(|a| *a >= 1)
-        .ok_or_else(|| bad("invalid_attempt", format!("{n:?} is not an attempt number")))?;
+    let attempt = parse_attempt(&n)?;
     transition(&state, id, |task| {
         if task.state != TaskStatus::Running || task.attempt != attempt {
             return Err(ApiError::conflict(
@@ -311,20 +327,19 @@ pub async fn ready(
 pub async fn refresh_gauges(state: &AppState) -> Result<(), ApiError> {
     let m = crate::metrics::metrics();
     for service in state.store.services().await? {
-        let view = service_view(state, &service).await?;
-        let status = view["status"].as_str().unwrap_or("");
+        let summary = summarize(state, &service).await?;
         for s in ServiceStatus::ALL {
             m.service_status
                 .with_label_values(&[&service.name, s.as_str()])
-                .set(i64::from(s.as_str() == status));
+                .set(i64::from(*s == summary.status));
         }
         let mut counts: std::collections::BTreeMap<&str, i64> =
             [("ready", 0), ("starting", 0), ("waiting", 0), ("ended", 0)].into();
-        for r in view["replicas"].as_array().into_iter().flatten() {
-            let key = match (r["state"].as_str(), r["ready"].as_bool()) {
-                (Some("running"), Some(true)) => "ready",
-                (Some("running" | "assigned"), _) => "starting",
-                (Some("pending" | "queued"), _) => "waiting",
+        for r in &summary.latest {
+            let key = match r.task.state {
+                _ if replica_ready(&r.task) => "ready",
+                TaskStatus::Running | TaskStatus::Assigned => "starting",
+                TaskStatus::Pending | TaskStatus::Queued => "waiting",
                 _ => "ended",
             };
             *counts.entry(key).or_default() += 1;

@@ -735,13 +735,9 @@ pub async fn cancel(
                 format!("task {id} is already {}", task.state),
             ));
         }
-        let mut events = vec![Payload::CancelRequested(reason.clone())];
         // Nothing runs yet: the task ends now. Otherwise its worker stops the attempt
         // (SIGTERM, grace, SIGKILL) and reports `cancelled`.
-        if matches!(task.state, TaskStatus::Pending | TaskStatus::Queued) {
-            events.push(Payload::Cancelled(reason.clone().into()));
-        }
-        Ok(Decision::Append(events))
+        Ok(Decision::Append(task.cancel_events(reason.clone())))
     })
     .await?;
     let body = match outcome {

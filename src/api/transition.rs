@@ -13,8 +13,9 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::error::ApiError;
-use super::tasks::{count_append, projected_past, wait_for};
-use crate::events::{Event, Payload, TaskState};
+use super::tasks::{count_append, projected_past_topic, wait_for};
+use crate::events::{EncodedEvent, Event, Payload, TaskState};
+use crate::kafka::Appended;
 use crate::store::{EventOutcome, TaskRecord};
 
 /// How many times a command re-reads and retries after losing a seq race.
@@ -63,32 +64,20 @@ pub async fn transition(
             .enumerate()
             .map(|(i, p)| Event::new(source, id, record.task.seq + 1 + i as u64, p).encode())
             .collect();
-        let results = state
-            .appender
-            .append_all(&state.options.topics.events, &to_append)
-            .await;
-        for (e, r) in to_append.iter().zip(&results) {
-            count_append(e.event_type, r);
-        }
-        let mut last = None;
-        for r in results {
-            last = Some(r?);
-        }
-        let Some(last) = last else {
+        if to_append.is_empty() {
             return Ok(Outcome::Applied(Box::new(record)));
-        };
-        let deadline = Instant::now() + state.options.cancel_wait;
-        let caught_up = wait_for(state, deadline, || {
-            projected_past(state, last.partition, last.offset)
-        })
-        .await?;
-        if caught_up.is_none() {
-            return Ok(Outcome::NotYetApplied {
-                partition: last.partition,
-                offset: last.offset,
-            });
         }
-        match state.store.event_outcome(&to_append[0].ce_id).await? {
+        let outcome =
+            match append_and_confirm(state, &state.options.topics.events, &to_append).await? {
+                Confirmation::Pending(last) => {
+                    return Ok(Outcome::NotYetApplied {
+                        partition: last.partition,
+                        offset: last.offset,
+                    });
+                }
+                Confirmation::Projected(outcome) => outcome,
+            };
+        match outcome {
             Some(EventOutcome::Applied) => {
                 let record = state
                     .store
@@ -118,5 +107,47 @@ pub async fn transition(
         format!(
             "task {id} kept changing; the command lost the race {ATTEMPTS} times ({last_rejection})"
         ),
+    ))
+}
+
+/// Where appended events stand after [`append_and_confirm`].
+pub(super) enum Confirmation {
+    /// The projection has passed them: what became of the first (`None`: no record of
+    /// it, e.g. it was below the projection's start).
+    Projected(Option<EventOutcome>),
+    /// On the log, but the projection had not passed the last one within the wait.
+    Pending(Appended),
+}
+
+/// Appends `events` (non-empty) to `topic`, in order, counting each append; waits up to
+/// `cancel_wait` until `topic`'s projection has passed the last, and reads what became
+/// of the first.
+pub(super) async fn append_and_confirm(
+    state: &AppState,
+    topic: &str,
+    events: &[EncodedEvent],
+) -> Result<Confirmation, ApiError> {
+    let results = state.appender.append_all(topic, events).await;
+    for (e, r) in events.iter().zip(&results) {
+        count_append(e.event_type, r);
+    }
+    let mut last = None;
+    for r in results {
+        last = Some(r?);
+    }
+    let Some(last) = last else {
+        return Ok(Confirmation::Projected(None));
+    };
+    let deadline = Instant::now() + state.options.cancel_wait;
+    let caught_up = wait_for(state, deadline, || {
+        projected_past_topic(state, topic, last.partition, last.offset)
+    })
+    .await?;
+    if caught_up.is_none() {
+        return Ok(Confirmation::Pending(last));
+    }
+    let first = events.first().map(|e| e.ce_id.as_str()).unwrap_or_default();
+    Ok(Confirmation::Projected(
+        state.store.event_outcome(first).await?,
     ))
 }

@@ -190,7 +190,7 @@ fn parse_body<T: for<'de> Deserialize<'de>>(body: Value) -> Result<T, ApiError> 
     serde_json::from_value(body).map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))
 }
 
-fn parse_attempt(n: &str) -> Result<u32, ApiError> {
+pub(super) fn parse_attempt(n: &str) -> Result<u32, ApiError> {
     n.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
         ApiError::bad_request("invalid_attempt", format!("{n:?} is not an attempt number"))
     })

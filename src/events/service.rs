@@ -9,12 +9,17 @@
 //!                 └──┴──── failed (a replica failed and no retry applies: fail-fast)
 //! ```
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Attributes, EncodedEvent, RawRecord, Rejection, json_value, keyed_subject, schema};
+use super::{
+    Attributes, EncodedEvent, RawRecord, Rejection, TaskState, TaskStatus, json_value,
+    keyed_subject, schema,
+};
 
 /// Every service event type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -78,8 +83,43 @@ pub struct ServiceSpec {
     pub probe: Option<Value>,
 }
 
+impl ServiceSpec {
+    /// The template with the service's `retry` and `probe` put in (they override the
+    /// template's own): what every replica's spec starts from.
+    pub fn template_with_policies(&self) -> Value {
+        let mut template = self.template.clone();
+        if let Value::Object(fields) = &mut template {
+            if let Some(r) = &self.retry {
+                fields.insert("retry".into(), r.clone());
+            }
+            if let Some(p) = &self.probe {
+                fields.insert("probe".into(), p.clone());
+            }
+        }
+        template
+    }
+}
+
 /// Most replicas a service may ask for.
 pub const MAX_REPLICAS: u32 = 1000;
+
+/// The latest of `items` (replica tasks, oldest first; `task` reads one's state) for
+/// each replica index.
+pub fn latest_replicas<T>(items: &[T], task: impl Fn(&T) -> &TaskState) -> BTreeMap<u32, &T> {
+    let mut latest = BTreeMap::new();
+    for item in items {
+        if let Some(i) = task(item).spec.replica {
+            latest.insert(i, item);
+        }
+    }
+    latest
+}
+
+/// Whether a replica is ready: running, and its probe passed (without a probe,
+/// running is enough).
+pub fn replica_ready(task: &TaskState) -> bool {
+    task.state == TaskStatus::Running && (task.ready || task.spec.probe.is_none())
+}
 
 /// Type-specific data of a service event.
 #[derive(Debug, Clone, PartialEq)]

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{Event, EventType, Payload, TaskSpec};
+use super::{Event, EventType, Payload, ReasonData, TaskSpec};
 
 /// Lifecycle state of a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -194,6 +194,18 @@ struct AttemptEnd<'a> {
 }
 
 impl TaskState {
+    /// The events that cancel this (unfinished) task for `why`, to append in order
+    /// from the next seq: a cancel request and, when nothing runs yet (pending or
+    /// queued), the cancellation itself. A running attempt is stopped by its worker,
+    /// which then reports `cancelled`.
+    pub fn cancel_events(&self, why: ReasonData) -> Vec<Payload> {
+        let mut events = vec![Payload::CancelRequested(why.clone())];
+        if matches!(self.state, TaskStatus::Pending | TaskStatus::Queued) {
+            events.push(Payload::Cancelled(why.into()));
+        }
+        events
+    }
+
     /// The current attempt's record, if there is one.
     pub fn current_attempt(&self) -> Option<&Attempt> {
         self.attempts.last().filter(|a| a.attempt == self.attempt)

@@ -8,14 +8,14 @@
 //! whole service fails (fail-fast, as in dstack): the other replicas are cancelled with
 //! reason `replica_failed`.
 
-use std::collections::BTreeMap;
-
 use serde_json::Value;
 use uuid::Uuid;
 
 use super::Action;
-use crate::events::service::{ServiceLifecycle, ServicePayload, ServiceState, replica_task_id};
-use crate::events::{CancelledData, Payload, ReasonData, TaskSpec, TaskState, TaskStatus};
+use crate::events::service::{
+    ServiceLifecycle, ServicePayload, ServiceState, latest_replicas, replica_task_id,
+};
+use crate::events::{ReasonData, TaskSpec, TaskState, TaskStatus};
 
 /// What the controller decided for one service.
 #[derive(Debug, Default)]
@@ -30,14 +30,8 @@ pub struct Reconciled {
 
 /// The spec of replica `index` of `service`.
 pub fn replica_spec(service: &ServiceState, index: u32) -> Result<TaskSpec, String> {
-    let mut template = service.spec.template.clone();
+    let mut template = service.spec.template_with_policies();
     if let Value::Object(fields) = &mut template {
-        if let Some(r) = &service.spec.retry {
-            fields.insert("retry".into(), r.clone());
-        }
-        if let Some(p) = &service.spec.probe {
-            fields.insert("probe".into(), p.clone());
-        }
         fields.insert("service".into(), Value::from(service.name.clone()));
         fields.insert("replica".into(), Value::from(index));
         fields
@@ -60,16 +54,11 @@ fn cancel(task: &TaskState, reason: &str, out: &mut Vec<Action>) {
         reason: Some(reason.into()),
         message: None,
     };
-    out.push(Action::Task {
-        task_id: task.id,
-        seq: task.seq,
-        payload: Payload::CancelRequested(why.clone()),
-    });
-    if matches!(task.state, TaskStatus::Pending | TaskStatus::Queued) {
+    for (i, payload) in task.cancel_events(why).into_iter().enumerate() {
         out.push(Action::Task {
             task_id: task.id,
-            seq: task.seq + 1,
-            payload: Payload::Cancelled(CancelledData::from(why)),
+            seq: task.seq + i as u64,
+            payload,
         });
     }
 }
@@ -78,13 +67,7 @@ fn cancel(task: &TaskState, reason: &str, out: &mut Vec<Action>) {
 /// (oldest first). Pure.
 pub fn reconcile(service: &ServiceState, replicas: &[TaskState]) -> Reconciled {
     let mut out = Reconciled::default();
-    // The latest task of each replica index.
-    let mut current: BTreeMap<u32, &TaskState> = BTreeMap::new();
-    for t in replicas {
-        if let Some(i) = t.spec.replica {
-            current.insert(i, t);
-        }
-    }
+    let current = latest_replicas(replicas, |t| t);
     let unfinished = || current.values().filter(|t| !t.state.is_terminal());
     match service.lifecycle {
         ServiceLifecycle::Failed => {
@@ -165,7 +148,7 @@ pub fn reconcile(service: &ServiceState, replicas: &[TaskState]) -> Reconciled {
 mod tests {
     use super::*;
     use crate::events::service::ServiceSpec;
-    use crate::events::{Event, apply};
+    use crate::events::{Event, Payload, apply};
     use chrono::Utc;
     use serde_json::json;
 
