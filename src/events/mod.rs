@@ -356,9 +356,54 @@ impl EncodedEvent {
     }
 }
 
+/// A keyed entity's record (a worker or service event), read up to its typed data.
+pub(crate) struct KeyedRecord<T> {
+    /// Its CloudEvents attributes.
+    pub attributes: Attributes,
+    /// Its type.
+    pub event_type: T,
+    /// Its data, valid against the type's schema.
+    pub data: Value,
+    /// The entity's name (`data.<key field>`, equal to the record key and `ce_subject`).
+    pub key: String,
+}
+
+/// Reads a keyed entity's record: attributes, type (`parse`), data valid against the
+/// type's schema (`validate`), and the name in `data.<key_field>`.
+pub(crate) fn read_keyed<T: Copy>(
+    record: &RawRecord<'_>,
+    parse: fn(&str) -> Option<T>,
+    validate: fn(T, &Value) -> Result<(), String>,
+    key_field: &str,
+) -> Result<KeyedRecord<T>, Rejection> {
+    let attributes = Attributes::read(record)?;
+    let event_type = parse(&attributes.type_name)
+        .ok_or_else(|| Rejection::UnknownType(attributes.type_name.clone()))?;
+    let data = json_value(record)?;
+    validate(event_type, &data).map_err(Rejection::SchemaViolation)?;
+    let key = keyed_subject(record, &attributes, &data, key_field)?;
+    Ok(KeyedRecord {
+        attributes,
+        event_type,
+        data,
+        key,
+    })
+}
+
+/// `{reason, message?}`: the data of an event that ends something for a reason (a
+/// worker lost, a service failed).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ReasonMessage {
+    /// Reason code.
+    pub reason: String,
+    /// Detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// The name in `data.<field>` of a keyed entity's event, checked against `ce_subject`
 /// and the record key.
-pub(crate) fn keyed_subject(
+fn keyed_subject(
     record: &RawRecord<'_>,
     attributes: &Attributes,
     data: &Value,
@@ -604,7 +649,8 @@ struct FailedData {
     message: Option<String>,
 }
 
-fn typed<T: for<'de> Deserialize<'de>>(data: &Value) -> Result<T, Rejection> {
+/// `data` as a `T`; a mismatch is a schema violation.
+pub(crate) fn typed<T: for<'de> Deserialize<'de>>(data: &Value) -> Result<T, Rejection> {
     T::deserialize(data).map_err(|e| Rejection::SchemaViolation(e.to_string()))
 }
 
@@ -739,32 +785,6 @@ fn payload_to_data(task_id: Uuid, seq: u64, payload: &Payload) -> Value {
             );
         }
         Payload::Ready { attempt } => put("attempt", Value::from(*attempt)),
-        Payload::RetryScheduled {
-            attempt,
-            exit_code,
-            signal,
-            duration_ms,
-            reason,
-            message,
-            next_attempt_at,
-        } => {
-            put("attempt", serde_json::to_value(attempt).unwrap_or_default());
-            put(
-                "exit_code",
-                serde_json::to_value(exit_code).unwrap_or_default(),
-            );
-            put("signal", serde_json::to_value(signal).unwrap_or_default());
-            put(
-                "duration_ms",
-                serde_json::to_value(duration_ms).unwrap_or_default(),
-            );
-            put("reason", Value::from(reason.clone()));
-            put("message", serde_json::to_value(message).unwrap_or_default());
-            put(
-                "next_attempt_at",
-                Value::from(next_attempt_at.to_rfc3339_opts(SecondsFormat::Micros, true)),
-            );
-        }
         Payload::Failed {
             attempt,
             exit_code,
@@ -772,6 +792,15 @@ fn payload_to_data(task_id: Uuid, seq: u64, payload: &Payload) -> Value {
             duration_ms,
             reason,
             message,
+        }
+        | Payload::RetryScheduled {
+            attempt,
+            exit_code,
+            signal,
+            duration_ms,
+            reason,
+            message,
+            ..
         } => {
             put("attempt", serde_json::to_value(attempt).unwrap_or_default());
             put(
@@ -785,6 +814,15 @@ fn payload_to_data(task_id: Uuid, seq: u64, payload: &Payload) -> Value {
             );
             put("reason", Value::from(reason.clone()));
             put("message", serde_json::to_value(message).unwrap_or_default());
+            if let Payload::RetryScheduled {
+                next_attempt_at, ..
+            } = payload
+            {
+                put(
+                    "next_attempt_at",
+                    Value::from(next_attempt_at.to_rfc3339_opts(SecondsFormat::Micros, true)),
+                );
+            }
         }
     }
     Value::Object(data)

@@ -17,8 +17,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{
-    Attributes, EncodedEvent, RawRecord, Rejection, TaskState, TaskStatus, json_value,
-    keyed_subject, schema,
+    EncodedEvent, KeyedRecord, RawRecord, ReasonMessage, Rejection, TaskState, TaskStatus,
+    read_keyed, schema, typed,
 };
 
 /// Every service event type.
@@ -178,9 +178,8 @@ struct ScaledData {
 }
 
 #[derive(Deserialize)]
-struct FailedData {
-    reason: String,
-    message: Option<String>,
+struct CreatedData {
+    spec: ServiceSpec,
 }
 
 impl ServiceEvent {
@@ -201,13 +200,11 @@ impl ServiceEvent {
             ServicePayload::Created(spec) => serde_json::json!({ "spec": spec }),
             ServicePayload::Scaled { replicas } => serde_json::json!({ "replicas": replicas }),
             ServicePayload::StopRequested | ServicePayload::Stopped => serde_json::json!({}),
-            ServicePayload::Failed { reason, message } => {
-                let mut v = serde_json::json!({ "reason": reason });
-                if let Some(m) = message {
-                    v["message"] = Value::from(m.clone());
-                }
-                v
-            }
+            ServicePayload::Failed { reason, message } => serde_json::to_value(ReasonMessage {
+                reason: reason.clone(),
+                message: message.clone(),
+            })
+            .unwrap_or_else(|_| Value::Object(Default::default())),
         };
         data["service"] = Value::from(self.service.clone());
         data
@@ -227,29 +224,28 @@ impl ServiceEvent {
 
     /// Decodes and validates a record of the services topic.
     pub fn decode(record: &RawRecord<'_>) -> Result<ServiceEvent, Rejection> {
-        let attributes = Attributes::read(record)?;
-        let event_type = ServiceEventType::parse(&attributes.type_name)
-            .ok_or_else(|| Rejection::UnknownType(attributes.type_name.clone()))?;
-        let data = json_value(record)?;
-        schema::validate_service_event_data(event_type, &data)
-            .map_err(Rejection::SchemaViolation)?;
-        let service = keyed_subject(record, &attributes, &data, "service")?;
-        let typed = |e: serde_json::Error| Rejection::SchemaViolation(e.to_string());
+        let KeyedRecord {
+            attributes,
+            event_type,
+            data,
+            key,
+        } = read_keyed(
+            record,
+            ServiceEventType::parse,
+            schema::validate_service_event_data,
+            "service",
+        )?;
         let payload = match event_type {
             ServiceEventType::Created => {
-                let spec = data
-                    .get("spec")
-                    .cloned()
-                    .ok_or_else(|| Rejection::SchemaViolation("spec is required".into()))?;
-                ServicePayload::Created(Box::new(ServiceSpec::deserialize(&spec).map_err(typed)?))
+                ServicePayload::Created(Box::new(typed::<CreatedData>(&data)?.spec))
             }
             ServiceEventType::Scaled => ServicePayload::Scaled {
-                replicas: ScaledData::deserialize(&data).map_err(typed)?.replicas,
+                replicas: typed::<ScaledData>(&data)?.replicas,
             },
             ServiceEventType::StopRequested => ServicePayload::StopRequested,
             ServiceEventType::Stopped => ServicePayload::Stopped,
             ServiceEventType::Failed => {
-                let d = FailedData::deserialize(&data).map_err(typed)?;
+                let d: ReasonMessage = typed(&data)?;
                 ServicePayload::Failed {
                     reason: d.reason,
                     message: d.message,
@@ -260,7 +256,7 @@ impl ServiceEvent {
             id: attributes.id,
             source: attributes.source,
             time: attributes.time,
-            service,
+            service: key,
             payload,
         })
     }

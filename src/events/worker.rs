@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Attributes, EncodedEvent, RawRecord, Rejection, json_value, keyed_subject, schema};
+use super::{
+    EncodedEvent, KeyedRecord, RawRecord, ReasonMessage, Rejection, read_keyed, schema, typed,
+};
 
 /// Every worker event type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -137,12 +139,6 @@ pub struct WorkerEvent {
     pub payload: WorkerPayload,
 }
 
-#[derive(Deserialize)]
-struct LostData {
-    reason: String,
-    message: Option<String>,
-}
-
 impl WorkerEvent {
     /// A new event with a fresh `ce_id` and the current time.
     pub fn new(source: &str, worker_id: &str, payload: WorkerPayload) -> WorkerEvent {
@@ -162,13 +158,11 @@ impl WorkerEvent {
                 serde_json::to_value(info).unwrap_or_else(|_| Value::Object(Default::default()))
             }
             WorkerPayload::Draining => Value::Object(Default::default()),
-            WorkerPayload::Lost { reason, message } => {
-                let mut v = serde_json::json!({ "reason": reason });
-                if let Some(m) = message {
-                    v["message"] = Value::from(m.clone());
-                }
-                v
-            }
+            WorkerPayload::Lost { reason, message } => serde_json::to_value(ReasonMessage {
+                reason: reason.clone(),
+                message: message.clone(),
+            })
+            .unwrap_or_else(|_| Value::Object(Default::default())),
         };
         data["worker_id"] = Value::from(self.worker_id.clone());
         data
@@ -188,24 +182,23 @@ impl WorkerEvent {
 
     /// Decodes and validates a record of the workers topic.
     pub fn decode(record: &RawRecord<'_>) -> Result<WorkerEvent, Rejection> {
-        let attributes = Attributes::read(record)?;
-        let event_type = WorkerEventType::parse(&attributes.type_name)
-            .ok_or_else(|| Rejection::UnknownType(attributes.type_name.clone()))?;
-        let data = json_value(record)?;
-        schema::validate_worker_event_data(event_type, &data)
-            .map_err(Rejection::SchemaViolation)?;
-        let worker_id = keyed_subject(record, &attributes, &data, "worker_id")?;
-        let typed = |e: serde_json::Error| Rejection::SchemaViolation(e.to_string());
+        let KeyedRecord {
+            attributes,
+            event_type,
+            data,
+            key,
+        } = read_keyed(
+            record,
+            WorkerEventType::parse,
+            schema::validate_worker_event_data,
+            "worker_id",
+        )?;
         let payload = match event_type {
-            WorkerEventType::Registered => {
-                WorkerPayload::Registered(WorkerInfo::deserialize(&data).map_err(typed)?)
-            }
-            WorkerEventType::Heartbeat => {
-                WorkerPayload::Heartbeat(WorkerInfo::deserialize(&data).map_err(typed)?)
-            }
+            WorkerEventType::Registered => WorkerPayload::Registered(typed(&data)?),
+            WorkerEventType::Heartbeat => WorkerPayload::Heartbeat(typed(&data)?),
             WorkerEventType::Draining => WorkerPayload::Draining,
             WorkerEventType::Lost => {
-                let d = LostData::deserialize(&data).map_err(typed)?;
+                let d: ReasonMessage = typed(&data)?;
                 WorkerPayload::Lost {
                     reason: d.reason,
                     message: d.message,
@@ -216,7 +209,7 @@ impl WorkerEvent {
             id: attributes.id,
             source: attributes.source,
             time: attributes.time,
-            worker_id,
+            worker_id: key,
             payload,
         })
     }
