@@ -137,12 +137,9 @@ struct Summary {
     status: ServiceStatus,
 }
 
-async fn summarize(state: &AppState, service: &ServiceState) -> Result<Summary, ApiError> {
-    let replicas = state
-        .store
-        .service_replicas(&service.name, service.created_at)
-        .await?;
-    let latest: Vec<TaskRecord> = latest_replicas(&replicas, |r| &r.task)
+/// `replicas`: the service's replica tasks, oldest first.
+fn summarize(service: &ServiceState, replicas: &[TaskRecord]) -> Summary {
+    let latest: Vec<TaskRecord> = latest_replicas(replicas, |r| &r.task)
         .into_values()
         .cloned()
         .collect();
@@ -155,21 +152,30 @@ async fn summarize(state: &AppState, service: &ServiceState) -> Result<Summary, 
     let ready = current().filter(|r| replica_ready(&r.task)).count() as u32;
     let any_failure = current().any(|r| r.task.retries > 0 || r.task.state.is_terminal());
     let status = derive_status(service.lifecycle, wanted, ready, any_failure);
-    Ok(Summary {
+    Summary {
         latest,
         ready,
         status,
-    })
+    }
 }
 
 /// The service with its replicas and derived status.
 async fn service_view(state: &AppState, service: &ServiceState) -> Result<Value, ApiError> {
-    let summary = summarize(state, service).await?;
+    let replicas = state
+        .store
+        .service_replicas(&service.name, service.created_at)
+        .await?;
+    Ok(view_of(service, &replicas))
+}
+
+/// [`service_view`], given the service's replica tasks.
+fn view_of(service: &ServiceState, replicas: &[TaskRecord]) -> Value {
+    let summary = summarize(service, replicas);
     let mut v = serde_json::to_value(service).unwrap_or_default();
     v["status"] = json!(summary.status);
     v["ready_replicas"] = json!(summary.ready);
     v["replicas"] = Value::from(summary.latest.iter().map(replica_view).collect::<Vec<_>>());
-    Ok(v)
+    v
 }
 
 /// `POST /v1/services` `{name, replicas, template, retry, probe}`
@@ -219,10 +225,12 @@ pub async fn create(
 
 /// `GET /v1/services`
 pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    let mut out = Vec::new();
-    for s in state.store.services().await? {
-        out.push(service_view(&state, &s).await?);
-    }
+    let services = state.store.services().await?;
+    let mut replicas = state.store.replicas_of(&services).await?;
+    let out: Vec<Value> = services
+        .iter()
+        .map(|s| view_of(s, &replicas.remove(&s.name).unwrap_or_default()))
+        .collect();
     Ok(Json(json!({ "services": out })))
 }
 
@@ -326,8 +334,13 @@ pub async fn ready(
 /// Sets the service gauges (at scrape time).
 pub async fn refresh_gauges(state: &AppState) -> Result<(), ApiError> {
     let m = crate::metrics::metrics();
-    for service in state.store.services().await? {
-        let summary = summarize(state, &service).await?;
+    let services = state.store.services().await?;
+    let mut replicas = state.store.replicas_of(&services).await?;
+    for service in services {
+        let summary = summarize(
+            &service,
+            &replicas.remove(&service.name).unwrap_or_default(),
+        );
         for s in ServiceStatus::ALL {
             m.service_status
                 .with_label_values(&[&service.name, s.as_str()])

@@ -665,13 +665,17 @@ async fn lead(
 /// The service controller's actions for every service that is not stopped.
 async fn control_services(store: &Store) -> Result<Vec<Action>, SchedulerError> {
     let mut actions = Vec::new();
-    for service in store.services().await? {
-        if service.lifecycle == crate::events::service::ServiceLifecycle::Stopped {
-            continue;
-        }
-        let replicas: Vec<TaskState> = store
-            .service_replicas(&service.name, service.created_at)
-            .await?
+    let services: Vec<_> = store
+        .services()
+        .await?
+        .into_iter()
+        .filter(|s| s.lifecycle != crate::events::service::ServiceLifecycle::Stopped)
+        .collect();
+    let mut replicas = store.replicas_of(&services).await?;
+    for service in services {
+        let replicas: Vec<TaskState> = replicas
+            .remove(&service.name)
+            .unwrap_or_default()
             .into_iter()
             .map(|r| r.task)
             .collect();

@@ -640,6 +640,36 @@ impl Store {
         rows.iter().map(task_record).collect()
     }
 
+    /// The replica tasks of each of `services` (of its current incarnation, oldest
+    /// first), by service name, in one query.
+    pub async fn replicas_of(
+        &self,
+        services: &[ServiceState],
+    ) -> Result<HashMap<String, Vec<TaskRecord>>, StoreError> {
+        let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let since: Vec<DateTime<Utc>> = services.iter().map(|s| s.created_at).collect();
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT t.doc, t.event_partition, t.last_offset
+                 FROM unnest($1::text[], $2::timestamptz[]) AS s(name, since)
+                 JOIN tasks t ON t.doc->'spec'->>'service' = s.name AND t.submitted_at >= s.since
+                 ORDER BY t.submitted_at, t.id",
+                &[&names, &since],
+            )
+            .await
+            .map_err(ctx("list services' replicas"))?;
+        let mut by_service: HashMap<String, Vec<TaskRecord>> = HashMap::new();
+        for row in &rows {
+            let record = task_record(row)?;
+            if let Some(name) = record.task.spec.service.clone() {
+                by_service.entry(name).or_default().push(record);
+            }
+        }
+        Ok(by_service)
+    }
+
     /// Every task that is not terminal.
     pub async fn unfinished_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
         let rows = self

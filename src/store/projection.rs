@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::{FromSql, ToSql, Type};
 use uuid::Uuid;
 
 use super::{StoreError, ctx};
@@ -162,24 +162,13 @@ pub async fn load_tasks(
     tx: &Transaction<'_>,
     ids: &[Uuid],
 ) -> Result<HashMap<Uuid, TaskState>, StoreError> {
-    if ids.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let rows = tx
-        .query("SELECT id, doc FROM tasks WHERE id = ANY($1)", &[&ids])
-        .await
-        .map_err(ctx("load tasks for the fold"))?;
-    rows.iter()
-        .map(|r| {
-            let doc: Value = r.get(1);
-            serde_json::from_value(doc)
-                .map(|t| (r.get(0), t))
-                .map_err(|e| StoreError::Corrupt {
-                    context: "tasks.doc",
-                    message: e.to_string(),
-                })
-        })
-        .collect()
+    load_docs(
+        tx,
+        "SELECT id, doc FROM tasks WHERE id = ANY($1)",
+        ids,
+        "tasks.doc",
+    )
+    .await
 }
 
 /// Current states of these workers.
@@ -187,53 +176,13 @@ pub async fn load_workers(
     tx: &Transaction<'_>,
     ids: &[String],
 ) -> Result<HashMap<String, WorkerState>, StoreError> {
-    if ids.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let rows = tx
-        .query("SELECT id, doc FROM workers WHERE id = ANY($1)", &[&ids])
-        .await
-        .map_err(ctx("load workers for the fold"))?;
-    rows.iter()
-        .map(|r| {
-            serde_json::from_value(r.get(1))
-                .map(|w| (r.get(0), w))
-                .map_err(|e| StoreError::Corrupt {
-                    context: "workers.doc",
-                    message: e.to_string(),
-                })
-        })
-        .collect()
-}
-
-/// Upserts worker rows.
-pub async fn write_workers(
-    tx: &Transaction<'_>,
-    workers: &[&WorkerState],
-) -> Result<(), StoreError> {
-    for w in workers {
-        let doc = serde_json::to_value(w).map_err(|e| StoreError::Corrupt {
-            context: "workers.doc",
-            message: e.to_string(),
-        })?;
-        tx.execute(
-            "INSERT INTO workers (id, state, last_heartbeat_at, updated_at, doc)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,
-                 last_heartbeat_at = EXCLUDED.last_heartbeat_at,
-                 updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc",
-            &[
-                &w.id,
-                &w.state.as_str(),
-                &w.last_heartbeat_at,
-                &w.updated_at,
-                &doc,
-            ],
-        )
-        .await
-        .map_err(ctx("upsert worker"))?;
-    }
-    Ok(())
+    load_docs(
+        tx,
+        "SELECT id, doc FROM workers WHERE id = ANY($1)",
+        ids,
+        "workers.doc",
+    )
+    .await
 }
 
 /// Current states of these services.
@@ -241,47 +190,107 @@ pub async fn load_services(
     tx: &Transaction<'_>,
     names: &[String],
 ) -> Result<HashMap<String, ServiceState>, StoreError> {
-    if names.is_empty() {
+    load_docs(
+        tx,
+        "SELECT name, doc FROM services WHERE name = ANY($1)",
+        names,
+        "services.doc",
+    )
+    .await
+}
+
+/// The `(key, doc)` rows `sql` selects for `keys` (its `$1`), with each doc parsed.
+async fn load_docs<K, T>(
+    tx: &Transaction<'_>,
+    sql: &str,
+    keys: &[K],
+    context: &'static str,
+) -> Result<HashMap<K, T>, StoreError>
+where
+    K: Eq + std::hash::Hash + ToSql + Sync + for<'a> FromSql<'a>,
+    T: serde::de::DeserializeOwned,
+{
+    if keys.is_empty() {
         return Ok(HashMap::new());
     }
     let rows = tx
-        .query(
-            "SELECT name, doc FROM services WHERE name = ANY($1)",
-            &[&names],
-        )
+        .query(sql, &[&keys])
         .await
-        .map_err(ctx("load services for the fold"))?;
+        .map_err(ctx("load states for the fold"))?;
     rows.iter()
         .map(|r| {
             serde_json::from_value(r.get(1))
-                .map(|s| (r.get(0), s))
+                .map(|doc| (r.get(0), doc))
                 .map_err(|e| StoreError::Corrupt {
-                    context: "services.doc",
+                    context,
                     message: e.to_string(),
                 })
         })
         .collect()
 }
 
-/// Upserts service rows.
+/// `value` as a JSON document for column `context`.
+fn to_doc(value: &impl serde::Serialize, context: &'static str) -> Result<Value, StoreError> {
+    serde_json::to_value(value).map_err(|e| StoreError::Corrupt {
+        context,
+        message: e.to_string(),
+    })
+}
+
+/// Upserts worker rows (one statement).
+pub async fn write_workers(
+    tx: &Transaction<'_>,
+    workers: &[&WorkerState],
+) -> Result<(), StoreError> {
+    if workers.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = workers.iter().map(|w| w.id.as_str()).collect();
+    let states: Vec<&str> = workers.iter().map(|w| w.state.as_str()).collect();
+    let heartbeats: Vec<DateTime<Utc>> = workers.iter().map(|w| w.last_heartbeat_at).collect();
+    let updated: Vec<DateTime<Utc>> = workers.iter().map(|w| w.updated_at).collect();
+    let docs: Vec<Value> = workers
+        .iter()
+        .map(|w| to_doc(w, "workers.doc"))
+        .collect::<Result<_, _>>()?;
+    tx.execute(
+        "INSERT INTO workers (id, state, last_heartbeat_at, updated_at, doc)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                              $5::json[])
+         ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,
+             last_heartbeat_at = EXCLUDED.last_heartbeat_at,
+             updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc",
+        &[&ids, &states, &heartbeats, &updated, &docs],
+    )
+    .await
+    .map_err(ctx("upsert workers"))?;
+    Ok(())
+}
+
+/// Upserts service rows (one statement).
 pub async fn write_services(
     tx: &Transaction<'_>,
     services: &[&ServiceState],
 ) -> Result<(), StoreError> {
-    for s in services {
-        let doc = serde_json::to_value(s).map_err(|e| StoreError::Corrupt {
-            context: "services.doc",
-            message: e.to_string(),
-        })?;
-        tx.execute(
-            "INSERT INTO services (name, lifecycle, updated_at, doc) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (name) DO UPDATE SET lifecycle = EXCLUDED.lifecycle,
-                 updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc",
-            &[&s.name, &s.lifecycle.as_str(), &s.updated_at, &doc],
-        )
-        .await
-        .map_err(ctx("upsert service"))?;
+    if services.is_empty() {
+        return Ok(());
     }
+    let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    let lifecycles: Vec<&str> = services.iter().map(|s| s.lifecycle.as_str()).collect();
+    let updated: Vec<DateTime<Utc>> = services.iter().map(|s| s.updated_at).collect();
+    let docs: Vec<Value> = services
+        .iter()
+        .map(|s| to_doc(s, "services.doc"))
+        .collect::<Result<_, _>>()?;
+    tx.execute(
+        "INSERT INTO services (name, lifecycle, updated_at, doc)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::json[])
+         ON CONFLICT (name) DO UPDATE SET lifecycle = EXCLUDED.lifecycle,
+             updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc",
+        &[&names, &lifecycles, &updated, &docs],
+    )
+    .await
+    .map_err(ctx("upsert services"))?;
     Ok(())
 }
 
