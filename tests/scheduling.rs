@@ -321,11 +321,7 @@ async fn cancel_of_a_queued_and_of_a_running_task() {
         .submit(json!({"shell": "trap '' TERM; echo one; echo two; sleep 60 & wait; sleep 60"}))
         .await;
     let queued = c.submit(json!({"shell": "true"})).await;
-    let t = c
-        .wait_task(&running, "running with output", MINUTE, |t| {
-            t["state"] == "running"
-        })
-        .await;
+    let t = c.wait_state(&running, "running", MINUTE).await;
     let pid = first_attempt(&t)["pid"].as_u64().expect("pid");
     assert!(process_exists(pid));
     let q = c.stack.task(&queued).await;
@@ -605,11 +601,7 @@ async fn a_terminated_worker_drains() {
         .await;
     c.wait_state(&running, "running", MINUTE).await;
     let pid = c.worker("leaving").pid();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::signal(pid.into(), "-TERM");
     c.wait_worker("leaving", "draining").await;
     let later = c.submit(json!({"shell": "true"})).await;
     std::fs::write(&open, b"").unwrap();
@@ -699,13 +691,7 @@ async fn a_restarted_worker_stops_what_its_crashed_run_left_behind() {
     let worker_pid = c.worker("phoenix").pid();
     let watchdogs = children_running(worker_pid, "worker-watchdog");
     assert_eq!(watchdogs.len(), 1, "one watchdog per worker: {watchdogs:?}");
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-9", &watchdogs[0].to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::signal(watchdogs[0].into(), "-9");
     c.worker("phoenix").kill();
     assert!(
         process_exists(pid),

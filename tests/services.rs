@@ -62,14 +62,7 @@ fn replica(s: &Value, index: u64) -> &Value {
 }
 
 fn kill9(pid: &Value) {
-    let pid = pid.as_u64().expect("pid").to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-9", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::signal(pid.as_u64().expect("pid"), "-9");
 }
 
 /// Without retry, one failing replica fails the service; the others are cancelled.
@@ -166,30 +159,21 @@ async fn scale_up_down_and_stop() {
     create(&c, &body).await;
     let one = wait_service(&c, "pool", "1 running", |s| s["status"] == "running").await;
     let first = replica(&one, 0)["task_id"].clone();
-    let (status, _) = c
+    let (status, answer) = c
         .stack
-        .http
-        .patch(format!("{}/v1/services/pool", c.stack.url))
-        .json(&json!({"replicas": 3}))
-        .send()
-        .await
-        .map(|r| (r.status().as_u16(), ()))
-        .unwrap();
-    assert_eq!(status, 200);
+        .patch("/v1/services/pool", &json!({"replicas": 3}))
+        .await;
+    assert_eq!(status, 200, "{answer}");
     let three = wait_service(&c, "pool", "3 running", |s| {
         s["status"] == "running" && s["ready_replicas"] == 3
     })
     .await;
     assert_eq!(replica(&three, 0)["task_id"], first);
-    let r = c
+    let (status, answer) = c
         .stack
-        .http
-        .patch(format!("{}/v1/services/pool", c.stack.url))
-        .json(&json!({"replicas": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
+        .patch("/v1/services/pool", &json!({"replicas": 1}))
+        .await;
+    assert_eq!(status, 200, "{answer}");
     for i in [1, 2] {
         let t = c
             .wait_state(
@@ -212,8 +196,8 @@ async fn scale_up_down_and_stop() {
         )
         .await;
     assert_eq!(status, 400, "{err}");
-    let (status, _) = c.stack.post("/v1/services", &body).await;
-    assert_eq!(status, 409, "the name is taken");
+    let (status, err) = c.stack.post("/v1/services", &body).await;
+    assert_eq!(status, 409, "the name is taken: {err}");
 
     let (status, _) = c.stack.post("/v1/services/pool/stop", &json!({})).await;
     assert_eq!(status, 202);

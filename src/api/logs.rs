@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::tasks::{parse_id, parse_number, query_pairs, single};
+use super::tasks::{parse_id, parse_number, query_pairs, single, wait_param};
 use super::{ApiError, AppState};
 use crate::kafka::partition_for_key;
 use crate::logs::reader::{LineFilter, LogRecord, ReadError, ScanRange};
@@ -281,13 +281,11 @@ fn parse_query(
             ));
         }
     };
-    let max_wait = state.options.max_wait.as_millis() as i64;
-    let wait = Duration::from_millis(
-        single(&pairs, "wait_ms")?
-            .map(|v| parse_number("wait_ms", v, 0, max_wait))
-            .transpose()?
-            .unwrap_or(if follow { 10_000 } else { 0 }) as u64,
-    );
+    let wait = wait_param(
+        state,
+        &pairs,
+        Duration::from_millis(if follow { 10_000 } else { 0 }),
+    )?;
     if tail.is_some() && (cursor.is_some() || from_line.is_some()) {
         return Err(ApiError::bad_request(
             "invalid_query",

@@ -485,6 +485,19 @@ pub(super) fn single<'a>(
     Ok(first)
 }
 
+/// The `wait_ms` query parameter (0 to the server's `max_wait`), or `default`.
+pub(super) fn wait_param(
+    state: &AppState,
+    pairs: &[(String, String)],
+    default: Duration,
+) -> Result<Duration, ApiError> {
+    let max_wait = state.options.max_wait.as_millis() as i64;
+    Ok(single(pairs, "wait_ms")?
+        .map(|v| parse_number("wait_ms", v, 0, max_wait))
+        .transpose()?
+        .map_or(default, |ms| Duration::from_millis(ms as u64)))
+}
+
 pub(super) fn parse_number(name: &str, value: &str, min: i64, max: i64) -> Result<i64, ApiError> {
     value
         .parse::<i64>()
@@ -554,15 +567,11 @@ pub async fn get_task(
 ) -> Result<Json<TaskRecord>, ApiError> {
     let id = parse_id(&id)?;
     let pairs = query_pairs(&query);
-    let max_wait = state.options.max_wait.as_millis() as i64;
-    let wait_ms = single(&pairs, "wait_ms")?
-        .map(|v| parse_number("wait_ms", v, 0, max_wait))
-        .transpose()?
-        .unwrap_or(0);
+    let wait = wait_param(&state, &pairs, Duration::ZERO)?;
     let min_offset = single(&pairs, "min_offset")?
         .map(|v| parse_min_offset(v, id, state.options.partitions))
         .transpose()?;
-    let deadline = Instant::now() + Duration::from_millis(wait_ms as u64);
+    let deadline = Instant::now() + wait;
     let found = wait_for(&state, deadline, || async {
         if let Some((partition, offset)) = min_offset
             && projected_past(&state, partition, offset).await?.is_none()

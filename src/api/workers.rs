@@ -21,7 +21,7 @@ use crate::events::{Payload, TaskState, TaskStatus};
 use crate::scheduler::plan::Capacity;
 use crate::store::TaskRecord;
 
-use super::tasks::{parse_id, parse_number, query_pairs, single};
+use super::tasks::{parse_id, query_pairs, single, wait_param};
 
 /// The capacity these tasks take.
 fn used_by(tasks: &[TaskRecord]) -> Capacity {
@@ -108,13 +108,9 @@ pub async fn assignments(
 ) -> Result<Json<Value>, ApiError> {
     let id = checked_worker_id(&id)?.to_string();
     let pairs = query_pairs(&query);
-    let max_wait = state.options.max_wait.as_millis() as i64;
-    let wait_ms = single(&pairs, "wait_ms")?
-        .map(|v| parse_number("wait_ms", v, 0, max_wait))
-        .transpose()?
-        .unwrap_or(0);
+    let wait = wait_param(&state, &pairs, Duration::ZERO)?;
     let known = single(&pairs, "known")?.map(str::to_string);
-    let deadline = Instant::now() + Duration::from_millis(wait_ms as u64);
+    let deadline = Instant::now() + wait;
     let mut changes = state.projection.clone();
     loop {
         changes.borrow_and_update();
@@ -269,28 +265,25 @@ pub async fn finish(
         if task.attempt != attempt {
             return Err(not_current(task, attempt));
         }
-        let this_attempt_ended = task.current_attempt().and_then(|a| a.outcome);
-        if task.state == TaskStatus::Pending
-            && this_attempt_ended
-                .is_some_and(|o| o.as_str() == outcome_status(report.outcome).as_str())
-        {
-            // Reported again after it was turned into a retry.
+        // Reported again: after the end, or after it was turned into a retry.
+        let same_end =
+            task.current_attempt().and_then(|a| a.outcome) == Some(outcome_status(report.outcome));
+        if same_end && (task.state == TaskStatus::Pending || task.state.is_terminal()) {
             return Ok(Decision::AlreadyDone);
-        }
-        if task.state.is_terminal() {
-            let same = task
-                .current_attempt()
-                .and_then(|a| a.outcome)
-                .is_some_and(|o| o.as_str() == outcome_status(report.outcome).as_str());
-            return if same {
-                Ok(Decision::AlreadyDone)
-            } else {
-                Err(not_current(task, attempt))
-            };
         }
         if !matches!(task.state, TaskStatus::Assigned | TaskStatus::Running) {
             return Err(not_current(task, attempt));
         }
+        let cancelled = |reason: Option<String>| {
+            Payload::Cancelled(crate::events::CancelledData {
+                reason: reason.or_else(|| Some("cancelled".into())),
+                message: report.message.clone(),
+                attempt: Some(attempt),
+                exit_code: report.exit_code,
+                signal: report.signal,
+                duration_ms: report.duration_ms,
+            })
+        };
         let payload = match report.outcome {
             ReportedOutcome::Succeeded if task.state == TaskStatus::Running => Payload::Succeeded {
                 attempt: Some(attempt),
@@ -304,16 +297,7 @@ pub async fn finish(
                 ));
             }
             // A cancel was asked for: however the process ended, the task is cancelled.
-            ReportedOutcome::Failed if task.cancel_requested => {
-                Payload::Cancelled(crate::events::CancelledData {
-                    reason: task.reason.clone().or_else(|| Some("cancelled".into())),
-                    message: report.message.clone(),
-                    attempt: Some(attempt),
-                    exit_code: report.exit_code,
-                    signal: report.signal,
-                    duration_ms: report.duration_ms,
-                })
-            }
+            ReportedOutcome::Failed if task.cancel_requested => cancelled(task.reason.clone()),
             ReportedOutcome::Failed => crate::events::retry::failure_event(
                 task,
                 Some(attempt),
@@ -324,21 +308,14 @@ pub async fn finish(
                 report.message.clone(),
                 chrono::Utc::now(),
             ),
-            ReportedOutcome::Cancelled => Payload::Cancelled(crate::events::CancelledData {
-                // The reason of the cancel request (user_requested, scaled_down, ...)
-                // is the task's; the worker only knows it stopped the process.
-                reason: task
-                    .cancel_requested
+            // The reason of the cancel request (user_requested, scaled_down, ...) is the
+            // task's; the worker only knows it stopped the process.
+            ReportedOutcome::Cancelled => cancelled(
+                task.cancel_requested
                     .then(|| task.reason.clone())
                     .flatten()
-                    .or_else(|| report.reason.clone())
-                    .or_else(|| Some("cancelled".into())),
-                message: report.message.clone(),
-                attempt: Some(attempt),
-                exit_code: report.exit_code,
-                signal: report.signal,
-                duration_ms: report.duration_ms,
-            }),
+                    .or_else(|| report.reason.clone()),
+            ),
         };
         Ok(Decision::Append(vec![payload]))
     })

@@ -530,7 +530,6 @@ impl<'a> Planner<'a> {
     }
 }
 
-/// Every required label is on the worker with the same value.
 /// Whether an accepting `worker` could run a task needing `need` and carrying
 /// `labels` when it is empty (its total capacity, not what is free now).
 pub fn fits_when_empty(
@@ -541,6 +540,7 @@ pub fn fits_when_empty(
     worker.accepting && need.fits_in(worker.total) && has_labels(worker, labels)
 }
 
+/// Every required label is on the worker with the same value.
 fn has_labels(worker: &WorkerView, required: &BTreeMap<String, String>) -> bool {
     required
         .iter()

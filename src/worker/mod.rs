@@ -409,34 +409,36 @@ impl Agent {
                         metrics().worker_attempts_running.set(running.len() as i64);
                     });
                 }
-                (TaskStatus::Assigned, true) => {
-                    let agent = self.clone();
-                    tokio::spawn(async move {
-                        let body = json!({
-                            "outcome": "cancelled",
-                            "reason": a.reason.clone().unwrap_or_else(|| "cancelled".into()),
-                            "message": "cancelled before it started",
-                        });
-                        agent.report(a.task_id, a.attempt, "finish", body).await;
-                    });
-                }
-                (TaskStatus::Running, _) => {
-                    // Running here according to the log, but not in this process: left
-                    // over from before a restart.
-                    let agent = self.clone();
-                    tokio::spawn(async move {
-                        let body = json!({
-                            "outcome": if a.cancel_requested { "cancelled" } else { "failed" },
-                            "reason": if a.cancel_requested { "cancelled" } else { "interruption" },
-                            "message": "the worker restarted while the attempt ran",
-                        });
-                        agent.report(a.task_id, a.attempt, "finish", body).await;
-                    });
-                }
+                (TaskStatus::Assigned, true) => self.report_unrun(
+                    &a,
+                    json!({
+                        "outcome": "cancelled",
+                        "reason": a.reason.clone().unwrap_or_else(|| "cancelled".into()),
+                        "message": "cancelled before it started",
+                    }),
+                ),
+                // Running here according to the log, but not in this process: left over
+                // from before a restart.
+                (TaskStatus::Running, _) => self.report_unrun(
+                    &a,
+                    json!({
+                        "outcome": if a.cancel_requested { "cancelled" } else { "failed" },
+                        "reason": if a.cancel_requested { "cancelled" } else { "interruption" },
+                        "message": "the worker restarted while the attempt ran",
+                    }),
+                ),
                 _ => {}
             }
         }
         Ok(())
+    }
+
+    /// Reports, in the background, how an attempt this process does not run ended.
+    fn report_unrun(self: &Arc<Self>, a: &Assignment, body: Value) {
+        let (agent, task, attempt) = (self.clone(), a.task_id, a.attempt);
+        tokio::spawn(async move {
+            agent.report(task, attempt, "finish", body).await;
+        });
     }
 
     fn cancel_all(&self) {

@@ -540,6 +540,18 @@ impl Stack {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    pub async fn patch(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .patch(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await
+            .expect("PATCH");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
         let r = self
             .http
@@ -653,6 +665,15 @@ fn kill_marked(marker: &str) {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
     }
+}
+
+/// Sends `signal` (`-9`, `-TERM`, ...) to process `pid` with kill(1); asserts it went.
+pub fn signal(pid: u64, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid}");
 }
 
 /// A stack that runs tasks: API, projector, one scheduler, and workers added by tests.
