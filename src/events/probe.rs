@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::spec::parse_duration_ms;
+use super::spec::{SpecError, parse_duration_ms};
 
 /// Interval between checks when the spec gives none.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
@@ -78,25 +78,6 @@ pub enum Check {
     },
 }
 
-/// Why a probe spec was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct ProbeError {
-    /// Path of the offending field, e.g. `probe.interval` or `probe.http.url`.
-    pub field: String,
-    /// What is wrong with it.
-    pub reason: String,
-}
-
-impl ProbeError {
-    fn new(field: &str, reason: impl Into<String>) -> ProbeError {
-        ProbeError {
-            field: field.to_owned(),
-            reason: reason.into(),
-        }
-    }
-}
-
 impl Probe {
     /// A command probe with every default.
     pub fn command(argv: &[&str]) -> Probe {
@@ -118,7 +99,7 @@ impl Probe {
     /// top level and inside `http`/`command`. Durations are integer seconds or strings of
     /// `<n><unit>` parts with units `ms`, `s`, `m`, `h` (e.g. `"500ms"`, `"1m30s"`); they
     /// must be at most [`MAX_DURATION`], and positive but for `initial_delay`.
-    pub fn from_json(v: &Value) -> Result<Probe, ProbeError> {
+    pub fn from_json(v: &Value) -> Result<Probe, SpecError> {
         let obj = as_object(v, "probe")?;
         reject_unknown(
             obj,
@@ -137,13 +118,13 @@ impl Probe {
             (Some(http), None) => parse_http(http)?,
             (None, Some(command)) => parse_command(command)?,
             (Some(_), Some(_)) => {
-                return Err(ProbeError::new(
+                return Err(SpecError::new(
                     "probe",
                     "give exactly one of `http` and `command`, not both",
                 ));
             }
             (None, None) => {
-                return Err(ProbeError::new(
+                return Err(SpecError::new(
                     "probe",
                     "give exactly one of `http` and `command`",
                 ));
@@ -165,14 +146,14 @@ impl Probe {
     }
 }
 
-fn as_object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, ProbeError> {
+fn as_object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, SpecError> {
     v.as_object()
-        .ok_or_else(|| ProbeError::new(field, "expected an object"))
+        .ok_or_else(|| SpecError::new(field, "expected an object"))
 }
 
-fn reject_unknown(obj: &Map<String, Value>, field: &str, known: &[&str]) -> Result<(), ProbeError> {
+fn reject_unknown(obj: &Map<String, Value>, field: &str, known: &[&str]) -> Result<(), SpecError> {
     match obj.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(unknown) => Err(ProbeError::new(
+        Some(unknown) => Err(SpecError::new(
             &format!("{field}.{unknown}"),
             format!("unknown field (expected one of: {})", known.join(", ")),
         )),
@@ -180,14 +161,14 @@ fn reject_unknown(obj: &Map<String, Value>, field: &str, known: &[&str]) -> Resu
     }
 }
 
-fn parse_http(v: &Value) -> Result<Check, ProbeError> {
+fn parse_http(v: &Value) -> Result<Check, SpecError> {
     let obj = as_object(v, "probe.http")?;
     reject_unknown(obj, "probe.http", &["url", "expect_status"])?;
     let url = match obj.get("url") {
-        None => return Err(ProbeError::new("probe.http.url", "missing")),
+        None => return Err(SpecError::new("probe.http.url", "missing")),
         Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-        Some(Value::String(_)) => return Err(ProbeError::new("probe.http.url", "empty")),
-        Some(_) => return Err(ProbeError::new("probe.http.url", "expected a string")),
+        Some(Value::String(_)) => return Err(SpecError::new("probe.http.url", "empty")),
+        Some(_) => return Err(SpecError::new("probe.http.url", "expected a string")),
     };
     let expect_status = match obj.get("expect_status") {
         None => DEFAULT_EXPECT_STATUS,
@@ -196,7 +177,7 @@ fn parse_http(v: &Value) -> Result<Check, ProbeError> {
             .filter(|n| (100..=599).contains(n))
             .and_then(|n| u16::try_from(n).ok())
             .ok_or_else(|| {
-                ProbeError::new(
+                SpecError::new(
                     "probe.http.expect_status",
                     "expected an HTTP status between 100 and 599",
                 )
@@ -205,14 +186,14 @@ fn parse_http(v: &Value) -> Result<Check, ProbeError> {
     Ok(Check::Http { url, expect_status })
 }
 
-fn parse_command(v: &Value) -> Result<Check, ProbeError> {
+fn parse_command(v: &Value) -> Result<Check, SpecError> {
     let obj = as_object(v, "probe.command")?;
     reject_unknown(obj, "probe.command", &["argv"])?;
     let items = match obj.get("argv") {
-        None => return Err(ProbeError::new("probe.command.argv", "missing")),
+        None => return Err(SpecError::new("probe.command.argv", "missing")),
         Some(Value::Array(items)) => items,
         Some(_) => {
-            return Err(ProbeError::new(
+            return Err(SpecError::new(
                 "probe.command.argv",
                 "expected an array of strings",
             ));
@@ -223,13 +204,13 @@ fn parse_command(v: &Value) -> Result<Check, ProbeError> {
         .enumerate()
         .map(|(i, item)| {
             item.as_str().map(str::to_owned).ok_or_else(|| {
-                ProbeError::new(&format!("probe.command.argv[{i}]"), "expected a string")
+                SpecError::new(&format!("probe.command.argv[{i}]"), "expected a string")
             })
         })
-        .collect::<Result<Vec<String>, ProbeError>>()?;
+        .collect::<Result<Vec<String>, SpecError>>()?;
     match argv.first() {
-        None => Err(ProbeError::new("probe.command.argv", "empty")),
-        Some(program) if program.is_empty() => Err(ProbeError::new(
+        None => Err(SpecError::new("probe.command.argv", "empty")),
+        Some(program) if program.is_empty() => Err(SpecError::new(
             "probe.command.argv[0]",
             "empty program name",
         )),
@@ -249,7 +230,7 @@ fn opt_duration(
     key: &str,
     default: Duration,
     positive: Positive,
-) -> Result<Duration, ProbeError> {
+) -> Result<Duration, SpecError> {
     let field = format!("probe.{key}");
     let duration = match obj.get(key) {
         None => return Ok(default),
@@ -257,32 +238,32 @@ fn opt_duration(
             parse_duration_ms(s)
                 .map(Duration::from_millis)
                 .ok_or_else(|| {
-                    ProbeError::new(
+                    SpecError::new(
                         &field,
                         format!("{s:?} is not a duration such as 500ms, 2s, 1m30s"),
                     )
                 })?
         }
         Some(Value::Number(n)) => n.as_u64().map(Duration::from_secs).ok_or_else(|| {
-            ProbeError::new(&field, "expected whole seconds or a string like \"500ms\"")
+            SpecError::new(&field, "expected whole seconds or a string like \"500ms\"")
         })?,
         Some(_) => {
-            return Err(ProbeError::new(
+            return Err(SpecError::new(
                 &field,
                 "expected whole seconds or a string like \"500ms\"",
             ));
         }
     };
     if duration.is_zero() && positive == Positive::Required {
-        return Err(ProbeError::new(&field, "must be positive"));
+        return Err(SpecError::new(&field, "must be positive"));
     }
     if duration > MAX_DURATION {
-        return Err(ProbeError::new(&field, "must be at most 24h"));
+        return Err(SpecError::new(&field, "must be at most 24h"));
     }
     Ok(duration)
 }
 
-fn opt_count(obj: &Map<String, Value>, key: &str, default: u32) -> Result<u32, ProbeError> {
+fn opt_count(obj: &Map<String, Value>, key: &str, default: u32) -> Result<u32, SpecError> {
     match obj.get(key) {
         None => Ok(default),
         Some(v) => v
@@ -290,7 +271,7 @@ fn opt_count(obj: &Map<String, Value>, key: &str, default: u32) -> Result<u32, P
             .filter(|&n| n >= 1)
             .and_then(|n| u32::try_from(n).ok())
             .ok_or_else(|| {
-                ProbeError::new(
+                SpecError::new(
                     &format!("probe.{key}"),
                     "expected a whole number of at least 1",
                 )

@@ -142,27 +142,20 @@ struct BackoffFields {
     jitter: Option<f64>,
 }
 
-fn error(field: &str, message: impl Into<String>) -> SpecError {
-    SpecError {
-        field: field.into(),
-        message: message.into(),
-    }
-}
-
 /// A duration given as seconds (integer) or a string (`90s`, `1h30m`).
 fn parse_ms(field: &str, v: &Value) -> Result<u64, SpecError> {
     match v {
         Value::Number(n) => n
             .as_u64()
             .map(|s| s.saturating_mul(1000))
-            .ok_or_else(|| error(field, format!("{n} is not a whole number of seconds"))),
+            .ok_or_else(|| SpecError::new(field, format!("{n} is not a whole number of seconds"))),
         Value::String(s) => parse_duration_ms(s).ok_or_else(|| {
-            error(
+            SpecError::new(
                 field,
                 format!("{s:?} is not a duration such as 30s, 5m, 1h"),
             )
         }),
-        other => Err(error(field, format!("{other} is not a duration"))),
+        other => Err(SpecError::new(field, format!("{other} is not a duration"))),
     }
 }
 
@@ -179,10 +172,10 @@ impl RetryPolicy {
                 non_retryable_exit_codes: Vec::new(),
             },
             Some(v @ Value::Object(_)) => {
-                PolicyFields::deserialize(v).map_err(|e| error("retry", e.to_string()))?
+                PolicyFields::deserialize(v).map_err(|e| SpecError::new("retry", e.to_string()))?
             }
             Some(other) => {
-                return Err(error(
+                return Err(SpecError::new(
                     "retry",
                     format!("{other} is not true, false or an object"),
                 ));
@@ -194,7 +187,7 @@ impl RetryPolicy {
             Some(v) => Some(parse_ms("retry.duration", v)?),
         };
         if fields.max_attempts == Some(0) {
-            return Err(error("retry.max_attempts", "must be at least 1"));
+            return Err(SpecError::new("retry.max_attempts", "must be at least 1"));
         }
         let mut backoff = Backoff::default();
         if let Some(b) = fields.backoff {
@@ -206,7 +199,7 @@ impl RetryPolicy {
             }
             if let Some(m) = b.multiplier {
                 if !(m.is_finite() && m >= 1.0) {
-                    return Err(error(
+                    return Err(SpecError::new(
                         "retry.backoff.multiplier",
                         format!("{m} is not a number ≥ 1"),
                     ));
@@ -215,7 +208,7 @@ impl RetryPolicy {
             }
             if let Some(j) = b.jitter {
                 if !(0.0..=1.0).contains(&j) {
-                    return Err(error(
+                    return Err(SpecError::new(
                         "retry.backoff.jitter",
                         format!("{j} is not within 0..=1"),
                     ));

@@ -109,6 +109,16 @@ pub struct SpecError {
     pub message: String,
 }
 
+impl SpecError {
+    /// An error about `field`.
+    pub fn new(field: &str, message: impl Into<String>) -> SpecError {
+        SpecError {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
 impl TaskSpec {
     /// The task type, defaulting to [`DEFAULT_TYPE`].
     pub fn task_type(&self) -> &str {
@@ -231,10 +241,7 @@ impl TaskSpec {
         self.log_quota_bytes()?;
         super::retry::RetryPolicy::from_spec(self.retry.as_ref())?;
         if let Some(probe) = &self.probe {
-            super::probe::Probe::from_json(probe).map_err(|e| SpecError {
-                field: e.field,
-                message: e.reason,
-            })?;
+            super::probe::Probe::from_json(probe)?;
         }
         Ok(())
     }

@@ -173,44 +173,38 @@ pub struct ProjectorOptions {
 impl ProjectorOptions {
     /// The same settings for the log index projection (topic `logs`; its own group).
     pub fn for_logs(&self) -> ProjectorOptions {
-        let mut logs = self.clone();
-        logs.topic = self.topics.logs.clone();
+        let mut logs = self.derived(&self.topics.logs, crate::logs::index::DEFAULT_GROUP, "logs");
         logs.truncation_is_fatal = false;
         // Indexing a record is cheap (headers only): larger batches, fewer commits.
         logs.max_batch = 20_000;
-        logs.group_id = if self.group_id == DEFAULT_GROUP {
-            crate::logs::index::DEFAULT_GROUP.to_string()
-        } else {
-            format!("{}-logs", self.group_id)
-        };
         logs
     }
 
     /// The same settings for the workers projection (topic `workers`; its own group).
     pub fn for_workers(&self) -> ProjectorOptions {
-        let mut workers = self.clone();
-        workers.topic = self.topics.workers.clone();
+        let mut workers = self.derived(&self.topics.workers, workers::DEFAULT_GROUP, "workers");
         // Heartbeats removed by compaction or retention lose nothing: every one carries
         // the worker's whole description.
         workers.truncation_is_fatal = false;
-        workers.group_id = if self.group_id == DEFAULT_GROUP {
-            workers::DEFAULT_GROUP.to_string()
-        } else {
-            format!("{}-workers", self.group_id)
-        };
         workers
     }
 
     /// The same settings for the services projection (topic `services`; its own group).
     pub fn for_services(&self) -> ProjectorOptions {
-        let mut services = self.clone();
-        services.topic = self.topics.services.clone();
-        services.group_id = if self.group_id == DEFAULT_GROUP {
-            services::DEFAULT_GROUP.to_string()
+        self.derived(&self.topics.services, services::DEFAULT_GROUP, "services")
+    }
+
+    /// These settings for another projection over `topic`: its group is
+    /// `default_group` beside the default task group, `<group>-<suffix>` beside another.
+    fn derived(&self, topic: &str, default_group: &str, suffix: &str) -> ProjectorOptions {
+        let mut derived = self.clone();
+        derived.topic = topic.to_string();
+        derived.group_id = if self.group_id == DEFAULT_GROUP {
+            default_group.to_string()
         } else {
-            format!("{}-services", self.group_id)
+            format!("{}-{suffix}", self.group_id)
         };
-        services
+        derived
     }
 
     /// Defaults for the given brokers and topics.

@@ -14,7 +14,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-pub use crate::events::probe::{Check, MAX_DURATION, Probe, ProbeError};
+pub use crate::events::probe::{Check, MAX_DURATION, Probe};
 
 /// Expands `${VAR}` from `env` (and leaves unknown ones empty). Only used for http urls.
 ///
