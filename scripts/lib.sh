@@ -75,6 +75,14 @@ ensure_postgres() {
     fi
 }
 
+# Java 17+ and Maven: scripts/kafka fetches Apache Kafka from Maven Central and runs it.
+ensure_java() {
+    local missing=()
+    command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+    command -v mvn >/dev/null 2>&1 || missing+=(maven)
+    if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
 # kcat: the tests publish with it exactly as the README shows outside producers doing.
 ensure_kcat() {
     command -v kcat >/dev/null 2>&1 || apt_install kcat

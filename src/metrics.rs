@@ -20,6 +20,12 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     /// `tasklog_projector_lag_events{topic,partition}`: high watermark minus next offset.
     pub projector_lag: IntGaugeVec,
+    /// `tasklog_projector_rebalances_total{topic,change}`: partitions assigned to or
+    /// revoked from this process's consumer-group member.
+    pub projector_rebalances: IntCounterVec,
+    /// `tasklog_projector_partition_assigned{topic,partition}`: 1 for every partition
+    /// this process's projection currently owns (absent otherwise).
+    pub projector_partition_assigned: IntGaugeVec,
     /// `tasklog_projector_events_applied_total{type}`.
     pub events_applied: IntCounterVec,
     /// `tasklog_projector_events_rejected_total{reason}`.
@@ -136,6 +142,16 @@ fn build() -> Result<Metrics, prometheus::Error> {
         projector_lag: gauge(
             "tasklog_projector_lag_events",
             "Records on the topic not yet applied by the projector, per partition.",
+            &["topic", "partition"],
+        )?,
+        projector_rebalances: counter(
+            "tasklog_projector_rebalances_total",
+            "Consumer-group rebalances of the projections, by topic and change (assigned, revoked).",
+            &["topic", "change"],
+        )?,
+        projector_partition_assigned: gauge(
+            "tasklog_projector_partition_assigned",
+            "1 for each partition this process's projection owns in its consumer group.",
             &["topic", "partition"],
         )?,
         events_applied: counter(

@@ -1,111 +1,168 @@
-//! The broker goes away: the API answers 503 within the append timeout, acknowledges
-//! nothing it did not append, and everything it acknowledged survives.
+//! The broker crashes: SIGKILL the Apache Kafka JVM in the middle of 20,000 submissions
+//! and start it again. Every task answered 202 is projected exactly once, requests during
+//! the outage get 503 `broker_unavailable` within the append timeout, and nothing appears
+//! on the log twice.
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Broker, Db, eventually, start_projector, start_server};
 use serde_json::{Value, json};
 
+const SUBMISSIONS: usize = 20_000;
+const SUBMITTERS: usize = 16;
+const APPEND_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What one submission got back.
+struct Outcome {
+    name: String,
+    status: u16,
+    body: Value,
+    took: Duration,
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn broker_down_gives_503_in_bounded_time_and_loses_nothing_acknowledged() {
-    let broker = Broker::start();
+async fn broker_sigkill_during_submissions_loses_nothing_acknowledged() {
+    let mut broker = Broker::own(1);
     let db = Db::create().await;
-    let (_server, url) = start_server(&broker, &db, &[("TASKLOG_APPEND_TIMEOUT_MS", "2000")]).await;
+    let timeout_ms = APPEND_TIMEOUT.as_millis().to_string();
+    let (_server, url) =
+        start_server(&broker, &db, &[("TASKLOG_APPEND_TIMEOUT_MS", &timeout_ms)]).await;
     let _projector = start_projector(&broker, &db);
     let http = reqwest::Client::new();
-    let mut acknowledged = HashSet::new();
-    let submit = |name: String| {
-        let http = http.clone();
-        let url = url.clone();
-        async move {
-            let r = http
-                .post(format!("{url}/v1/tasks"))
-                .json(&json!({"name": name, "shell": "true"}))
-                .send()
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            (status, r.json::<Value>().await.unwrap_or(Value::Null))
-        }
-    };
-    for i in 0..20 {
-        let (status, body) = submit(format!("before-{i}")).await;
-        assert_eq!(status, 202);
-        acknowledged.insert(body["id"].as_str().unwrap().to_string());
-    }
 
-    // Cut the broker under a steady projector that has applied everything so far.
-    let db_ref = &db;
+    let next = Arc::new(AtomicUsize::new(0));
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let submitters: Vec<_> = (0..SUBMITTERS)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            let (next, acknowledged, refused) =
+                (next.clone(), acknowledged.clone(), refused.clone());
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= SUBMISSIONS {
+                        return outcomes;
+                    }
+                    let name = format!("crash-{i}");
+                    let started = Instant::now();
+                    let r = http
+                        .post(format!("{url}/v1/tasks"))
+                        .json(&json!({"name": name, "shell": "true"}))
+                        .send()
+                        .await
+                        .expect("the API answers while the broker is down");
+                    let status = r.status().as_u16();
+                    let body = r.json::<Value>().await.unwrap_or(Value::Null);
+                    match status {
+                        202 => acknowledged.fetch_add(1, Ordering::SeqCst),
+                        _ => refused.fetch_add(1, Ordering::SeqCst),
+                    };
+                    outcomes.push(Outcome {
+                        name,
+                        status,
+                        body,
+                        took: started.elapsed(),
+                    });
+                }
+            })
+        })
+        .collect();
+
+    // SIGKILL the broker a quarter of the way in, while every submitter is busy.
+    let (ack, refused_ref) = (&acknowledged, &refused);
     eventually(
-        "the first tasks projected",
-        Duration::from_secs(60),
-        || async move { (db_ref.count("SELECT count(*) FROM tasks").await >= 20).then_some(()) },
+        "5,000 submissions acknowledged",
+        Duration::from_secs(300),
+        || async move { (ack.load(Ordering::SeqCst) >= SUBMISSIONS / 4).then_some(()) },
     )
     .await;
-    broker.set_reachable(false).await;
-    let started = Instant::now();
-    let outcomes = futures::future::join_all((0..5).map(|i| submit(format!("during-{i}")))).await;
-    let elapsed = started.elapsed();
-    for (status, body) in &outcomes {
-        assert_eq!(*status, 503, "{body}");
-        assert_eq!(body["error"]["code"], "broker_unavailable");
-    }
-    assert!(
-        elapsed < Duration::from_secs(8),
-        "503 took {elapsed:?} with a 2 s append timeout"
-    );
+    broker.nodes[0].kill();
+    // Keep it down until every submitter has been refused at least once.
+    eventually(
+        "submissions refused while the broker is down",
+        Duration::from_secs(120),
+        || async move { (refused_ref.load(Ordering::SeqCst) >= SUBMITTERS).then_some(()) },
+    )
+    .await;
     let r = http.get(format!("{url}/readyz")).send().await.unwrap();
-    assert_eq!(r.status(), 503);
+    assert_eq!(r.status(), 503, "readyz while the broker is down");
+    broker.nodes[0].restart();
 
-    broker.set_reachable(true).await;
-    // The producer reconnects by itself.
-    let (_, first_after) = eventually(
-        "a submission to succeed after the broker returns",
-        Duration::from_secs(60),
-        || {
-            let f = submit("after-first".into());
-            async move {
-                let (s, b) = f.await;
-                (s == 202).then_some((s, b))
+    let mut outcomes = Vec::new();
+    for s in submitters {
+        outcomes.extend(s.await.unwrap());
+    }
+    assert_eq!(outcomes.len(), SUBMISSIONS);
+    let mut accepted: HashMap<String, String> = HashMap::new();
+    let mut unavailable = 0;
+    for o in &outcomes {
+        match o.status {
+            202 => {
+                let id = o.body["id"].as_str().expect("202 has an id").to_string();
+                assert!(accepted.insert(id, o.name.clone()).is_none());
             }
-        },
-    )
-    .await;
-    acknowledged.insert(first_after["id"].as_str().unwrap().to_string());
-    for i in 0..20 {
-        let (status, body) = submit(format!("after-{i}")).await;
-        assert_eq!(status, 202);
-        acknowledged.insert(body["id"].as_str().unwrap().to_string());
+            503 => {
+                assert_eq!(o.body["error"]["code"], "broker_unavailable", "{}", o.body);
+                assert!(
+                    o.took < APPEND_TIMEOUT + Duration::from_secs(3),
+                    "a 503 took {:?} with a {APPEND_TIMEOUT:?} append timeout",
+                    o.took
+                );
+                unavailable += 1;
+            }
+            other => panic!("submission {} answered {other}: {}", o.name, o.body),
+        }
+    }
+    assert!(unavailable >= SUBMITTERS, "{unavailable} refused");
+    assert!(
+        accepted.len() > SUBMISSIONS / 2,
+        "only {} of {SUBMISSIONS} accepted: submissions did not resume after the restart",
+        accepted.len()
+    );
+
+    // The log: no task twice, every acknowledged task on it. A refused request may have
+    // reached the log (its outcome was unknown when the timeout struck), but once only.
+    let records = broker.read_all(&broker.events_topic());
+    let mut on_log: HashSet<String> = HashSet::new();
+    for r in &records {
+        let subject = r.header("ce_subject").expect("ce_subject").to_string();
+        assert!(
+            on_log.insert(subject.clone()),
+            "{subject} is on the log twice"
+        );
+    }
+    for id in accepted.keys() {
+        assert!(
+            on_log.contains(id),
+            "acknowledged task {id} is not on the log"
+        );
     }
 
+    // The projection: every record applied exactly once.
     let db_ref = &db;
-    let ids: HashSet<String> = eventually(
-        "all acknowledged tasks projected",
-        Duration::from_secs(60),
+    let expected = records.len() as i64;
+    eventually(
+        "the projection to apply the whole log",
+        Duration::from_secs(180),
         || async move {
-            let rows = db_ref
-                .client()
-                .await
-                .query("SELECT id::text FROM tasks", &[])
-                .await
-                .ok()?;
-            let ids: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
-            (ids.len() >= 41).then_some(ids)
+            (db_ref.count("SELECT count(*) FROM task_events").await >= expected).then_some(())
         },
     )
     .await;
-    assert!(
-        acknowledged.is_subset(&ids),
-        "an acknowledged task is missing"
-    );
-    // A 503'd task was never appended (it timed out in the producer's queue).
-    let records = broker.read_all(&broker.events_topic());
-    assert_eq!(
-        records.len(),
-        acknowledged.len(),
-        "only acknowledged records are on the log"
-    );
+    assert_eq!(db.count("SELECT count(*) FROM task_events").await, expected);
+    assert_eq!(db.count("SELECT count(*) FROM tasks").await, expected);
+    let client = db.client().await;
+    let rows = client
+        .query("SELECT id::text FROM tasks", &[])
+        .await
+        .unwrap();
+    let projected: HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(projected, on_log, "the projection equals the log");
 }

@@ -558,36 +558,4 @@ async fn posted_lines_quota_marker_continuation_and_raw_bytes() {
     assert_eq!(status, 404);
 }
 
-/// Lines deleted by retention (here: the embedded broker's 5 MiB per partition) make an
-/// old cursor 410 `cursor_expired`, with the earliest valid cursor in the body.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_cursor_into_deleted_lines_is_410_with_the_earliest_valid_cursor() {
-    let s = Stack::start().await;
-    let id = submit(&s, json!({"shell": "true"})).await;
-    let w = writer(&s);
-    write_lines(&w, id, 10, |i| i.to_string()).await;
-    wait_indexed(&s, id, 10).await;
-    let old = page(&s, id, "limit=1").await["next_cursor"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    // ~8 MB of incompressible lines into the same partition.
-    write_lines(&w, id, 8_000, |_| {
-        (0..64)
-            .map(|_| Uuid::new_v4().simple().to_string())
-            .collect::<String>()[..1000]
-            .to_string()
-    })
-    .await;
-    let (status, body) = s.get(&format!("/v1/tasks/{id}/logs?cursor={old}")).await;
-    assert_eq!(status, 410, "{body}");
-    assert_eq!(body["error"]["code"], "cursor_expired");
-    let earliest = body["error"]["earliest_cursor"]
-        .as_str()
-        .expect("earliest cursor");
-    let (status, body) = s
-        .get(&format!("/v1/tasks/{id}/logs?cursor={earliest}&limit=5"))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["lines"].as_array().unwrap().len(), 5);
-}
+// Lines deleted by retention, and the 410 of a cursor into them: tests/kafka.rs.

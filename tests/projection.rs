@@ -137,15 +137,16 @@ async fn projector_refuses_a_log_that_is_not_the_one_it_applied() {
     s.projector.kill();
 
     // A fresh, empty broker with the same topics (as after restarting the in-memory
-    // dev broker, or pointing at another cluster).
-    let empty = Broker::start_with(12, s.broker.prefix.clone());
+    // mock, `tasklog dev-broker`, or pointing at another cluster).
+    let empty = Broker::mock(12, s.broker.prefix.clone());
     expect_projector_refuses(&empty, &s.db, "different or truncated log").await;
     // Nothing was touched.
     assert_eq!(s.db.count("SELECT count(*) FROM tasks").await, 50);
 }
 
-/// The embedded broker keeps at most 5 MiB per partition and deletes older batches. A
-/// projector whose unapplied events were deleted must stop and say so, never skip them.
+/// Retention, an operator's DeleteRecords, or the in-memory mock's 5 MiB limit can delete
+/// records the projection has not applied. A projector whose unapplied events were
+/// deleted must stop and say so, never skip them.
 #[tokio::test(flavor = "multi_thread")]
 async fn projector_refuses_to_skip_events_deleted_from_the_log() {
     let mut s = Stack::start().await;
@@ -153,20 +154,29 @@ async fn projector_refuses_to_skip_events_deleted_from_the_log() {
     let partition = body["event"]["partition"].as_i64().unwrap() as i32;
     s.wait_projected(1).await;
     s.projector.kill();
-    // An event the projector has not applied, then enough data to push it off the log.
-    s.post(
-        "/v1/tasks",
-        &json!({"shell": "true", "idempotency_key": "lost"}),
-    )
-    .await;
-    s.broker
-        .flood(&s.broker.events_topic(), partition, 80, 100_000)
+    // An event the projector has not applied on the same partition, then deleted.
+    let key = (0..)
+        .map(|i| format!("lost-{i}"))
+        .find(|k| {
+            tasklog::kafka::partition_for_key(
+                tasklog::api::task_id_for_key(k).to_string().as_bytes(),
+                12,
+            ) == partition
+        })
+        .unwrap();
+    let (status, lost) = s
+        .post(
+            "/v1/tasks",
+            &json!({"shell": "true", "idempotency_key": key}),
+        )
         .await;
-    let (low, _) = s.broker.watermarks(&s.broker.events_topic(), partition);
-    assert!(
-        low > 1,
-        "the broker deleted old batches (low watermark {low})"
-    );
+    assert_eq!(status, 202, "{lost}");
+    assert_eq!(lost["event"]["partition"].as_i64(), Some(partition as i64));
+    s.broker
+        .delete_all_records(&s.broker.events_topic(), partition);
+    let (low, high) = s.broker.watermarks(&s.broker.events_topic(), partition);
+    assert_eq!(low, high, "the partition's records are deleted");
+    assert!(low >= 2);
 
     expect_projector_refuses(&s.broker, &s.db, "gone from the log").await;
 }

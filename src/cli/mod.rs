@@ -23,8 +23,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run everything in one process: the API, the projector, and (unless
-    /// --kafka-brokers is given) the embedded development broker.
+    /// Run everything in one process: the API, the projections, the scheduler and a
+    /// worker, against Kafka (`scripts/kafka start` runs one locally; --dev-broker runs
+    /// the in-memory mock instead).
     Up(UpArgs),
     /// Run the embedded development broker (librdkafka's in-memory mock cluster).
     DevBroker(DevBrokerArgs),
@@ -102,10 +103,15 @@ pub struct HttpArgs {
 
 #[derive(Debug, Args)]
 struct UpArgs {
-    /// Kafka bootstrap servers; without it the embedded development broker runs.
-    #[arg(long = "kafka-brokers", env = "TASKLOG_KAFKA_BROKERS")]
-    brokers: Option<String>,
-    /// Where the embedded broker listens.
+    /// Kafka bootstrap servers (default: the local Apache Kafka of `scripts/kafka start`).
+    #[arg(long = "kafka-brokers", env = "TASKLOG_KAFKA_BROKERS", default_value = DEFAULT_BROKERS)]
+    brokers: String,
+    /// Run librdkafka's in-memory mock cluster in this process instead of using Kafka: a
+    /// JVM-free look. Nothing survives a restart, it keeps only the last 5 MiB of each
+    /// partition, and the projection in Postgres is reset at start to match its empty log.
+    #[arg(long)]
+    dev_broker: bool,
+    /// Where the in-memory mock listens (with --dev-broker).
     #[arg(long, env = "TASKLOG_DEV_BROKER_ADDR", default_value = DEFAULT_BROKERS)]
     dev_broker_addr: SocketAddr,
     /// Prefix of the topic names.
@@ -306,9 +312,10 @@ struct ProjectorArgs {
     kafka: KafkaArgs,
     #[command(flatten)]
     db: DbArgs,
-    /// Consumer group.
-    #[arg(long, env = "TASKLOG_PROJECTOR_GROUP", default_value = crate::projector::DEFAULT_GROUP)]
-    group: String,
+    /// Consumer group (default: tasklog-projector, or <prefix>-projector with another topic prefix;
+    /// the other projections' groups derive from it).
+    #[arg(long, env = "TASKLOG_PROJECTOR_GROUP")]
+    group: Option<String>,
     /// Where to serve /metrics and /healthz (none: not served).
     #[arg(long, env = "TASKLOG_PROJECTOR_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,

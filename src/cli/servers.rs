@@ -42,19 +42,32 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// Topic names for `prefix`; `TASKLOG_LOGS_RETENTION` (e.g. `7d`, `36h`) sets the logs
-/// topic's retention when tasklog creates it.
-pub(crate) fn topics_for(prefix: &str) -> Topics {
+/// Topic names for `prefix`, with the settings tasklog creates them with, from the
+/// environment: `TASKLOG_LOGS_RETENTION` (e.g. `7d`, `36h`) for the logs topic,
+/// `TASKLOG_REPLICATION_FACTOR` and `TASKLOG_MIN_INSYNC_REPLICAS` for every topic (unset:
+/// the broker's defaults). A value that does not parse is an error, not a silent default.
+pub(crate) fn topics_for(prefix: &str) -> anyhow::Result<Topics> {
     let mut topics = Topics::with_prefix(prefix);
     if let Ok(value) = std::env::var("TASKLOG_LOGS_RETENTION") {
         match crate::events::spec::parse_duration_ms(&value) {
             Some(ms) if ms > 0 => topics.logs_retention_ms = ms as i64,
-            _ => {
-                tracing::warn!(%value, "TASKLOG_LOGS_RETENTION is not a duration such as 7d; keeping 7 days")
-            }
+            _ => anyhow::bail!("TASKLOG_LOGS_RETENTION={value:?} is not a duration such as 7d"),
         }
     }
-    topics
+    let count = |name: &str| -> anyhow::Result<Option<i32>> {
+        match std::env::var(name) {
+            Err(_) => Ok(None),
+            Ok(value) => match value.parse::<i32>() {
+                Ok(n) if (1..=32).contains(&n) => Ok(Some(n)),
+                _ => anyhow::bail!("{name}={value:?} is not a whole number from 1 to 32"),
+            },
+        }
+    };
+    if let Some(n) = count("TASKLOG_REPLICATION_FACTOR")? {
+        topics.replication_factor = n;
+    }
+    topics.min_insync_replicas = count("TASKLOG_MIN_INSYNC_REPLICAS")?;
+    Ok(topics)
 }
 
 async fn events_partitions(brokers: &str, topics: &Topics) -> anyhow::Result<i32> {
@@ -90,11 +103,11 @@ pub(crate) async fn build_api(
 }
 
 pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let topics = topics_for(&args.topic_prefix);
+    let topics = topics_for(&args.topic_prefix)?;
     let mut _embedded = None;
-    let brokers = match &args.brokers {
-        Some(b) => b.clone(),
-        None => {
+    let brokers = match args.dev_broker {
+        false => args.brokers.clone(),
+        true => {
             let broker = DevBroker::start(&DevBrokerOptions {
                 listen: args.dev_broker_addr,
                 partitions: args.partitions,
@@ -115,10 +128,18 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
         eprintln!(
             "tasklog: embedded broker on {brokers} (librdkafka mock cluster, in memory): \
              the log starts empty, so the projection in Postgres was reset to match it. \
-             Use --kafka-brokers (or TASKLOG_KAFKA_BROKERS) for a durable Kafka cluster."
+             Without --dev-broker, tasklog uses Apache Kafka (scripts/kafka start runs one)."
         );
     }
-    kafka::ensure_topics(&brokers, &topics.all(), args.partitions).await?;
+    kafka::ensure_topics(&brokers, &topics.all(), args.partitions)
+        .await
+        .with_context(|| {
+            format!(
+                "no Kafka broker answers at {brokers}: start the local one with \
+                 `scripts/kafka start` (scripts/up does), point --kafka-brokers at a cluster, \
+                 or pass --dev-broker for the in-memory mock"
+            )
+        })?;
     let state = build_api(&brokers, topics.clone(), store.clone(), &args.http).await?;
     let listener = api::bind(args.http.http_addr)
         .await
@@ -208,7 +229,7 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
 }
 
 pub(super) async fn dev_broker(args: DevBrokerArgs) -> anyhow::Result<()> {
-    let topics = topics_for(&args.topic_prefix);
+    let topics = topics_for(&args.topic_prefix)?;
     let broker = Arc::new(
         DevBroker::start(&DevBrokerOptions {
             listen: args.listen,
@@ -289,7 +310,7 @@ async fn create_topic(
 
 pub(super) async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let store = open_store(&args.db).await?;
-    let topics = topics_for(&args.kafka.topic_prefix);
+    let topics = topics_for(&args.kafka.topic_prefix)?;
     kafka::ensure_topics(&args.kafka.brokers, &topics.all(), args.kafka.partitions).await?;
     let state = build_api(&args.kafka.brokers, topics, store, &args.http).await?;
     let listener = api::bind(args.http.http_addr)
@@ -305,7 +326,7 @@ pub(super) async fn server(args: ServerArgs) -> anyhow::Result<()> {
 
 pub(super) async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
     let store = open_store(&args.db).await?;
-    let topics = topics_for(&args.kafka.topic_prefix);
+    let topics = topics_for(&args.kafka.topic_prefix)?;
     kafka::ensure_topics(&args.kafka.brokers, &topics.all(), args.kafka.partitions).await?;
     if args.rebuild {
         store.reset_projection().await?;
@@ -313,7 +334,9 @@ pub(super) async fn projector(args: ProjectorArgs) -> anyhow::Result<()> {
     }
     serve_metrics(args.metrics_addr).await?;
     let mut options = ProjectorOptions::new(&args.kafka.brokers, topics);
-    options.group_id = args.group;
+    if let Some(group) = args.group {
+        options.group_id = group;
+    }
     options.session_timeout = Duration::from_millis(args.session_timeout_ms);
     println!("tasklog projector started");
     projector::run_all(options, store, shutdown_signal()).await?;
@@ -394,7 +417,7 @@ fn worker_options(
 
 pub(super) async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     let store = open_store(&args.db).await?;
-    let topics = topics_for(&args.kafka.topic_prefix);
+    let topics = topics_for(&args.kafka.topic_prefix)?;
     kafka::ensure_topics(&args.kafka.brokers, &topics.all(), args.kafka.partitions).await?;
     serve_metrics(args.metrics_addr).await?;
     let appender = Appender::new(&AppenderOptions::new(&args.kafka.brokers))?;
@@ -410,7 +433,7 @@ pub(super) async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
 }
 
 pub(super) async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
-    let topics = topics_for(&args.kafka.topic_prefix);
+    let topics = topics_for(&args.kafka.topic_prefix)?;
     let options = worker_options(&args.api.url, topics, &args.resources)?;
     serve_metrics(args.metrics_addr).await?;
     let appender = Appender::new(&AppenderOptions::new(&args.kafka.brokers))?;

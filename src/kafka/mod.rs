@@ -19,7 +19,8 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::events::EncodedEvent;
 
-/// Default broker list: the embedded development broker.
+/// Default broker list: the local Apache Kafka broker `scripts/kafka start` runs (also
+/// where `tasklog dev-broker` listens by default).
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
 /// Default number of partitions for topics tasklog creates.
 pub const DEFAULT_PARTITIONS: i32 = 12;
@@ -27,6 +28,8 @@ pub const DEFAULT_PARTITIONS: i32 = 12;
 /// Names of the topics tasklog uses, derived from one prefix (default `tasklog`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
+    /// The prefix every name starts with (default `tasklog`).
+    pub prefix: String,
     /// Task events. Kept forever.
     pub events: String,
     /// Worker events (registered, heartbeat, draining, lost), keyed by worker id.
@@ -41,6 +44,12 @@ pub struct Topics {
     pub logs: String,
     /// Retention of the logs topic (`retention.ms`).
     pub logs_retention_ms: i64,
+    /// Replication factor of the topics tasklog creates (-1: the broker's
+    /// `default.replication.factor`).
+    pub replication_factor: i32,
+    /// `min.insync.replicas` of the topics tasklog creates (None: the broker's default).
+    /// With `acks=all`, an append is acknowledged only once this many replicas have it.
+    pub min_insync_replicas: Option<i32>,
 }
 
 /// Default retention of the logs topic: 7 days.
@@ -50,43 +59,37 @@ impl Topics {
     /// Topics named `<prefix>.events`, `<prefix>.workers`, `<prefix>.dlq` and `<prefix>.logs`.
     pub fn with_prefix(prefix: &str) -> Topics {
         Topics {
+            prefix: prefix.to_string(),
             events: format!("{prefix}.events"),
             workers: format!("{prefix}.workers"),
             services: format!("{prefix}.services"),
             dlq: format!("{prefix}.dlq"),
             logs: format!("{prefix}.logs"),
             logs_retention_ms: DEFAULT_LOGS_RETENTION_MS,
+            replication_factor: -1,
+            min_insync_replicas: None,
         }
     }
 
-    /// All topics with the settings they are created with.
+    /// All topics with the settings they are created with. The events topic is kept
+    /// forever; the workers topic is compacted (every heartbeat carries the worker's
+    /// whole description). The services topic is kept forever, not compacted: its
+    /// `scaled` and `stop_requested` records are changes to a service, so the latest
+    /// one alone does not describe it.
     pub fn all(&self) -> Vec<TopicSpec> {
+        let spec = |name: &str, retention_ms: i64, compact: bool| TopicSpec {
+            name: name.to_string(),
+            retention_ms,
+            compact,
+            replication_factor: self.replication_factor,
+            min_insync_replicas: self.min_insync_replicas,
+        };
         vec![
-            TopicSpec {
-                name: self.events.clone(),
-                retention_ms: -1,
-                compact: false,
-            },
-            TopicSpec {
-                name: self.workers.clone(),
-                retention_ms: -1,
-                compact: true,
-            },
-            TopicSpec {
-                name: self.services.clone(),
-                retention_ms: -1,
-                compact: false,
-            },
-            TopicSpec {
-                name: self.dlq.clone(),
-                retention_ms: -1,
-                compact: false,
-            },
-            TopicSpec {
-                name: self.logs.clone(),
-                retention_ms: self.logs_retention_ms,
-                compact: false,
-            },
+            spec(&self.events, -1, false),
+            spec(&self.workers, -1, true),
+            spec(&self.services, -1, false),
+            spec(&self.dlq, -1, false),
+            spec(&self.logs, self.logs_retention_ms, false),
         ]
     }
 }
@@ -100,6 +103,24 @@ pub struct TopicSpec {
     pub retention_ms: i64,
     /// `cleanup.policy=compact` (keep the latest record per key).
     pub compact: bool,
+    /// Replication factor (-1: the broker's default).
+    pub replication_factor: i32,
+    /// `min.insync.replicas` (None: the broker's default).
+    pub min_insync_replicas: Option<i32>,
+}
+
+impl TopicSpec {
+    /// A topic kept for `retention_ms` (-1: forever), not compacted, replicated as the
+    /// broker's defaults say.
+    pub fn plain(name: &str, retention_ms: i64) -> TopicSpec {
+        TopicSpec {
+            name: name.to_string(),
+            retention_ms,
+            compact: false,
+            replication_factor: -1,
+            min_insync_replicas: None,
+        }
+    }
 }
 
 /// Errors talking to Kafka, with context.
@@ -376,16 +397,29 @@ pub async fn ensure_topics(
                 source,
             })?;
     let retention: Vec<String> = missing.iter().map(|t| t.retention_ms.to_string()).collect();
+    let min_isr: Vec<Option<String>> = missing
+        .iter()
+        .map(|t| t.min_insync_replicas.map(|n| n.to_string()))
+        .collect();
     let new_topics: Vec<NewTopic<'_>> = missing
         .iter()
         .zip(&retention)
-        .map(|(t, r)| {
-            NewTopic::new(&t.name, partitions, TopicReplication::Fixed(-1))
-                .set("retention.ms", r)
-                .set(
-                    "cleanup.policy",
-                    if t.compact { "compact" } else { "delete" },
-                )
+        .zip(&min_isr)
+        .map(|((t, r), isr)| {
+            let topic = NewTopic::new(
+                &t.name,
+                partitions,
+                TopicReplication::Fixed(t.replication_factor),
+            )
+            .set("retention.ms", r)
+            .set(
+                "cleanup.policy",
+                if t.compact { "compact" } else { "delete" },
+            );
+            match isr {
+                Some(isr) => topic.set("min.insync.replicas", isr),
+                None => topic,
+            }
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -406,6 +440,93 @@ pub async fn ensure_topics(
             });
         }
     }
+    // Kafka answers CreateTopics before every partition has a leader; until then
+    // metadata, watermarks and produce requests fail. Wait for the leaders.
+    let names: Vec<String> = missing.iter().map(|t| t.name.clone()).collect();
+    wait_for_leaders(brokers, &names, Duration::from_secs(30)).await
+}
+
+/// Waits until every partition of `topics` has a leader.
+async fn wait_for_leaders(
+    brokers: &str,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<(), KafkaIoError> {
+    let brokers = brokers.to_string();
+    let topics = topics.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer =
+            client_config(&brokers)
+                .create()
+                .map_err(|source| KafkaIoError::Client {
+                    brokers: brokers.clone(),
+                    source,
+                })?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut waiting_for = topics.clone();
+        while !waiting_for.is_empty() {
+            waiting_for.retain(|topic| {
+                let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))
+                else {
+                    return true;
+                };
+                !metadata.topics().first().is_some_and(|t| {
+                    t.error().is_none()
+                        && !t.partitions().is_empty()
+                        && t.partitions()
+                            .iter()
+                            .all(|p| p.error().is_none() && p.leader() >= 0)
+                })
+            });
+            if waiting_for.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(KafkaIoError::TopicMissing {
+                    topic: waiting_for[0].clone(),
+                    reason: format!("its partitions have no leader after {timeout:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(KafkaIoError::TopicMissing {
+            topic: String::new(),
+            reason: e.to_string(),
+        })
+    })
+}
+
+/// Deletes topics (those that do not exist are skipped). Used by benchmarks and tests
+/// to leave a shared cluster as they found it.
+pub async fn delete_topics(brokers: &str, names: &[String]) -> Result<(), KafkaIoError> {
+    let existing = list_topics(brokers).await?;
+    let names: Vec<&str> = names
+        .iter()
+        .filter(|n| existing.iter().any(|(e, _)| e == *n))
+        .map(String::as_str)
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(brokers)
+            .create()
+            .map_err(|source| KafkaIoError::Client {
+                brokers: brokers.to_string(),
+                source,
+            })?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    admin
+        .delete_topics(&names, &options)
+        .await
+        .map_err(|e| KafkaIoError::TopicMissing {
+            topic: names[0].to_string(),
+            reason: format!("cannot delete: {e}"),
+        })?;
     Ok(())
 }
 
@@ -465,11 +586,29 @@ pub async fn watermarks(brokers: &str, topic: &str) -> Result<Vec<(i64, i64)>, K
             .first()
             .map(|t| t.partitions().len())
             .unwrap_or(0);
+        // A partition between leaders (a broker restarting, a topic just created)
+        // answers NotLeaderForPartition for a moment: ask again for up to 10 s.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         (0..partitions as i32)
             .map(|p| {
-                consumer
-                    .fetch_watermarks(&topic, p, Duration::from_secs(5))
-                    .map_err(unreachable)
+                loop {
+                    match consumer.fetch_watermarks(&topic, p, Duration::from_secs(5)) {
+                        Err(e)
+                            if std::time::Instant::now() < deadline
+                                && matches!(
+                                    e.rdkafka_error_code(),
+                                    Some(
+                                        RDKafkaErrorCode::NotLeaderForPartition
+                                            | RDKafkaErrorCode::LeaderNotAvailable
+                                            | RDKafkaErrorCode::UnknownTopicOrPartition
+                                    )
+                                ) =>
+                        {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        other => break other.map_err(unreachable),
+                    }
+                }
             })
             .collect()
     })

@@ -27,7 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
@@ -129,8 +131,20 @@ mod failpoint {
     }
 }
 
-/// Default consumer group.
+/// Default consumer group of the task projection (with the default topic prefix).
 pub const DEFAULT_GROUP: &str = "tasklog-projector";
+
+/// The default consumer group of the task projection for topics named `<prefix>.*`:
+/// [`DEFAULT_GROUP`] for the default prefix, `<prefix>-projector` for any other, so that
+/// deployments sharing a cluster under different prefixes never share a group (a group
+/// whose members follow different topics rebalances all of them on every change).
+pub fn default_group(prefix: &str) -> String {
+    if prefix == "tasklog" {
+        DEFAULT_GROUP.to_string()
+    } else {
+        format!("{prefix}-projector")
+    }
+}
 
 /// Headers added to a dead letter, beside the original record's own headers.
 pub mod dlq_header {
@@ -212,8 +226,8 @@ impl ProjectorOptions {
         ProjectorOptions {
             brokers: brokers.to_string(),
             topic: topics.events.clone(),
+            group_id: default_group(&topics.prefix),
             topics,
-            group_id: DEFAULT_GROUP.to_string(),
             max_batch: 5000,
             linger: Duration::from_millis(1),
             session_timeout: Duration::from_secs(10),
@@ -326,40 +340,96 @@ impl ConsumerContext for ProjectorContext {
                         return;
                     }
                 };
+                // Cooperative-sticky: this callback names only the partitions added to
+                // this member, and the ones it keeps go on undisturbed.
+                let cooperative = matches!(
+                    consumer.rebalance_protocol(),
+                    RebalanceProtocol::Cooperative
+                );
                 let mut next = self
                     .0
                     .next_offsets
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                next.clear();
+                if !cooperative {
+                    forget_partitions(&self.0.topic, next.drain().map(|(p, _)| p));
+                }
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 for p in &partitions {
                     let offset = stored.get(p).copied().unwrap_or(0);
                     next.insert(*p, offset);
+                    metrics()
+                        .projector_partition_assigned
+                        .with_label_values(&[&self.0.topic, &p.to_string()])
+                        .set(1);
                     let _ = tpl.set_partition_offset(&self.0.topic, *p, Offset::Offset(offset));
                 }
                 tracing::info!(
                     ?partitions,
+                    cooperative,
                     "partitions assigned; resuming from Postgres offsets"
                 );
-                if let Err(e) = consumer.assign(tpl) {
+                metrics()
+                    .projector_rebalances
+                    .with_label_values(&[&self.0.topic, "assigned"])
+                    .inc();
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = assigned {
                     tracing::error!(error = %e, "assign failed");
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                tracing::info!("partitions revoked");
-                self.0
-                    .next_offsets
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clear();
-                let _ = consumer.unassign();
+                let cooperative = matches!(
+                    consumer.rebalance_protocol(),
+                    RebalanceProtocol::Cooperative
+                );
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(?partitions, cooperative, "partitions revoked");
+                metrics()
+                    .projector_rebalances
+                    .with_label_values(&[&self.0.topic, "revoked"])
+                    .inc();
+                {
+                    let mut next = self
+                        .0
+                        .next_offsets
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    for p in &partitions {
+                        next.remove(p);
+                    }
+                    forget_partitions(&self.0.topic, partitions.iter().copied());
+                }
+                // A batch of revoked partitions still in flight is harmless: the new
+                // owner locks the offset rows, and whoever commits second skips what
+                // the first applied.
+                let _ = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error");
                 let _ = consumer.unassign();
             }
         }
+    }
+}
+
+/// Drops the per-partition gauges of partitions this process no longer owns.
+fn forget_partitions(topic: &str, partitions: impl Iterator<Item = i32>) {
+    let m = metrics();
+    for p in partitions {
+        let p = p.to_string();
+        let _ = m
+            .projector_partition_assigned
+            .remove_label_values(&[topic, &p]);
+        let _ = m.projector_lag.remove_label_values(&[topic, &p]);
     }
 }
 
@@ -514,6 +584,9 @@ pub async fn run_projection<P: Projection>(
             },
         )
         .set("isolation.level", "read_committed")
+        // Scaling out or losing a member moves only the partitions that must move; the
+        // others keep being applied through the rebalance.
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .set(
             "session.timeout.ms",
             options.session_timeout.as_millis().to_string(),
@@ -834,8 +907,12 @@ impl<P: Projection> Runner<P> {
                 .next_offsets
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
+            // Only partitions still assigned: one revoked meanwhile belongs to another
+            // member now, which starts from Postgres.
             for (p, o) in &next_offsets {
-                next.insert(*p, *o);
+                if let Some(current) = next.get_mut(p) {
+                    *current = *o;
+                }
             }
         }
         let mut tpl = TopicPartitionList::new();

@@ -22,6 +22,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
+use tasklog::kafka::Topics;
 use tokio_postgres::NoTls;
 
 /// Path of the tasklog binary under test.
@@ -99,43 +100,272 @@ impl Drop for Proc {
     }
 }
 
-/// A Kafka broker for one test.
+/// Where the shared test broker listens when `TASKLOG_TEST_KAFKA_BROKERS` is unset:
+/// `scripts/kafka start` runs it (once; later calls find it running).
+const SHARED_TEST_PORT: u16 = 19092;
+
+/// The repository's `scripts/kafka`.
+pub fn kafka_script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka")
+}
+
+/// The shared Apache Kafka broker of this test run: `TASKLOG_TEST_KAFKA_BROKERS`
+/// (`scripts/test` sets it), or one started here with `scripts/kafka start` on
+/// 127.0.0.1:19092 with its data under `target/`.
+fn shared_brokers() -> String {
+    static SHARED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            if let Ok(addr) = std::env::var("TASKLOG_TEST_KAFKA_BROKERS") {
+                return addr;
+            }
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-kafka");
+            let status = Command::new(kafka_script())
+                .args(["start", "--data-dir"])
+                .arg(&dir)
+                .args(["--port", &SHARED_TEST_PORT.to_string()])
+                .status()
+                .expect("run scripts/kafka start");
+            assert!(status.success(), "scripts/kafka start failed");
+            format!("127.0.0.1:{SHARED_TEST_PORT}")
+        })
+        .clone()
+}
+
+/// Runs `f` to completion on a fresh thread with a small runtime: usable from sync
+/// code (`Drop`, constructors) whether or not a runtime is running on this thread.
+fn block_on_thread<T: Send>(f: impl Future<Output = T> + Send) -> Option<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()
+                    .map(|rt| rt.block_on(f))
+            })
+            .join()
+            .ok()
+            .flatten()
+    })
+}
+
+/// One Apache Kafka broker process of a test's own (see [`Broker::own`]), run with
+/// `scripts/kafka run` as a child, so the test can SIGKILL and restart it.
+pub struct KafkaNode {
+    /// Node id (1, 2, 3, ...).
+    pub id: u32,
+    /// Client port.
+    pub port: u16,
+    args: Vec<String>,
+    proc: Option<Proc>,
+}
+
+impl KafkaNode {
+    fn spawn(&mut self) {
+        let child = Command::new(kafka_script())
+            .arg("run")
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn scripts/kafka run");
+        self.proc = Some(Proc {
+            child,
+            name: "kafka",
+        });
+    }
+
+    /// Waits until the client port takes connections (Kafka opens it once ready).
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let addr = format!("127.0.0.1:{}", self.port);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            let running = self.proc.as_mut().is_some_and(Proc::running);
+            assert!(running, "Kafka node {} exited during start-up", self.id);
+            assert!(
+                Instant::now() < deadline,
+                "Kafka node {} not ready in 120 s",
+                self.id
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILLs the broker JVM.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts it again on the same data and ports, and waits until it is ready.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        self.wait_ready();
+    }
+}
+
+/// A Kafka cluster for one test: the shared broker with topics of the test's own, or
+/// brokers of the test's own.
 pub struct Broker {
     pub addr: String,
-    pub admin: Option<String>,
     pub prefix: String,
+    /// The test's own broker processes (empty on the shared broker and the mock).
+    pub nodes: Vec<KafkaNode>,
+    _data: Option<tempfile::TempDir>,
+    shared: bool,
     _proc: Option<Proc>,
 }
 
 impl Broker {
-    /// Starts a dev broker with 12 partitions (or uses TASKLOG_TEST_KAFKA_BROKERS).
+    /// Topics of this test's own, 12 partitions each, on the shared Apache Kafka broker.
     pub fn start() -> Broker {
         Broker::start_with_partitions(12)
     }
 
-    /// Starts a dev broker with `partitions` partitions per topic.
+    /// Topics of this test's own with `partitions` partitions, on the shared broker.
     pub fn start_with_partitions(partitions: i32) -> Broker {
-        Broker::start_with(partitions, unique("t"))
+        Broker::start_with_topic_settings(partitions, &[])
     }
 
-    /// Starts a dev broker whose topics use `prefix`.
-    pub fn start_with(partitions: i32, prefix: String) -> Broker {
-        if let Ok(addr) = std::env::var("TASKLOG_TEST_KAFKA_BROKERS") {
-            return Broker {
-                addr,
-                admin: None,
-                prefix,
-                _proc: None,
-            };
+    /// Topics of this test's own on the shared broker, some created first with extra
+    /// settings: `("logs", &[("segment.ms", "1000")])` for `<prefix>.logs`.
+    pub fn start_with_topic_settings(
+        partitions: i32,
+        settings: &[(&str, &[(&str, &str)])],
+    ) -> Broker {
+        let broker = Broker {
+            addr: shared_brokers(),
+            prefix: unique("t"),
+            nodes: Vec::new(),
+            _data: None,
+            shared: true,
+            _proc: None,
+        };
+        for (suffix, topic_settings) in settings {
+            let name = format!("{}.{suffix}", broker.prefix);
+            broker.create_topic(&name, partitions, topic_settings);
         }
+        broker.create_topics(partitions);
+        broker
+    }
+
+    /// Creates tasklog's topics for this prefix with `partitions` partitions.
+    fn create_topics(&self, partitions: i32) {
+        let (addr, topics) = (self.addr.clone(), Topics::with_prefix(&self.prefix));
+        block_on_thread(async move {
+            tasklog::kafka::ensure_topics(&addr, &topics.all(), partitions).await
+        })
+        .expect("runtime")
+        .expect("create the test's topics");
+    }
+
+    /// Creates one topic with extra settings (e.g. small segments), before tasklog
+    /// would create it with its own.
+    pub fn create_topic(&self, name: &str, partitions: i32, settings: &[(&str, &str)]) {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .create()
+            .expect("admin client");
+        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(-1));
+        for (k, v) in settings {
+            topic = topic.set(k, v);
+        }
+        let results = block_on_thread(async move {
+            admin
+                .create_topics([&topic], &AdminOptions::new())
+                .await
+                .map(|r| {
+                    r.into_iter()
+                        .map(|r| r.map_err(|(_, e)| e))
+                        .collect::<Vec<_>>()
+                })
+        })
+        .expect("runtime")
+        .expect("create topic");
+        for r in results {
+            r.expect("topic created");
+        }
+    }
+
+    /// `nodes` Apache Kafka brokers of this test's own (combined broker + controller,
+    /// KRaft, small heaps) on free loopback ports; every topic replicated
+    /// `min(nodes, 3)` times with `min.insync.replicas` one less (at least 1).
+    pub fn own(nodes: u32) -> Broker {
+        let data = tempfile::tempdir().expect("kafka data dir");
+        let ports: Vec<(u16, u16)> = (0..nodes).map(|_| (free_port(), free_port())).collect();
+        let voters: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c))| format!("{}@127.0.0.1:{c}", i + 1))
+            .collect();
+        let replication = nodes.min(3);
+        let min_isr = replication.saturating_sub(1).max(1);
+        let cluster_id = {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(uuid::Uuid::new_v4().as_bytes())
+                .replace('-', "A")
+        };
+        let mut broker = Broker {
+            addr: ports
+                .iter()
+                .map(|(p, _)| format!("127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            prefix: unique("t"),
+            nodes: Vec::new(),
+            _data: None,
+            shared: false,
+            _proc: None,
+        };
+        for (i, (port, controller)) in ports.iter().enumerate() {
+            let dir = data.path().join(format!("node{}", i + 1));
+            let args = vec![
+                "--data-dir".to_string(),
+                dir.to_str().expect("UTF-8 temp dir").to_string(),
+                "--port".into(),
+                port.to_string(),
+                "--controller-port".into(),
+                controller.to_string(),
+                "--node-id".into(),
+                (i + 1).to_string(),
+                "--voters".into(),
+                voters.join(","),
+                "--cluster-id".into(),
+                cluster_id.clone(),
+                "--replication".into(),
+                replication.to_string(),
+                "--min-isr".into(),
+                min_isr.to_string(),
+                "--heap".into(),
+                if nodes > 1 { "256m" } else { "384m" }.into(),
+            ];
+            let mut node = KafkaNode {
+                id: i as u32 + 1,
+                port: *port,
+                args,
+                proc: None,
+            };
+            node.spawn();
+            broker.nodes.push(node);
+        }
+        for node in &mut broker.nodes {
+            node.wait_ready();
+        }
+        broker._data = Some(data);
+        broker.create_topics(12);
+        broker
+    }
+
+    /// librdkafka's in-memory mock (`tasklog dev-broker`), with topics whose names
+    /// use `prefix`: an empty log, as after restarting the mock.
+    pub fn mock(partitions: i32, prefix: String) -> Broker {
         let mut child = Command::new(bin())
-            .args([
-                "dev-broker",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
+            .args(["dev-broker", "--listen", "127.0.0.1:0"])
             .args([
                 "--partitions",
                 &partitions.to_string(),
@@ -152,17 +382,18 @@ impl Broker {
         reader.read_line(&mut line).expect("read dev-broker banner");
         // Keep draining, so the broker never writes to a closed pipe.
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        // "tasklog dev-broker listening on ADDR admin ADDR"
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let addr = words
-            .get(4)
+        // "tasklog dev-broker listening on ADDR"
+        let addr = line
+            .split_whitespace()
+            .nth(4)
             .unwrap_or_else(|| panic!("unexpected banner {line:?}"))
             .to_string();
-        let admin = words.get(6).map(|a| format!("http://{a}"));
         Broker {
             addr,
-            admin,
             prefix,
+            nodes: Vec::new(),
+            _data: None,
+            shared: false,
             _proc: Some(Proc {
                 child,
                 name: "dev-broker",
@@ -176,18 +407,6 @@ impl Broker {
 
     pub fn dlq_topic(&self) -> String {
         format!("{}.dlq", self.prefix)
-    }
-
-    /// Cuts (false) or restores (true) every connection to the broker.
-    pub async fn set_reachable(&self, up: bool) {
-        let admin = self.admin.as_ref().expect("needs the dev broker");
-        let path = if up { "/broker/up" } else { "/broker/down" };
-        let r = reqwest::Client::new()
-            .post(format!("{admin}{path}"))
-            .send()
-            .await
-            .expect("admin call");
-        assert!(r.status().is_success());
     }
 
     /// A plain idempotent producer, as an outside producer would use.
@@ -246,6 +465,26 @@ impl Broker {
                 .await
                 .map_err(|(e, _)| e)
                 .expect("produce");
+        }
+    }
+
+    /// Deletes every record of a partition (Kafka's DeleteRecords, as an operator or
+    /// retention would): its low watermark moves to its end.
+    pub fn delete_all_records(&self, topic: &str, partition: i32) {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .create()
+            .expect("admin client");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::End)
+            .expect("tpl");
+        let result =
+            block_on_thread(async move { admin.delete_records(&tpl, &AdminOptions::new()).await })
+                .expect("runtime")
+                .expect("delete records");
+        for e in result.elements() {
+            assert!(e.error().is_ok(), "delete records: {:?}", e.error());
         }
     }
 
@@ -317,6 +556,27 @@ impl Broker {
             }
         }
         records
+    }
+}
+
+impl Drop for Broker {
+    /// On the shared broker, deletes every topic of this test.
+    fn drop(&mut self) {
+        if !self.shared {
+            return;
+        }
+        let (addr, prefix) = (self.addr.clone(), format!("{}.", self.prefix));
+        block_on_thread(async move {
+            let Ok(all) = tasklog::kafka::list_topics(&addr).await else {
+                return;
+            };
+            let mine: Vec<String> = all
+                .into_iter()
+                .map(|(name, _)| name)
+                .filter(|name| name.starts_with(&prefix))
+                .collect();
+            let _ = tasklog::kafka::delete_topics(&addr, &mine).await;
+        });
     }
 }
 
@@ -514,7 +774,11 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> Stack {
-        let broker = Broker::start();
+        Stack::start_on(Broker::start()).await
+    }
+
+    /// A stack on the given broker, with a fresh database.
+    pub async fn start_on(broker: Broker) -> Stack {
         let db = Db::create().await;
         let (server, url) = start_server(&broker, &db, &[]).await;
         let projector = start_projector(&broker, &db);
@@ -593,6 +857,29 @@ impl Stack {
         let (status, body) = self.get(&format!("/v1/tasks/{id}?wait_ms=20000")).await;
         assert_eq!(status, 200, "task {id}: {body}");
         body
+    }
+
+    /// Waits until the projection of `topic` has applied or rejected `n` records.
+    pub async fn wait_projected_topic(&self, topic: &str, n: i64) {
+        let db = &self.db;
+        eventually(
+            &format!("{n} records of {topic} projected"),
+            Duration::from_secs(180),
+            || async move {
+                let done: i64 = db
+                    .client()
+                    .await
+                    .query_one(
+                        "SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets WHERE topic = $1",
+                        &[&topic],
+                    )
+                    .await
+                    .ok()?
+                    .get(0);
+                (done >= n).then_some(())
+            },
+        )
+        .await;
     }
 
     /// Waits until the projection has applied or rejected `n` records in total.
@@ -689,7 +976,11 @@ pub struct Cluster {
 impl Cluster {
     /// A stack and one scheduler started with `scheduler_args`.
     pub async fn start(scheduler_args: &[&str]) -> Cluster {
-        let stack = Stack::start().await;
+        Cluster::start_on(Stack::start().await, scheduler_args)
+    }
+
+    /// A cluster on the given stack.
+    pub fn start_on(stack: Stack, scheduler_args: &[&str]) -> Cluster {
         let scheduler = start_scheduler(&stack.broker, &stack.db, scheduler_args);
         Cluster {
             workers: Vec::new(),
