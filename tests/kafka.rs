@@ -90,6 +90,20 @@ async fn indexed_lines(db: &Db, id: Uuid) -> i64 {
         .get(0)
 }
 
+/// The sum of a projection's next offsets over the partitions of `topic` (None until
+/// the projector has created its tables).
+async fn applied_offsets(db: &Db, topic: &str) -> Option<i64> {
+    db.client()
+        .await
+        .query_one(
+            "SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets WHERE topic = $1",
+            &[&topic],
+        )
+        .await
+        .ok()
+        .map(|r| r.get(0))
+}
+
 /// tasklog creates its topics as documented: events kept forever, workers compacted,
 /// logs with the configured retention. With small segments and a short retention on a
 /// test's logs topic, old lines are really deleted: a cursor into them is 410
@@ -196,8 +210,7 @@ async fn a_rebuild_after_compaction_knows_every_worker_and_its_last_state() {
     let stack = Stack::start_on(broker).await;
     let mut c = Cluster::start_on(stack, &["--worker-timeout", "2s"]);
     for name in ["w-drained", "w-killed", "w-live"] {
-        c.add_worker(name, &["--heartbeat", "100ms", "--label", "zone=test"])
-            .await;
+        c.add_worker(name, &["--label", "zone=test"]).await;
     }
     let workers_topic = format!("{}.workers", c.stack.broker.prefix);
 
@@ -255,14 +268,7 @@ async fn a_rebuild_after_compaction_knows_every_worker_and_its_last_state() {
     eventually(
         "the workers projection to reach the end of the topic",
         Duration::from_secs(60),
-        || async move {
-            let stored = db
-                .count(&format!(
-                    "SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets WHERE topic = '{topic}'"
-                ))
-                .await;
-            (stored >= high).then_some(())
-        },
+        || async move { (applied_offsets(db, topic).await? >= high).then_some(()) },
     )
     .await;
     let before = snapshot(&c.stack.db).await;
@@ -276,19 +282,19 @@ async fn a_rebuild_after_compaction_knows_every_worker_and_its_last_state() {
 
     // Rebuild from offset 0 into a fresh database.
     let fresh = Db::create().await;
-    let _rebuilt = start_projector(&c.stack.broker, &fresh);
+    // A group of its own: the running projector keeps its partitions.
+    let group = format!("{}-rebuild", c.stack.broker.prefix);
+    let _rebuilt = Proc::wrap(
+        role(&c.stack.broker, &fresh, &["projector", "--group", &group])
+            .spawn()
+            .expect("spawn projector"),
+        "projector",
+    );
     let fresh_ref = &fresh;
     eventually(
         "the rebuilt workers projection",
         Duration::from_secs(60),
-        || async move {
-            let stored = fresh_ref
-                .count(&format!(
-                    "SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets WHERE topic = '{topic}'"
-                ))
-                .await;
-            (stored >= high).then_some(())
-        },
+        || async move { (applied_offsets(fresh_ref, topic).await? >= high).then_some(()) },
     )
     .await;
     let after = snapshot(&fresh).await;
@@ -389,8 +395,10 @@ async fn projectors_scale_out_and_a_sigkilled_member_loses_and_repeats_nothing()
 
     // One task per logs partition, whose lines stream throughout.
     let mut log_tasks: BTreeMap<i32, Uuid> = BTreeMap::new();
+    let mut submitted = 0usize;
     while log_tasks.len() < 12 {
         let id = submit(&s, json!({"shell": "true"})).await;
+        submitted += 1;
         let p = tasklog::kafka::partition_for_key(id.to_string().as_bytes(), 12);
         log_tasks.entry(p).or_insert(id);
     }
@@ -444,7 +452,6 @@ async fn projectors_scale_out_and_a_sigkilled_member_loses_and_repeats_nothing()
     };
 
     // 20 batches of 1000, one every 750 ms; the kill comes after the fifth.
-    let mut submitted = 12usize;
     let mut killed_at = None;
     let mut moved = BTreeSet::new();
     for batch in 0..20 {

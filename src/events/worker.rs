@@ -1,8 +1,9 @@
 //! Worker events and their pure fold into [`WorkerState`].
 //!
 //! Workers live on their own topic (`tasklog.workers`, keyed by worker id). Each
-//! `registered` and `heartbeat` carries the worker's whole description, so the latest
-//! record of a worker is enough to know it: the topic can be compacted.
+//! `registered` and `heartbeat` carries the worker's whole description, and `draining`
+//! and `lost` carry it as `last_known`, so the latest record of a worker is enough to
+//! know it: the topic can be compacted.
 //!
 //! ```text
 //!   registered ──► active ──draining──► draining
@@ -94,6 +95,33 @@ pub struct WorkerInfo {
     pub incarnation: Option<String>,
 }
 
+/// What `draining` and `lost` carry of the worker, so that after compaction (which
+/// keeps only a worker's latest record) a rebuild still knows it. Optional: records
+/// written before it existed lack it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LastKnown {
+    /// The latest description.
+    #[serde(flatten)]
+    pub info: WorkerInfo,
+    /// When the current incarnation registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_at: Option<DateTime<Utc>>,
+    /// Time of the latest `registered` or `heartbeat`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_at: Option<DateTime<Utc>>,
+}
+
+impl LastKnown {
+    /// Everything a fold knows of a worker.
+    pub fn of(state: &WorkerState) -> LastKnown {
+        LastKnown {
+            info: state.info.clone(),
+            registered_at: Some(state.registered_at),
+            last_heartbeat_at: Some(state.last_heartbeat_at),
+        }
+    }
+}
+
 /// Type-specific data of a worker event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerPayload {
@@ -102,14 +130,30 @@ pub enum WorkerPayload {
     /// The agent is alive.
     Heartbeat(WorkerInfo),
     /// The agent takes no new work and is finishing what it runs.
-    Draining,
+    Draining {
+        /// The worker as its agent knows itself.
+        last_known: Option<Box<LastKnown>>,
+    },
     /// The scheduler gave up on the worker: no heartbeat for too long.
     Lost {
         /// Why (`heartbeat_timeout`).
         reason: String,
         /// Detail.
         message: Option<String>,
+        /// The worker as the scheduler last knew it.
+        last_known: Option<Box<LastKnown>>,
     },
+}
+
+/// The data of `draining` and `lost`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct EndingData {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_known: Option<Box<LastKnown>>,
 }
 
 impl WorkerPayload {
@@ -118,7 +162,7 @@ impl WorkerPayload {
         match self {
             WorkerPayload::Registered(_) => WorkerEventType::Registered,
             WorkerPayload::Heartbeat(_) => WorkerEventType::Heartbeat,
-            WorkerPayload::Draining => WorkerEventType::Draining,
+            WorkerPayload::Draining { .. } => WorkerEventType::Draining,
             WorkerPayload::Lost { .. } => WorkerEventType::Lost,
         }
     }
@@ -157,10 +201,19 @@ impl WorkerEvent {
             WorkerPayload::Registered(info) | WorkerPayload::Heartbeat(info) => {
                 serde_json::to_value(info).unwrap_or_else(|_| Value::Object(Default::default()))
             }
-            WorkerPayload::Draining => Value::Object(Default::default()),
-            WorkerPayload::Lost { reason, message } => serde_json::to_value(ReasonMessage {
-                reason: reason.clone(),
+            WorkerPayload::Draining { last_known } => serde_json::to_value(EndingData {
+                last_known: last_known.clone(),
+                ..EndingData::default()
+            })
+            .unwrap_or_else(|_| Value::Object(Default::default())),
+            WorkerPayload::Lost {
+                reason,
+                message,
+                last_known,
+            } => serde_json::to_value(EndingData {
+                reason: Some(reason.clone()),
                 message: message.clone(),
+                last_known: last_known.clone(),
             })
             .unwrap_or_else(|_| Value::Object(Default::default())),
         };
@@ -196,12 +249,19 @@ impl WorkerEvent {
         let payload = match event_type {
             WorkerEventType::Registered => WorkerPayload::Registered(typed(&data)?),
             WorkerEventType::Heartbeat => WorkerPayload::Heartbeat(typed(&data)?),
-            WorkerEventType::Draining => WorkerPayload::Draining,
+            WorkerEventType::Draining => {
+                let d: EndingData = typed(&data)?;
+                WorkerPayload::Draining {
+                    last_known: d.last_known,
+                }
+            }
             WorkerEventType::Lost => {
-                let d: ReasonMessage = typed(&data)?;
+                let d: EndingData = typed(&data)?;
+                let ReasonMessage { reason, message } = typed(&data)?;
                 WorkerPayload::Lost {
-                    reason: d.reason,
-                    message: d.message,
+                    reason,
+                    message,
+                    last_known: d.last_known,
                 }
             }
         };
@@ -295,6 +355,31 @@ pub fn apply_worker(
             updated_at: time,
             reason: None,
         }),
+        // A worker known only by its last record (the rest compacted away).
+        (
+            WorkerPayload::Draining {
+                last_known: Some(known),
+            }
+            | WorkerPayload::Lost {
+                last_known: Some(known),
+                ..
+            },
+            None,
+        ) => {
+            let (state, reason) = match &event.payload {
+                WorkerPayload::Lost { reason, .. } => (WorkerStatus::Lost, Some(reason.clone())),
+                _ => (WorkerStatus::Draining, None),
+            };
+            Ok(WorkerState {
+                id: event.worker_id.clone(),
+                state,
+                info: known.info.clone(),
+                registered_at: known.registered_at.unwrap_or(time),
+                last_heartbeat_at: known.last_heartbeat_at.unwrap_or(time),
+                updated_at: time,
+                reason,
+            })
+        }
         (_, None) => Err(Rejection::UnknownWorker(event.worker_id.clone())),
         (WorkerPayload::Heartbeat(info), Some(current)) => {
             if current.state == WorkerStatus::Lost {
@@ -312,25 +397,49 @@ pub fn apply_worker(
             next.updated_at = time;
             Ok(next)
         }
-        (WorkerPayload::Draining, Some(current)) => {
+        (WorkerPayload::Draining { last_known }, Some(current)) => {
             if current.state != WorkerStatus::Active {
                 return Err(illegal(current.state));
             }
-            let mut next = current.clone();
+            let mut next = current.with_last_known(last_known.as_deref());
             next.state = WorkerStatus::Draining;
             next.updated_at = time;
             Ok(next)
         }
-        (WorkerPayload::Lost { reason, .. }, Some(current)) => {
+        (
+            WorkerPayload::Lost {
+                reason, last_known, ..
+            },
+            Some(current),
+        ) => {
             if current.state == WorkerStatus::Lost {
                 return Err(illegal(current.state));
             }
-            let mut next = current.clone();
+            let mut next = current.with_last_known(last_known.as_deref());
             next.state = WorkerStatus::Lost;
             next.reason = Some(reason.clone());
             next.updated_at = time;
             Ok(next)
         }
+    }
+}
+
+impl WorkerState {
+    /// This state with what an event's `last_known` says. After a full history the two
+    /// agree; after compaction the state may have been built from a `draining` that did
+    /// not know the registration time, and the later record knows better.
+    fn with_last_known(&self, known: Option<&LastKnown>) -> WorkerState {
+        let mut next = self.clone();
+        if let Some(known) = known {
+            next.info = known.info.clone();
+            if let Some(at) = known.registered_at {
+                next.registered_at = at;
+            }
+            if let Some(at) = known.last_heartbeat_at {
+                next.last_heartbeat_at = at;
+            }
+        }
+        next
     }
 }
 
@@ -357,10 +466,26 @@ mod tests {
         for payload in [
             WorkerPayload::Registered(info("a")),
             WorkerPayload::Heartbeat(info("a")),
-            WorkerPayload::Draining,
+            WorkerPayload::Draining { last_known: None },
+            WorkerPayload::Draining {
+                last_known: Some(Box::new(LastKnown {
+                    info: info("a"),
+                    ..LastKnown::default()
+                })),
+            },
             WorkerPayload::Lost {
                 reason: "heartbeat_timeout".into(),
                 message: Some("no heartbeat for 30s".into()),
+                last_known: None,
+            },
+            WorkerPayload::Lost {
+                reason: "heartbeat_timeout".into(),
+                message: None,
+                last_known: Some(Box::new(LastKnown {
+                    info: info("a"),
+                    registered_at: Some(Utc::now()),
+                    last_heartbeat_at: Some(Utc::now()),
+                })),
             },
         ] {
             let e = WorkerEvent::new("test", "gpu-1", payload.clone());
@@ -407,6 +532,7 @@ mod tests {
         let lost = at(WorkerPayload::Lost {
             reason: "heartbeat_timeout".into(),
             message: None,
+            last_known: None,
         });
         let w = apply_worker(Some(&w), &lost).unwrap();
         assert_eq!(w.state, WorkerStatus::Lost);
@@ -418,13 +544,40 @@ mod tests {
         );
         let w = apply_worker(Some(&w), &at(WorkerPayload::Registered(info("b")))).unwrap();
         assert_eq!((w.state, w.reason.as_deref()), (WorkerStatus::Active, None));
-        let w = apply_worker(Some(&w), &at(WorkerPayload::Draining)).unwrap();
+        let w = apply_worker(Some(&w), &at(WorkerPayload::Draining { last_known: None })).unwrap();
         assert_eq!(w.state, WorkerStatus::Draining);
         assert_eq!(
-            apply_worker(None, &at(WorkerPayload::Draining))
+            apply_worker(None, &at(WorkerPayload::Draining { last_known: None }))
                 .unwrap_err()
                 .code(),
             "unknown_worker"
+        );
+    }
+
+    /// After compaction a worker's only record may be its `lost` or `draining`: with
+    /// `last_known` the fold rebuilds the same state the full history gave.
+    #[test]
+    fn the_last_record_alone_rebuilds_a_compacted_worker() {
+        let at = |p| WorkerEvent::new("t", "w", p);
+        let registered = apply_worker(None, &at(WorkerPayload::Registered(info("a")))).unwrap();
+        let beat =
+            apply_worker(Some(&registered), &at(WorkerPayload::Heartbeat(info("a")))).unwrap();
+        let lost = at(WorkerPayload::Lost {
+            reason: "heartbeat_timeout".into(),
+            message: None,
+            last_known: Some(Box::new(LastKnown::of(&beat))),
+        });
+        let full = apply_worker(Some(&beat), &lost).unwrap();
+        let compacted = apply_worker(None, &lost).unwrap();
+        assert_eq!(compacted, full);
+        assert_eq!(compacted.state, WorkerStatus::Lost);
+
+        let draining = at(WorkerPayload::Draining {
+            last_known: Some(Box::new(LastKnown::of(&beat))),
+        });
+        assert_eq!(
+            apply_worker(None, &draining).unwrap(),
+            apply_worker(Some(&beat), &draining).unwrap()
         );
     }
 }

@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
-use crate::events::worker::{WorkerEvent, WorkerPayload, WorkerState, WorkerStatus};
+use crate::events::worker::{LastKnown, WorkerEvent, WorkerPayload, WorkerState, WorkerStatus};
 use crate::events::{CancelledData, Event, Payload, ReasonData, TaskSpec, TaskState, TaskStatus};
 use crate::kafka::{Appended, Appender, Topics};
 use crate::store::{
@@ -124,6 +124,8 @@ pub enum Action {
     WorkerLost {
         /// The worker.
         worker_id: String,
+        /// What the projection knew of it (carried by the event, for compaction).
+        last_known: Box<LastKnown>,
         /// Detail.
         message: String,
     },
@@ -270,6 +272,7 @@ pub fn decide(
                 gone.insert(&w.id);
                 pass.actions.push(Action::WorkerLost {
                     worker_id: w.id.clone(),
+                    last_known: Box::new(LastKnown::of(w)),
                     message: format!(
                         "no heartbeat since {} (worker_timeout {}s)",
                         w.last_heartbeat_at.to_rfc3339(),
@@ -730,7 +733,11 @@ async fn append(
                 }
                 task_events.push(Event::new(&options.source, task_id, seq + 1, payload).encode());
             }
-            Action::WorkerLost { worker_id, message } => {
+            Action::WorkerLost {
+                worker_id,
+                message,
+                last_known,
+            } => {
                 tracing::warn!(worker = %worker_id, %message, "scheduler: worker lost");
                 worker_events.push(
                     WorkerEvent::new(
@@ -739,6 +746,7 @@ async fn append(
                         WorkerPayload::Lost {
                             reason: "heartbeat_timeout".into(),
                             message: Some(message),
+                            last_known: Some(last_known),
                         },
                     )
                     .encode(),
@@ -922,7 +930,7 @@ mod tests {
             .filter(|a| matches!(a, Action::WorkerLost { .. }))
             .collect();
         assert!(
-            matches!(lost.as_slice(), [Action::WorkerLost { worker_id, message }]
+            matches!(lost.as_slice(), [Action::WorkerLost { worker_id, message, .. }]
                 if worker_id == "w1" && !message.is_empty()),
             "{lost:?}"
         );

@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::events::worker::{WorkerCapacity, WorkerEvent, WorkerInfo, WorkerPayload};
+use crate::events::worker::{LastKnown, WorkerCapacity, WorkerEvent, WorkerInfo, WorkerPayload};
 use crate::events::{TaskSpec, TaskStatus};
 use crate::kafka::{Appender, Topics};
 use crate::logs::{LogWriter, LogWriterOptions, Stream};
@@ -227,7 +227,14 @@ pub async fn run(
                 _ = &mut shutdown => {
                     draining = true;
                     tracing::info!("worker: draining");
-                    agent.append_worker_event(WorkerPayload::Draining).await?;
+                    agent
+                        .append_worker_event(WorkerPayload::Draining {
+                            last_known: Some(Box::new(LastKnown {
+                                info: agent.info(),
+                                ..LastKnown::default()
+                            })),
+                        })
+                        .await?;
                     continue;
                 }
             }
