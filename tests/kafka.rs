@@ -304,6 +304,9 @@ async fn a_rebuild_after_compaction_knows_every_worker_and_its_last_state() {
     );
 }
 
+/// When the projection's next offsets per partition were read.
+type Sample = (Instant, HashMap<i32, i64>);
+
 /// `tasklog projector --metrics-addr`: its `/metrics` URL.
 fn start_projector_with_metrics(broker: &Broker, db: &Db) -> (Proc, String) {
     let port = free_port();
@@ -422,7 +425,7 @@ async fn projectors_scale_out_and_a_sigkilled_member_loses_and_repeats_nothing()
     };
 
     // Per partition, when its applied offset last moved: sampled every 50 ms.
-    let progress: Arc<std::sync::Mutex<Vec<(Instant, HashMap<i32, i64>)>>> = Arc::default();
+    let progress: Arc<std::sync::Mutex<Vec<Sample>>> = Arc::default();
     let sampler = {
         let (url, topic, progress, done) = (
             s.db.url.clone(),
