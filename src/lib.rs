@@ -4,7 +4,7 @@
 //! into Postgres, exactly once. The modules follow the architecture:
 //!
 //! - [`events`]: the CloudEvents envelope, event types, JSON Schemas and the pure state machine.
-//! - [`kafka`]: producers, topics, partitioning and the embedded development broker.
+//! - [`kafka`]: producers, topics, partitioning and the in-memory mock broker.
 //! - [`store`]: Postgres: migrations, the projection's tables and the read side.
 //! - [`projector`]: consumes the events topic and applies it to Postgres exactly once.
 //! - [`api`]: the HTTP API.

@@ -415,6 +415,18 @@ pub fn apply_worker(
             if current.state == WorkerStatus::Lost {
                 return Err(illegal(current.state));
             }
+            // Decided on an earlier incarnation's heartbeats: the worker registered again
+            // since (a restart), so that decision is stale.
+            if let Some(seen) = last_known
+                .as_ref()
+                .and_then(|k| k.info.incarnation.as_ref())
+                && current.info.incarnation.as_ref() != Some(seen)
+            {
+                return Err(Rejection::IllegalWorkerTransition {
+                    from: current.state,
+                    event: "dev.tasklog.worker.lost.v1 (for an earlier incarnation)",
+                });
+            }
             let mut next = current.with_last_known(last_known.as_deref());
             next.state = WorkerStatus::Lost;
             next.reason = Some(reason.clone());
@@ -551,6 +563,29 @@ mod tests {
                 .unwrap_err()
                 .code(),
             "unknown_worker"
+        );
+    }
+
+    /// A `lost` decided on an earlier incarnation's heartbeats loses to the worker's
+    /// new registration (a restart while the scheduler still saw the old one).
+    #[test]
+    fn a_lost_for_an_earlier_incarnation_is_refused() {
+        let at = |p| WorkerEvent::new("t", "w", p);
+        let old = apply_worker(None, &at(WorkerPayload::Registered(info("a")))).unwrap();
+        let restarted =
+            apply_worker(Some(&old), &at(WorkerPayload::Registered(info("b")))).unwrap();
+        let stale = at(WorkerPayload::Lost {
+            reason: "heartbeat_timeout".into(),
+            message: None,
+            last_known: Some(Box::new(LastKnown::of(&old))),
+        });
+        assert_eq!(
+            apply_worker(Some(&restarted), &stale).unwrap_err().code(),
+            "illegal_transition"
+        );
+        assert_eq!(
+            apply_worker(Some(&old), &stale).unwrap().state,
+            WorkerStatus::Lost
         );
     }
 

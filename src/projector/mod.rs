@@ -252,7 +252,8 @@ pub enum ProjectorError {
     #[error(
         "records of {topic} that the projection had not applied are gone from the log{detail}. \
          Nothing was applied out of order, but the projection cannot be completed from this log. \
-         (The embedded development broker keeps at most 5 MiB per partition; use Apache Kafka for a durable log.)"
+         (Retention, DeleteRecords, or the in-memory mock's 5 MiB per partition deletes records; \
+         the events topic must be kept forever: retention.ms=-1.)"
     )]
     LogTruncated {
         /// Topic.
