@@ -600,6 +600,9 @@ pub async fn run_projection<P: Projection>(
         )
         .set("statistics.interval.ms", "5000")
         .set("fetch.wait.max.ms", "10")
+        // Fetch again as soon as the queue drains below its threshold (librdkafka's
+        // default backoff waits up to a second, which starves a projector catching up).
+        .set("fetch.queue.backoff.ms", "1")
         // One task's burst lands in one partition: let a fetch bring a lot of it.
         .set("max.partition.fetch.bytes", "8388608")
         .create_with_context(ProjectorContext(shared.clone()))?;
