@@ -75,7 +75,7 @@ impl Block {
     }
 }
 
-/// Blocks a forward scan reads in one consumer session.
+/// Most blocks read in one consumer session.
 const READ_AHEAD: i64 = 8;
 
 /// Errors reading logs.
@@ -181,6 +181,17 @@ impl LogReader {
         }
     }
 
+    /// Forgets every cached block, so the next reads go to Kafka (what benchmarks of
+    /// cold reads need).
+    pub fn clear_cache(&self) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let limit = cache.limit;
+        *cache = Cache {
+            limit,
+            ..Cache::default()
+        };
+    }
+
     /// The logs topic.
     pub fn topic(&self) -> &str {
         &self.topic
@@ -268,10 +279,15 @@ impl LogReader {
         .map_err(|e| ReadError::Kafka(e.to_string()))?
     }
 
+    /// Block `index` of a partition, from the cache or Kafka. On a miss, the `span - 1`
+    /// blocks after it (at most [`READ_AHEAD`] in all; all of them when the block before
+    /// is cached, as in a forward scan) are read in the same consumer session and cached
+    /// too: a page of many blocks costs one session, not one each.
     async fn block(
         self: &Arc<Self>,
         partition: i32,
         index: i64,
+        span: i64,
         high: i64,
         low: i64,
     ) -> Result<Arc<Block>, ReadError> {
@@ -291,18 +307,19 @@ impl LogReader {
                 return Ok(b.clone());
             }
             let from = block.as_ref().map(|b| b.end).unwrap_or(start).max(low);
-            // A forward scan (the block before is cached) reads the next blocks in the
-            // same consumer session: one assign per READ_AHEAD blocks, not per block.
-            let sequential = block.is_none()
-                && index > 0
+            // A forward scan that read the block before reads further ahead.
+            let sequential = index > 0
                 && self
                     .cache
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get(&(partition, index - 1))
                     .is_some();
-            let fetch_end = if sequential {
-                (start + READ_AHEAD * BLOCK).min(high).max(want_end)
+            let span = if sequential { READ_AHEAD } else { span };
+            let fetch_end = if block.is_none() {
+                (start + span.clamp(1, READ_AHEAD) * BLOCK)
+                    .min(high)
+                    .max(want_end)
             } else {
                 want_end
             };
@@ -436,8 +453,11 @@ impl LogReader {
                 pos = b;
                 continue;
             }
+            // Read the blocks this page needs (as far as lines map to offsets) in one
+            // consumer session.
+            let wanted = (pos % BLOCK + (limit - lines.len()) as i64 + BLOCK - 1) / BLOCK;
             let block = self
-                .block(partition, pos / BLOCK, range.high, low_watermark)
+                .block(partition, pos / BLOCK, wanted, range.high, low_watermark)
                 .await?;
             // Records are in offset order: start at `pos` directly.
             let from = block.records.partition_point(|r| r.offset < pos);
@@ -481,7 +501,7 @@ impl LogReader {
             }
             let index = (pos - 1) / BLOCK;
             let block = self
-                .block(partition, index, range.high, low_watermark)
+                .block(partition, index, 1, range.high, low_watermark)
                 .await?;
             let upto = block.records.partition_point(|r| r.offset < pos);
             for r in block.records[..upto]
