@@ -477,17 +477,9 @@ async fn raw_copy(
             let state = crate::events::apply(None, &event)
                 .map_err(|r| anyhow::anyhow!("benchmark event refused: {r:?}"))?;
             let offset = (index * 5000 + i) as i64;
-            write.events.push(AppliedEvent {
-                ce_id: event.envelope.id.clone(),
-                task_id: event.task_id,
-                seq: event.seq as i64,
-                event_type: event.envelope.event_type.as_str(),
-                time: event.envelope.time,
-                source: event.envelope.source.clone(),
-                partition: 0,
-                offset,
-                data: e.payload.clone(),
-            });
+            write
+                .events
+                .push(AppliedEvent::new(&event, 0, offset, e.payload.clone()));
             *write.state_deltas.entry(state.state.as_str()).or_default() += 1;
             write.tasks.push(TaskRow {
                 state,

@@ -166,6 +166,28 @@ pub fn client_config(brokers: &str) -> ClientConfig {
     config
 }
 
+/// A Kafka client (admin, consumer) with the base settings of [`client_config`].
+fn client<C: rdkafka::config::FromClientConfig>(brokers: &str) -> Result<C, KafkaIoError> {
+    client_config(brokers)
+        .create()
+        .map_err(|source| KafkaIoError::Client {
+            brokers: brokers.to_string(),
+            source,
+        })
+}
+
+/// Runs a blocking metadata call off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, KafkaIoError> + Send + 'static,
+) -> Result<T, KafkaIoError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(KafkaIoError::TopicMissing {
+            topic: String::new(),
+            reason: e.to_string(),
+        })
+    })
+}
+
 /// Where an appended record landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Appended {
@@ -389,13 +411,7 @@ pub async fn ensure_topics(
     if missing.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(brokers)
-            .create()
-            .map_err(|source| KafkaIoError::Client {
-                brokers: brokers.to_string(),
-                source,
-            })?;
+    let admin: AdminClient<DefaultClientContext> = client(brokers)?;
     let retention: Vec<String> = missing.iter().map(|t| t.retention_ms.to_string()).collect();
     let min_isr: Vec<Option<String>> = missing
         .iter()
@@ -454,14 +470,8 @@ async fn wait_for_leaders(
 ) -> Result<(), KafkaIoError> {
     let brokers = brokers.to_string();
     let topics = topics.to_vec();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer =
-            client_config(&brokers)
-                .create()
-                .map_err(|source| KafkaIoError::Client {
-                    brokers: brokers.clone(),
-                    source,
-                })?;
+    blocking(move || {
+        let consumer: BaseConsumer = client(&brokers)?;
         let deadline = std::time::Instant::now() + timeout;
         let mut waiting_for = topics.clone();
         while !waiting_for.is_empty() {
@@ -492,12 +502,6 @@ async fn wait_for_leaders(
         Ok(())
     })
     .await
-    .unwrap_or_else(|e| {
-        Err(KafkaIoError::TopicMissing {
-            topic: String::new(),
-            reason: e.to_string(),
-        })
-    })
 }
 
 /// Deletes topics (those that do not exist are skipped). Used by benchmarks and tests
@@ -512,13 +516,7 @@ pub async fn delete_topics(brokers: &str, names: &[String]) -> Result<(), KafkaI
     if names.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(brokers)
-            .create()
-            .map_err(|source| KafkaIoError::Client {
-                brokers: brokers.to_string(),
-                source,
-            })?;
+    let admin: AdminClient<DefaultClientContext> = client(brokers)?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     admin
         .delete_topics(&names, &options)
@@ -533,14 +531,8 @@ pub async fn delete_topics(brokers: &str, names: &[String]) -> Result<(), KafkaI
 /// Lists topics and their partition counts. Never auto-creates a topic.
 pub async fn list_topics(brokers: &str) -> Result<Vec<(String, i32)>, KafkaIoError> {
     let brokers = brokers.to_string();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer =
-            client_config(&brokers)
-                .create()
-                .map_err(|source| KafkaIoError::Client {
-                    brokers: brokers.clone(),
-                    source,
-                })?;
+    blocking(move || {
+        let consumer: BaseConsumer = client(&brokers)?;
         let metadata = consumer
             .fetch_metadata(None, Duration::from_secs(5))
             .map_err(|source| KafkaIoError::Unreachable {
@@ -554,30 +546,18 @@ pub async fn list_topics(brokers: &str) -> Result<Vec<(String, i32)>, KafkaIoErr
             .collect())
     })
     .await
-    .unwrap_or_else(|e| {
-        Err(KafkaIoError::TopicMissing {
-            topic: String::new(),
-            reason: e.to_string(),
-        })
-    })
 }
 
 /// Low and high watermarks of every partition of `topic`, indexed by partition.
 pub async fn watermarks(brokers: &str, topic: &str) -> Result<Vec<(i64, i64)>, KafkaIoError> {
     let brokers = brokers.to_string();
     let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let unreachable = |source| KafkaIoError::Unreachable {
             brokers: brokers.clone(),
             source,
         };
-        let consumer: BaseConsumer =
-            client_config(&brokers)
-                .create()
-                .map_err(|source| KafkaIoError::Client {
-                    brokers: brokers.clone(),
-                    source,
-                })?;
+        let consumer: BaseConsumer = client(&brokers)?;
         let metadata = consumer
             .fetch_metadata(Some(&topic), Duration::from_secs(5))
             .map_err(unreachable)?;
@@ -613,12 +593,6 @@ pub async fn watermarks(brokers: &str, topic: &str) -> Result<Vec<(i64, i64)>, K
             .collect()
     })
     .await
-    .unwrap_or_else(|e| {
-        Err(KafkaIoError::TopicMissing {
-            topic: String::new(),
-            reason: e.to_string(),
-        })
-    })
 }
 
 /// Kafka's murmur2 hash, as in the Java client's `Utils.murmur2`.

@@ -75,17 +75,12 @@ impl Projection for TaskProjection {
                     *write.state_deltas.entry(after.state.as_str()).or_default() += 1;
                     seen.insert(event.envelope.id.clone());
                     touched.insert(event.task_id, (partition, offset));
-                    write.events.push(AppliedEvent {
-                        ce_id: event.envelope.id.clone(),
-                        task_id: event.task_id,
-                        seq: event.seq as i64,
-                        event_type: event.envelope.event_type.as_str(),
-                        time: event.envelope.time,
-                        source: event.envelope.source.clone(),
+                    write.events.push(AppliedEvent::new(
+                        event,
                         partition,
                         offset,
-                        data: record.message.payload().unwrap_or_default().to_vec(),
-                    });
+                        record.message.payload().unwrap_or_default().to_vec(),
+                    ));
                     states.insert(after.id, after);
                 }
                 Err(rejection) => refusals.push(Refusal {

@@ -55,6 +55,23 @@ pub struct AppliedEvent {
     pub data: Vec<u8>,
 }
 
+impl AppliedEvent {
+    /// The history row of `event`, read at `partition`/`offset` with value `data`.
+    pub fn new(event: &crate::events::Event, partition: i32, offset: i64, data: Vec<u8>) -> Self {
+        AppliedEvent {
+            ce_id: event.envelope.id.clone(),
+            task_id: event.task_id,
+            seq: event.seq as i64,
+            event_type: event.envelope.event_type.as_str(),
+            time: event.envelope.time,
+            source: event.envelope.source.clone(),
+            partition,
+            offset,
+            data,
+        }
+    }
+}
+
 /// JSON text sent as is to a `json` column: no parse and re-serialise on the hot path.
 #[derive(Debug)]
 struct RawJson<'a>(&'a [u8]);
