@@ -6,24 +6,14 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use common::{Broker, Db, eventually, start_projector, start_server};
-use serde_json::{Value, json};
+use common::{Broker, Db, Submitters, eventually, start_projector, start_server};
 
 const SUBMISSIONS: usize = 20_000;
 const SUBMITTERS: usize = 16;
 const APPEND_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// What one submission got back.
-struct Outcome {
-    name: String,
-    status: u16,
-    body: Value,
-    took: Duration,
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_sigkill_during_submissions_loses_nothing_acknowledged() {
@@ -35,55 +25,14 @@ async fn broker_sigkill_during_submissions_loses_nothing_acknowledged() {
     let _projector = start_projector(&broker, &db);
     let http = reqwest::Client::new();
 
-    let next = Arc::new(AtomicUsize::new(0));
-    let acknowledged = Arc::new(AtomicUsize::new(0));
-    let refused = Arc::new(AtomicUsize::new(0));
-    let submitters: Vec<_> = (0..SUBMITTERS)
-        .map(|_| {
-            let (http, url) = (http.clone(), url.clone());
-            let (next, acknowledged, refused) =
-                (next.clone(), acknowledged.clone(), refused.clone());
-            tokio::spawn(async move {
-                let mut outcomes = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= SUBMISSIONS {
-                        return outcomes;
-                    }
-                    let name = format!("crash-{i}");
-                    let started = Instant::now();
-                    let r = http
-                        .post(format!("{url}/v1/tasks"))
-                        .json(&json!({"name": name, "shell": "true"}))
-                        .send()
-                        .await
-                        .expect("the API answers while the broker is down");
-                    let status = r.status().as_u16();
-                    let body = r.json::<Value>().await.unwrap_or(Value::Null);
-                    match status {
-                        202 => acknowledged.fetch_add(1, Ordering::SeqCst),
-                        _ => refused.fetch_add(1, Ordering::SeqCst),
-                    };
-                    outcomes.push(Outcome {
-                        name,
-                        status,
-                        body,
-                        took: started.elapsed(),
-                    });
-                }
-            })
-        })
-        .collect();
+    let submitters = Submitters::start(&url, "crash", SUBMISSIONS, SUBMITTERS);
 
     // SIGKILL the broker a quarter of the way in, while every submitter is busy.
-    let (ack, refused_ref) = (&acknowledged, &refused);
-    eventually(
-        "5,000 submissions acknowledged",
-        Duration::from_secs(300),
-        || async move { (ack.load(Ordering::SeqCst) >= SUBMISSIONS / 4).then_some(()) },
-    )
-    .await;
+    submitters
+        .wait_acknowledged(SUBMISSIONS / 4, Duration::from_secs(300))
+        .await;
     broker.nodes[0].kill();
+    let refused_ref = &submitters.refused;
     // Keep it down until every submitter has been refused at least once.
     eventually(
         "submissions refused while the broker is down",
@@ -95,10 +44,7 @@ async fn broker_sigkill_during_submissions_loses_nothing_acknowledged() {
     assert_eq!(r.status(), 503, "readyz while the broker is down");
     broker.nodes[0].restart();
 
-    let mut outcomes = Vec::new();
-    for s in submitters {
-        outcomes.extend(s.await.unwrap());
-    }
+    let outcomes = submitters.finish().await;
     assert_eq!(outcomes.len(), SUBMISSIONS);
     let mut accepted: HashMap<String, String> = HashMap::new();
     let mut unavailable = 0;

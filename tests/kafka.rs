@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use common::{
-    Broker, Cluster, Db, Proc, Stack, eventually, free_port, role, signal, start_projector,
+    Broker, Cluster, Db, Proc, Stack, Submitters, eventually, free_port, role, signal,
+    start_projector,
 };
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
@@ -581,48 +582,11 @@ async fn replication_survives_a_sigkilled_leader() {
     let db = Db::create().await;
     let (_server, url) = common::start_server(&broker, &db, &[]).await;
     let _projector = start_projector(&broker, &db);
-    let http = reqwest::Client::new();
-    let acknowledged = Arc::new(AtomicUsize::new(0));
-    let next = Arc::new(AtomicUsize::new(0));
     const TOTAL: usize = 6_000;
-    let submitters: Vec<_> = (0..8)
-        .map(|_| {
-            let (http, url, next, acknowledged) = (
-                http.clone(),
-                url.clone(),
-                next.clone(),
-                acknowledged.clone(),
-            );
-            tokio::spawn(async move {
-                let mut outcomes = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= TOTAL {
-                        return outcomes;
-                    }
-                    let r = http
-                        .post(format!("{url}/v1/tasks"))
-                        .json(&json!({"name": format!("rep-{i}"), "shell": "true"}))
-                        .send()
-                        .await
-                        .unwrap();
-                    let status = r.status().as_u16();
-                    let body: Value = r.json().await.unwrap_or(Value::Null);
-                    if status == 202 {
-                        acknowledged.fetch_add(1, Ordering::SeqCst);
-                    }
-                    outcomes.push((status, body, Instant::now()));
-                }
-            })
-        })
-        .collect();
-    let ack = &acknowledged;
-    eventually(
-        "1,500 acknowledged",
-        Duration::from_secs(120),
-        || async move { (ack.load(Ordering::SeqCst) >= 1_500).then_some(()) },
-    )
-    .await;
+    let submitters = Submitters::start(&url, "rep", TOTAL, 8);
+    submitters
+        .wait_acknowledged(1_500, Duration::from_secs(120))
+        .await;
     let node = broker
         .nodes
         .iter_mut()
@@ -633,18 +597,16 @@ async fn replication_survives_a_sigkilled_leader() {
 
     let mut accepted = HashSet::new();
     let mut after_kill = 0;
-    for s in submitters {
-        for (status, body, at) in s.await.unwrap() {
-            match status {
-                202 => {
-                    accepted.insert(body["id"].as_str().unwrap().to_string());
-                    if at > killed_at {
-                        after_kill += 1;
-                    }
+    for o in submitters.finish().await {
+        match o.status {
+            202 => {
+                accepted.insert(o.body["id"].as_str().unwrap().to_string());
+                if o.at > killed_at {
+                    after_kill += 1;
                 }
-                503 => assert_eq!(body["error"]["code"], "broker_unavailable", "{body}"),
-                other => panic!("answered {other}: {body}"),
             }
+            503 => assert_eq!(o.body["error"]["code"], "broker_unavailable", "{}", o.body),
+            other => panic!("{} answered {other}: {}", o.name, o.body),
         }
     }
     assert!(

@@ -45,6 +45,35 @@ async fn get(http: &reqwest::Client, url: &str) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// Submits `spec` and waits until the task succeeded; returns its id and final view.
+async fn run_to_success(http: &reqwest::Client, url: &str, spec: Value) -> (String, Value) {
+    let r = http
+        .post(format!("{url}/v1/tasks"))
+        .json(&spec)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.expect("JSON")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let task_url = format!("{url}/v1/tasks/{id}");
+    let done = eventually(
+        &format!("task {id} to succeed"),
+        Duration::from_secs(60),
+        || {
+            let task_url = &task_url;
+            async move {
+                let (status, t) = get(http, task_url).await;
+                (status == 200 && t["state"] == "succeeded").then_some(t)
+            }
+        },
+    )
+    .await;
+    (id, done)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_up_keeps_every_task_event_and_log_line() {
     let broker = Broker::start();
@@ -53,26 +82,9 @@ async fn a_restarted_up_keeps_every_task_event_and_log_line() {
     let http = reqwest::Client::new();
     let (mut up, url) = start_up(&broker, &db, state_dir.path()).await;
 
-    let r = http
-        .post(format!("{url}/v1/tasks"))
-        .json(&json!({"name": "kept", "shell": "for i in 1 2 3; do echo line-$i; done"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let spec = json!({"name": "kept", "shell": "for i in 1 2 3; do echo line-$i; done"});
+    let (id, done) = run_to_success(&http, &url, spec).await;
     let task_url = format!("{url}/v1/tasks/{id}");
-    let done = eventually("the task to succeed", Duration::from_secs(60), || {
-        let (http, task_url) = (&http, &task_url);
-        async move {
-            let (status, t) = get(http, task_url).await;
-            (status == 200 && t["state"] == "succeeded").then_some(t)
-        }
-    })
-    .await;
     let logs_url = format!("{url}/v1/tasks/{id}/logs");
     eventually("three log lines", Duration::from_secs(30), || {
         let (http, logs_url) = (&http, &logs_url);
@@ -132,28 +144,5 @@ async fn a_restarted_up_keeps_every_task_event_and_log_line() {
     assert_eq!(texts, ["line-1", "line-2", "line-3"]);
 
     // And it goes on: a new task runs on the restarted worker.
-    let r = http
-        .post(format!("{url}/v1/tasks"))
-        .json(&json!({"shell": "true"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let next = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let next_url = format!("{url}/v1/tasks/{next}");
-    eventually(
-        "a task after the restart to succeed",
-        Duration::from_secs(60),
-        || {
-            let (http, next_url) = (&http, &next_url);
-            async move {
-                let (status, t) = get(http, next_url).await;
-                (status == 200 && t["state"] == "succeeded").then_some(())
-            }
-        },
-    )
-    .await;
+    run_to_success(&http, &url, json!({"shell": "true"})).await;
 }

@@ -70,32 +70,22 @@ pub(crate) fn topics_for(prefix: &str) -> anyhow::Result<Topics> {
     Ok(topics)
 }
 
-async fn events_partitions(brokers: &str, topics: &Topics) -> anyhow::Result<i32> {
-    kafka::list_topics(brokers)
-        .await?
-        .into_iter()
-        .find(|(name, _)| *name == topics.events)
-        .map(|(_, n)| n)
-        .with_context(|| format!("topic {} not found", topics.events))
-}
-
+/// The API's state over topics its caller has made sure of (`kafka::ensure_topics`),
+/// with the partition counts the broker reports.
 pub(crate) async fn build_api(
     brokers: &str,
     topics: Topics,
     store: Store,
     http: &HttpArgs,
 ) -> anyhow::Result<Arc<AppState>> {
-    kafka::ensure_topics(brokers, &topics.all(), kafka::DEFAULT_PARTITIONS).await?;
-    let partitions = events_partitions(brokers, &topics).await?;
+    let listed = kafka::list_topics(brokers).await?;
+    let partitions_of = |name: &str| listed.iter().find(|(n, _)| n == name).map(|(_, p)| *p);
+    let partitions = partitions_of(&topics.events)
+        .with_context(|| format!("topic {} not found", topics.events))?;
+    let log_partitions = partitions_of(&topics.logs).unwrap_or(partitions);
     let mut appender_options = AppenderOptions::new(brokers);
     appender_options.timeout = Duration::from_millis(http.append_timeout_ms.max(1));
     let appender = Appender::new(&appender_options)?;
-    let log_partitions = kafka::list_topics(brokers)
-        .await?
-        .into_iter()
-        .find(|(name, _)| *name == topics.logs)
-        .map(|(_, n)| n)
-        .unwrap_or(partitions);
     let cursor_key = crate::logs::CursorKey::new(store.cursor_key().await?);
     let mut options = ApiOptions::new(brokers, topics, partitions);
     options.log_partitions = log_partitions;

@@ -142,6 +142,9 @@ pub enum KafkaIoError {
         /// The underlying error.
         source: KafkaError,
     },
+    /// A blocking Kafka call did not finish (its thread panicked or the runtime shut down).
+    #[error("a Kafka metadata call was interrupted: {0}")]
+    Interrupted(String),
     /// A topic is missing and could not be created.
     #[error("topic {topic} does not exist and could not be created: {reason}")]
     TopicMissing {
@@ -180,12 +183,9 @@ fn client<C: rdkafka::config::FromClientConfig>(brokers: &str) -> Result<C, Kafk
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, KafkaIoError> + Send + 'static,
 ) -> Result<T, KafkaIoError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-        Err(KafkaIoError::TopicMissing {
-            topic: String::new(),
-            reason: e.to_string(),
-        })
-    })
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(KafkaIoError::Interrupted(e.to_string())))
 }
 
 /// Where an appended record landed.

@@ -307,21 +307,23 @@ impl LogReader {
                 return Ok(b.clone());
             }
             let from = block.as_ref().map(|b| b.end).unwrap_or(start).max(low);
-            // A forward scan that read the block before reads further ahead.
-            let sequential = index > 0
-                && self
-                    .cache
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&(partition, index - 1))
-                    .is_some();
-            let span = if sequential { READ_AHEAD } else { span };
-            let fetch_end = if block.is_none() {
-                (start + span.clamp(1, READ_AHEAD) * BLOCK)
-                    .min(high)
-                    .max(want_end)
-            } else {
-                want_end
+            let fetch_end = match &block {
+                // The tail of a partial block: just that.
+                Some(_) => want_end,
+                None => {
+                    // A forward scan that read the block before reads further ahead.
+                    let sequential = index > 0
+                        && self
+                            .cache
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&(partition, index - 1))
+                            .is_some();
+                    let span = if sequential { READ_AHEAD } else { span };
+                    (start + span.clamp(1, READ_AHEAD) * BLOCK)
+                        .min(high)
+                        .max(want_end)
+                }
             };
             let this = self.clone();
             let (mut fetched, covered) =
@@ -341,10 +343,14 @@ impl LogReader {
             while covered > next * BLOCK {
                 let end = (next + 1) * BLOCK;
                 let rest = later.split_off(later.partition_point(|r| r.offset < end));
-                cache.put(
-                    (partition, next),
-                    Block::new(std::mem::replace(&mut later, rest), covered.min(end)),
-                );
+                let records = std::mem::replace(&mut later, rest);
+                // Never replace a cached block with one that covers less.
+                if cache
+                    .get(&(partition, next))
+                    .is_none_or(|cached| cached.end < covered.min(end))
+                {
+                    cache.put((partition, next), Block::new(records, covered.min(end)));
+                }
                 next += 1;
             }
             drop(cache);

@@ -1176,3 +1176,107 @@ pub fn kcat_event(
         .expect("write to kcat");
     assert!(child.wait().expect("kcat").success(), "kcat failed");
 }
+
+/// What one submission of [`Submitters`] got back.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The task's name (`<prefix>-<i>`).
+    pub name: String,
+    /// HTTP status.
+    pub status: u16,
+    /// The answer's body.
+    pub body: Value,
+    /// How long the answer took.
+    pub took: Duration,
+    /// When it came.
+    pub at: Instant,
+}
+
+/// `total` single submissions (`{"name": "<prefix>-<i>", "shell": "true"}`) by
+/// `concurrency` loops, each waiting for its answer before the next; the counters show
+/// how far they are while they run.
+pub struct Submitters {
+    /// Answers 202 so far.
+    pub acknowledged: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Other answers so far.
+    pub refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    loops: Vec<tokio::task::JoinHandle<Vec<Outcome>>>,
+}
+
+impl Submitters {
+    /// Starts the loops against the API at `url`.
+    pub fn start(url: &str, prefix: &str, total: usize, concurrency: usize) -> Submitters {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let http = reqwest::Client::new();
+        let next = Arc::new(AtomicUsize::new(0));
+        let acknowledged = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let loops = (0..concurrency)
+            .map(|_| {
+                let (http, url, prefix) = (http.clone(), url.to_string(), prefix.to_string());
+                let (next, acknowledged, refused) =
+                    (next.clone(), acknowledged.clone(), refused.clone());
+                tokio::spawn(async move {
+                    let mut outcomes = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= total {
+                            return outcomes;
+                        }
+                        let name = format!("{prefix}-{i}");
+                        let started = Instant::now();
+                        let r = http
+                            .post(format!("{url}/v1/tasks"))
+                            .json(&serde_json::json!({"name": name, "shell": "true"}))
+                            .send()
+                            .await
+                            .expect("the API answers");
+                        let status = r.status().as_u16();
+                        let body = r.json::<Value>().await.unwrap_or(Value::Null);
+                        let counter = if status == 202 {
+                            &acknowledged
+                        } else {
+                            &refused
+                        };
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        outcomes.push(Outcome {
+                            name,
+                            status,
+                            body,
+                            took: started.elapsed(),
+                            at: Instant::now(),
+                        });
+                    }
+                })
+            })
+            .collect();
+        Submitters {
+            acknowledged,
+            refused,
+            loops,
+        }
+    }
+
+    /// Waits until `n` submissions have been acknowledged.
+    pub async fn wait_acknowledged(&self, n: usize, timeout: Duration) {
+        let acknowledged = &self.acknowledged;
+        eventually(
+            &format!("{n} submissions acknowledged"),
+            timeout,
+            || async move {
+                (acknowledged.load(std::sync::atomic::Ordering::SeqCst) >= n).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Waits for every loop to finish; every outcome.
+    pub async fn finish(self) -> Vec<Outcome> {
+        let mut all = Vec::new();
+        for l in self.loops {
+            all.extend(l.await.expect("submitter"));
+        }
+        all
+    }
+}
