@@ -490,12 +490,14 @@ impl Broker {
 
     /// Low and high watermarks of a partition.
     pub fn watermarks(&self, topic: &str, partition: i32) -> (i64, i64) {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.addr)
-            .create()
-            .expect("consumer");
-        consumer
-            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        self.all_watermarks(topic)[partition as usize]
+    }
+
+    /// Low and high watermarks of every partition, through tasklog's own reader of
+    /// them (which asks again while a new partition has no leader yet).
+    pub fn all_watermarks(&self, topic: &str) -> Vec<(i64, i64)> {
+        block_on_thread(tasklog::kafka::watermarks(&self.addr, topic))
+            .expect("runtime")
             .expect("watermarks")
     }
 
@@ -507,18 +509,12 @@ impl Broker {
             .set("enable.auto.commit", "false")
             .create()
             .expect("consumer");
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .expect("metadata");
-        let partitions = metadata.topics()[0].partitions().len() as i32;
         let mut tpl = TopicPartitionList::new();
         // Per partition, the offset reading must reach: the high watermark. Counting
         // records would not do: compaction leaves gaps in the offsets.
         let mut unread: std::collections::HashMap<i32, i64> = std::collections::HashMap::new();
-        for p in 0..partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .expect("watermarks");
+        for (p, (low, high)) in self.all_watermarks(topic).into_iter().enumerate() {
+            let p = p as i32;
             if high > low {
                 unread.insert(p, high);
             }
