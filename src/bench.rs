@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::api::{self, ApiOptions, AppState};
+use crate::consistency::Targets;
 use crate::events::{Event, Payload, TaskSpec};
 use crate::kafka::dev_broker::{DevBroker, DevBrokerOptions};
 use crate::kafka::{self, Appender, AppenderOptions, Topics};
@@ -106,7 +107,7 @@ impl InProcess {
             appender.clone(),
             ApiOptions::new(brokers, topics.clone(), partitions),
             crate::logs::CursorKey::new(store.cursor_key().await?),
-        );
+        )?;
         let listener = api::bind("127.0.0.1:0".parse()?).await?;
         let base = format!("http://{}", listener.local_addr()?);
         let (stop, _) = tokio::sync::watch::channel(false);
@@ -369,6 +370,7 @@ async fn run_all(args: &SubmitBenchArgs, env: &BenchEnv) -> anyhow::Result<()> {
 
     // Single submissions, one at a time.
     let mut latencies = Vec::with_capacity(args.single);
+    let mut single_ids = Vec::with_capacity(args.single);
     for i in 0..args.single {
         let t = Instant::now();
         let r = http
@@ -382,32 +384,72 @@ async fn run_all(args: &SubmitBenchArgs, env: &BenchEnv) -> anyhow::Result<()> {
             r.status()
         );
         latencies.push(t.elapsed());
+        let body: Value = r.json().await?;
+        if let Some(id) = body["id"].as_str() {
+            single_ids.push(id.to_string());
+        }
     }
+    anyhow::ensure!(
+        !single_ids.is_empty(),
+        "no single submission returned an id"
+    );
     latencies.sort();
 
     // Projection: a projector starting on the full backlog.
     let total = (n + args.single) as i64;
     let started = Instant::now();
     system.start_projections(brokers, topics, false);
-    let mut changes = system.state.projection.clone();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        changes.borrow_and_update();
-        let done: i64 = store
-            .projection_offsets(&topics.events)
-            .await?
-            .values()
-            .sum();
-        if done >= total {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "projection did not finish in 10 minutes"
-        );
-        let _ = tokio::time::timeout(Duration::from_millis(500), changes.changed()).await;
+    // Until the projection has everything the topic holds: the same wait the API's
+    // read-your-writes uses.
+    let mut targets = Targets::new();
+    for (partition, (_, high)) in kafka::watermarks(brokers, &topics.events)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        targets.reach(&topics.events, partition as i32, high);
     }
+    let lag = system
+        .state
+        .projections
+        .wait(
+            &targets,
+            tokio::time::Instant::now() + Duration::from_secs(600),
+        )
+        .await?;
+    anyhow::ensure!(
+        lag.caught_up(),
+        "projection did not finish in 10 minutes ({} records behind)",
+        lag.0
+    );
     let projection = started.elapsed();
+
+    // Single reads of one task: read-your-writes (the default: the partition's end from
+    // Kafka, then the projection) beside `consistency=eventual` (the projection alone,
+    // what every GET did before).
+    let mut reads = Vec::new();
+    for eventual in [false, true] {
+        let mut latencies = Vec::with_capacity(args.single);
+        for i in 0..args.single {
+            let id = &single_ids[i % single_ids.len()];
+            let url = if eventual {
+                format!("{base}/v1/tasks/{id}?consistency=eventual")
+            } else {
+                format!("{base}/v1/tasks/{id}")
+            };
+            let t = Instant::now();
+            let r = http.get(url).send().await?;
+            anyhow::ensure!(
+                r.status().as_u16() == 200,
+                "single GET answered {}",
+                r.status()
+            );
+            r.bytes().await?;
+            latencies.push(t.elapsed());
+        }
+        latencies.sort();
+        reads.push(latencies);
+    }
     system.stop().await;
 
     let rate = |count: usize, d: Duration| count as f64 / d.as_secs_f64().max(1e-9);
@@ -433,6 +475,17 @@ async fn run_all(args: &SubmitBenchArgs, env: &BenchEnv) -> anyhow::Result<()> {
         ms(percentile(&latencies, 99.9)),
         ms(latencies.last().copied().unwrap_or_default())
     );
+    for (label, latencies) in [
+        ("single GET, read-your-writes", &reads[0]),
+        ("single GET, consistency=eventual", &reads[1]),
+    ] {
+        println!(
+            "{:<44} {:>11.2} ms   p99 {:.2} ms (aim: read-your-writes p99 within 2 ms of eventual's)",
+            format!("{label} p50"),
+            ms(percentile(latencies, 50.0)),
+            ms(percentile(latencies, 99.0)),
+        );
+    }
     println!(
         "{:<44} {:>10.0} /s   raw binary COPY, same task and event rows: {:.0} /s (ratio {:.2}; aim >= 0.6)",
         "projection (backlog of all tasks)",

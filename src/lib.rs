@@ -6,6 +6,7 @@
 //! - [`events`]: the CloudEvents envelope, event types, JSON Schemas and the pure state machine.
 //! - [`kafka`]: producers, topics, partitioning and the in-memory mock broker.
 //! - [`store`]: Postgres: migrations, the projection's tables and the read side.
+//! - [`consistency`]: read-your-writes: waiting until the projections have what the log has.
 //! - [`projector`]: consumes the events topic and applies it to Postgres exactly once.
 //! - [`api`]: the HTTP API.
 //! - [`metrics`]: Prometheus metrics.
@@ -14,6 +15,7 @@
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod consistency;
 pub mod events;
 pub mod kafka;
 pub mod logs;

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub events_rejected: IntCounterVec,
     /// `tasklog_dead_letters_total{reason}`: records copied to the DLQ topic.
     pub dead_letters: IntCounterVec,
+    /// `tasklog_projector_batches_isolated_total{topic}`: batches Postgres refused in
+    /// part, split to find the records it refuses.
+    pub batches_isolated: IntCounterVec,
     /// `tasklog_projector_batch_duration_seconds`: one batch, decode to commit.
     pub batch_duration: Histogram,
     /// `tasklog_projector_batch_size`: records per batch.
@@ -168,6 +171,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "tasklog_dead_letters_total",
             "Records copied to the dead-letter topic, by reason.",
             &["reason"],
+        )?,
+        batches_isolated: counter(
+            "tasklog_projector_batches_isolated_total",
+            "Batches Postgres refused in part, split to find the records it refuses.",
+            &["topic"],
         )?,
         batch_duration: plain_histogram(
             "tasklog_projector_batch_duration_seconds",

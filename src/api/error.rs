@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::consistency::ConsistencyError;
 use crate::kafka::AppendError;
 use crate::store::StoreError;
 
@@ -93,6 +94,23 @@ impl From<AppendError> for ApiError {
                 "append_refused",
                 e.to_string(),
             ),
+        }
+    }
+}
+
+impl From<ConsistencyError> for ApiError {
+    fn from(e: ConsistencyError) -> ApiError {
+        match e {
+            ConsistencyError::Store(e) => e.into(),
+            ConsistencyError::Append(e) => e.into(),
+            ConsistencyError::Kafka(e) => {
+                tracing::warn!(error = %e, "cannot read a partition's end");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "broker_unavailable",
+                    format!("cannot check the log for read-your-writes: {e}"),
+                )
+            }
         }
     }
 }

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::tasks::{parse_id, parse_number, query_pairs, single, wait_param};
+use super::tasks::{eventual, parse_id, parse_number, query_pairs, single, wait_param};
 use super::{ApiError, AppState};
 use crate::kafka::partition_for_key;
 use crate::logs::reader::{LineFilter, LogRecord, ReadError, ScanRange};
@@ -66,7 +66,7 @@ async fn locate(
         .store
         .task(task_id)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("task {task_id} does not exist")))?;
+        .ok_or_else(|| ApiError::not_found(format!("task {task_id} is not on the log")))?;
     // The indexer's progress before its rows: rows read afterwards can only be newer,
     // so nothing falls between "indexed" and "not yet indexed".
     // The watermarks (after the task's state) and the index go out together.
@@ -181,6 +181,8 @@ struct Query {
     from_line: Option<i64>,
     follow: bool,
     wait: Duration,
+    /// `consistency=eventual`: skip the read-your-writes wait.
+    eventual: bool,
 }
 
 fn parse_query(
@@ -200,6 +202,7 @@ fn parse_query(
         "from_line",
         "follow",
         "wait_ms",
+        "consistency",
     ];
     if let Some((k, _)) = pairs.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
         return Err(ApiError::bad_request(
@@ -308,6 +311,7 @@ fn parse_query(
         from_line,
         follow,
         wait,
+        eventual: eventual(&pairs)?,
     })
 }
 
@@ -489,6 +493,9 @@ pub async fn get_logs(
 ) -> Result<Response, ApiError> {
     let task_id = parse_id(&id)?;
     let q = parse_query(&state, task_id, &raw, &headers)?;
+    if !q.eventual {
+        state.read_task_waiting(task_id, q.wait).await?;
+    }
     let wants_sse = headers
         .get("accept")
         .and_then(|v| v.to_str().ok())
@@ -638,11 +645,12 @@ pub async fn post_logs(
             "stream must be stdout or stderr",
         ));
     }
+    state.read_task(task_id).await?;
     let task = state
         .store
         .task(task_id)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("task {task_id} does not exist")))?;
+        .ok_or_else(|| ApiError::not_found(format!("task {task_id} is not on the log")))?;
     let attempt = attempt
         .map(|a| a as i32)
         .unwrap_or((task.task.attempt as i32).max(1));

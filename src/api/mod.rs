@@ -1,7 +1,10 @@
 //! The HTTP API (axum): submit, read, list and cancel tasks; health, readiness, metrics.
 //!
 //! Writes go to Kafka and are acknowledged only once the broker has the record; reads
-//! come from the Postgres projection, with an optional wait for read-your-writes.
+//! come from the Postgres projection. A read about one task, service or worker first
+//! waits until the projection has reached the end of that entity's partition as it was
+//! when the request arrived ([`AppState::read_your_writes`]), so every client reads its
+//! own writes through every server, and a 404 means "not on the log".
 
 mod error;
 mod logs;
@@ -27,7 +30,8 @@ use tokio::sync::watch;
 pub use error::ApiError;
 pub use tasks::task_id_for_key;
 
-use crate::kafka::{Appender, Topics};
+use crate::consistency::Projections;
+use crate::kafka::{Appender, KafkaIoError, PartitionEnds, Topics};
 use crate::logs::reader::LogReader;
 use crate::logs::{CursorKey, LogWriter, LogWriterOptions};
 use crate::metrics::{metrics, render};
@@ -47,6 +51,14 @@ pub struct ApiOptions {
     pub partitions: i32,
     /// Partitions of the logs topic.
     pub log_partitions: i32,
+    /// Partitions of the services topic (to locate a service's partition by its name).
+    pub service_partitions: i32,
+    /// Partitions of the workers topic (to locate a worker's partition by its id).
+    pub worker_partitions: i32,
+    /// How long a read about one task, service or worker waits for the projection to
+    /// reach the end its partition had when the request arrived (then
+    /// `503 projection_lagging`).
+    pub read_wait: Duration,
     /// `ce_source` of the events the API appends.
     pub source: String,
     /// How long a cancel waits for the projection to confirm it.
@@ -66,6 +78,9 @@ impl ApiOptions {
             topics,
             partitions,
             log_partitions: partitions,
+            service_partitions: partitions,
+            worker_partitions: partitions,
+            read_wait: Duration::from_secs(5),
             source: format!("tasklog://api/{host}"),
             cancel_wait: Duration::from_secs(5),
             max_wait: Duration::from_secs(60),
@@ -83,6 +98,10 @@ pub struct AppState {
     pub options: ApiOptions,
     /// Changes after every projector commit.
     pub projection: watch::Receiver<u64>,
+    /// The projections' progress, for read-your-writes waits.
+    pub projections: Projections,
+    /// Where partitions end, for read-your-writes waits.
+    pub ends: PartitionEnds,
     /// Signs and checks log cursors.
     pub cursor_key: CursorKey,
     /// Reads log lines from Kafka.
@@ -101,12 +120,14 @@ impl AppState {
         appender: Appender,
         options: ApiOptions,
         cursor_key: CursorKey,
-    ) -> Arc<AppState> {
+    ) -> Result<Arc<AppState>, KafkaIoError> {
         let projection = store.follow(&[
             crate::store::PROJECTION_CHANNEL,
             crate::store::WORKERS_CHANNEL,
             crate::store::SERVICES_CHANNEL,
         ]);
+        let projections = Projections::new(store.clone(), projection.clone());
+        let ends = PartitionEnds::new(&options.brokers)?;
         let log_reader = Arc::new(LogReader::new(
             &options.brokers,
             &options.topics.logs,
@@ -116,16 +137,73 @@ impl AppState {
             appender.clone(),
             LogWriterOptions::new(&options.topics.logs),
         );
-        Arc::new(AppState {
+        Ok(Arc::new(AppState {
             store,
             appender,
             options,
             projection,
+            projections,
+            ends,
             cursor_key,
             log_reader,
             log_writer,
             recent_keys: Mutex::new(RecentKeys::default()),
-        })
+        }))
+    }
+
+    /// Read-your-writes for one entity: waits until the projection of `topic` has
+    /// reached the end that the partition of `key` (as Kafka's partitioner places it
+    /// among `partitions`) had when called, so that what the handler reads next holds
+    /// everything on the log about it — and "not found" means "not on the log".
+    /// Past [`ApiOptions::read_wait`] (or `at_least`, when longer: a reader that asked
+    /// to wait): `503 projection_lagging` with the lag.
+    pub async fn read_your_writes(
+        &self,
+        topic: &str,
+        key: &[u8],
+        partitions: i32,
+        at_least: Duration,
+    ) -> Result<(), ApiError> {
+        let partition = crate::kafka::partition_for_key(key, partitions);
+        let wait = self.options.read_wait.max(at_least);
+        let deadline = tokio::time::Instant::now() + wait;
+        let lag =
+            crate::consistency::catch_up(&self.ends, &self.projections, topic, partition, deadline)
+                .await?;
+        if lag.caught_up() {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "projection_lagging",
+            format!(
+                "the projection of {topic} is {} record(s) behind partition {partition} after {} ms; try again",
+                lag.0,
+                wait.as_millis()
+            ),
+        )
+        .with_detail("lag", serde_json::json!(lag.0))
+        .with_detail("partition", serde_json::json!(partition)))
+    }
+
+    /// [`AppState::read_your_writes`] for task `id` on the events topic.
+    pub async fn read_task(&self, id: uuid::Uuid) -> Result<(), ApiError> {
+        self.read_task_waiting(id, Duration::ZERO).await
+    }
+
+    /// [`AppState::read_task`], waiting at least `at_least` (a reader's `wait_ms`).
+    pub async fn read_task_waiting(
+        &self,
+        id: uuid::Uuid,
+        at_least: Duration,
+    ) -> Result<(), ApiError> {
+        self.read_your_writes(
+            &self.options.topics.events,
+            id.to_string().as_bytes(),
+            self.options.partitions,
+            at_least,
+        )
+        .await
     }
 }
 
@@ -296,8 +374,16 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(JsonBody(serde_json::Value::Null));
         }
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-        })
+        })?;
+        if let Some(field) = crate::events::text::nul_path(&value) {
+            return Err(ApiError::bad_request(
+                "invalid_text",
+                format!("{field}: contains a NUL character (U+0000), which tasklog cannot store"),
+            )
+            .with_detail("field", serde_json::Value::String(field)));
+        }
+        Ok(JsonBody(value))
     }
 }

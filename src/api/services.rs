@@ -198,6 +198,7 @@ pub async fn create(
         probe: body.probe,
     };
     check_template(&spec)?;
+    read_service(&state, &body.name).await?;
     if let Some(existing) = state.store.service(&body.name).await?
         && !existing.lifecycle.is_terminal()
     {
@@ -234,13 +235,33 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Api
     Ok(Json(json!({ "services": out })))
 }
 
+/// The service `name` as the log has it: read-your-writes first (see
+/// [`AppState::read_your_writes`]), then the projection.
+async fn load_current(state: &AppState, name: &str) -> Result<ServiceState, ApiError> {
+    let name = checked_name(name)?;
+    read_service(state, name).await?;
+    load(state, name).await
+}
+
+/// Read-your-writes for service `name`.
+async fn read_service(state: &AppState, name: &str) -> Result<(), ApiError> {
+    state
+        .read_your_writes(
+            &state.options.topics.services,
+            name.as_bytes(),
+            state.options.service_partitions,
+            std::time::Duration::ZERO,
+        )
+        .await
+}
+
 async fn load(state: &AppState, name: &str) -> Result<ServiceState, ApiError> {
     let name = checked_name(name)?;
     state
         .store
         .service(name)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("service {name:?} does not exist")))
+        .ok_or_else(|| ApiError::not_found(format!("service {name:?} is not on the log")))
 }
 
 /// `GET /v1/services/{name}`
@@ -248,7 +269,7 @@ pub async fn get_service(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let service = load(&state, &name).await?;
+    let service = load_current(&state, &name).await?;
     Ok(Json(service_view(&state, &service).await?))
 }
 
@@ -267,7 +288,7 @@ pub async fn scale(
     let body: ScaleBody = serde_json::from_value(body)
         .map_err(|e| bad("invalid_body", format!("expected {{replicas}}: {e}")))?;
     let replicas = checked_replicas(body.replicas)?;
-    let service = load(&state, &name).await?;
+    let service = load_current(&state, &name).await?;
     if service.lifecycle != ServiceLifecycle::Active {
         return Err(ApiError::conflict(
             "service_not_active",
@@ -288,7 +309,7 @@ pub async fn stop(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let service = load(&state, &name).await?;
+    let service = load_current(&state, &name).await?;
     if service.lifecycle != ServiceLifecycle::Active {
         return Err(ApiError::conflict(
             "service_not_active",

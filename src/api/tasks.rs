@@ -17,9 +17,9 @@ use uuid::Uuid;
 
 use super::transition::{Decision, Outcome, transition};
 use super::{ApiError, AppState, JsonBody};
+use crate::consistency::Targets;
 use crate::events::{EncodedEvent, Event, EventType, Payload, ReasonData, TaskSpec, TaskStatus};
 use crate::kafka::{Appended, partition_for_key};
-use crate::metrics::metrics;
 use crate::store::{TaskFilter, TaskRecord};
 
 /// Most tasks in one batch submission.
@@ -182,22 +182,6 @@ fn remember(state: &AppState, p: &Prepared, response: &Value) {
     }
 }
 
-pub(super) fn count_append(event_type: &str, result: &Result<Appended, crate::kafka::AppendError>) {
-    match result {
-        Ok(_) => metrics()
-            .events_appended
-            .with_label_values(&[event_type])
-            .inc(),
-        Err(e) => {
-            let reason = match e {
-                crate::kafka::AppendError::Unavailable(..) => "unavailable",
-                crate::kafka::AppendError::Refused(_) => "refused",
-            };
-            metrics().append_failures.with_label_values(&[reason]).inc();
-        }
-    }
-}
-
 /// `POST /v1/tasks`
 pub async fn submit(
     State(state): State<Arc<AppState>>,
@@ -243,7 +227,7 @@ pub async fn submit(
         .appender
         .append(&state.options.topics.events, &prepared.encoded)
         .await;
-    count_append(EventType::Submitted.as_str(), &result);
+    crate::consistency::count_append(EventType::Submitted.as_str(), &result);
     let at = result?;
     let body = accepted(prepared.id, prepared.initial_state, 1, at);
     remember(&state, &prepared, &body);
@@ -373,7 +357,7 @@ pub async fn submit_batch(
         .collect();
     for ((i, p), pending) in to_send.iter().zip(pending) {
         let result = pending.await;
-        count_append(EventType::Submitted.as_str(), &result);
+        crate::consistency::count_append(EventType::Submitted.as_str(), &result);
         results[*i] = Some(match result {
             Ok(at) => {
                 let v = accepted(p.id, p.initial_state, 1, at);
@@ -539,24 +523,18 @@ where
     }
 }
 
-/// `Some(())` once the projector has applied (or rejected) the record at `offset`.
-pub(super) async fn projected_past(
-    state: &AppState,
-    partition: i32,
-    offset: i64,
-) -> Result<Option<()>, ApiError> {
-    projected_past_topic(state, &state.options.topics.events, partition, offset).await
-}
-
-/// `Some(())` once the projection of `topic` has applied (or rejected) that record.
-pub(super) async fn projected_past_topic(
-    state: &AppState,
-    topic: &str,
-    partition: i32,
-    offset: i64,
-) -> Result<Option<()>, ApiError> {
-    let offsets = state.store.projection_offsets(topic).await?;
-    Ok((offsets.get(&partition).copied().unwrap_or(0) > offset).then_some(()))
+/// Whether the query asks for `consistency=eventual`: read the projection as it is,
+/// without first waiting for it to reach the log's end (cheaper, for dashboards that
+/// poll). The default, `strong`, is read-your-writes.
+pub(super) fn eventual(pairs: &[(String, String)]) -> Result<bool, ApiError> {
+    match single(pairs, "consistency")? {
+        None | Some("strong") => Ok(false),
+        Some("eventual") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("consistency must be strong or eventual, not {other:?}"),
+        )),
+    }
 }
 
 /// `GET /v1/tasks/{id}?min_offset=[P:]O&wait_ms=N`
@@ -571,11 +549,16 @@ pub async fn get_task(
     let min_offset = single(&pairs, "min_offset")?
         .map(|v| parse_min_offset(v, id, state.options.partitions))
         .transpose()?;
+    if !eventual(&pairs)? {
+        state.read_task_waiting(id, wait).await?;
+    }
+    let mut past = Targets::new();
+    if let Some((partition, offset)) = min_offset {
+        past.reach(&state.options.topics.events, partition, offset + 1);
+    }
     let deadline = Instant::now() + wait;
     let found = wait_for(&state, deadline, || async {
-        if let Some((partition, offset)) = min_offset
-            && projected_past(&state, partition, offset).await?.is_none()
-        {
+        if !state.projections.lag(&past).await?.caught_up() {
             return Ok(None);
         }
         let task = state.store.task(id).await?;
@@ -584,11 +567,9 @@ pub async fn get_task(
     })
     .await?
     .flatten();
-    found.map(Json).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "task {id} does not exist (or is not projected yet)"
-        ))
-    })
+    found
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("task {id} is not on the log")))
 }
 
 fn parse_min_offset(value: &str, id: Uuid, partitions: i32) -> Result<(i32, i64), ApiError> {
@@ -700,15 +681,20 @@ pub async fn list(
     Ok(Json(json!({"tasks": tasks, "next_cursor": next_cursor})))
 }
 
-/// `GET /v1/tasks/{id}/events`
+/// `GET /v1/tasks/{id}/events?consistency=`
 pub async fn events(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
+    let pairs = query_pairs(&query);
+    if !eventual(&pairs)? {
+        state.read_task(id).await?;
+    }
     let events = state.store.task_events(id).await?;
     if events.is_empty() {
-        return Err(ApiError::not_found(format!("task {id} does not exist")));
+        return Err(ApiError::not_found(format!("task {id} is not on the log")));
     }
     Ok(Json(json!({"task_id": id, "events": events})))
 }

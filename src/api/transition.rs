@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::error::ApiError;
-use super::tasks::{count_append, projected_past_topic, wait_for};
+use crate::consistency::append_and_wait;
 use crate::events::{EncodedEvent, Event, Payload, TaskState};
 use crate::kafka::Appended;
 use crate::store::{EventOutcome, TaskRecord};
@@ -49,10 +49,13 @@ pub async fn transition(
     id: Uuid,
     mut decide: impl FnMut(&TaskState) -> Result<Decision, ApiError>,
 ) -> Result<Outcome, ApiError> {
+    // Decide on everything the log holds about the task, not on a projection a few
+    // records behind (and refuse an unknown task only when it is not on the log).
+    state.read_task(id).await?;
     let mut last_rejection = String::new();
     for _ in 0..ATTEMPTS {
         let Some(record) = state.store.task(id).await? else {
-            return Err(ApiError::not_found(format!("task {id} does not exist")));
+            return Err(ApiError::not_found(format!("task {id} is not on the log")));
         };
         let payloads = match decide(&record.task)? {
             Decision::AlreadyDone => return Ok(Outcome::Applied(Box::new(record))),
@@ -127,23 +130,13 @@ pub(super) async fn append_and_confirm(
     topic: &str,
     events: &[EncodedEvent],
 ) -> Result<Confirmation, ApiError> {
-    let results = state.appender.append_all(topic, events).await;
-    for (e, r) in events.iter().zip(&results) {
-        count_append(e.event_type, r);
-    }
-    let mut last = None;
-    for r in results {
-        last = Some(r?);
-    }
-    let Some(last) = last else {
+    let deadline = Instant::now() + state.options.cancel_wait;
+    let Some((last, lag)) =
+        append_and_wait(&state.appender, &state.projections, topic, events, deadline).await?
+    else {
         return Ok(Confirmation::Projected(None));
     };
-    let deadline = Instant::now() + state.options.cancel_wait;
-    let caught_up = wait_for(state, deadline, || {
-        projected_past_topic(state, topic, last.partition, last.offset)
-    })
-    .await?;
-    if caught_up.is_none() {
+    if !lag.caught_up() {
         return Ok(Confirmation::Pending(last));
     }
     let first = events.first().map(|e| e.ce_id.as_str()).unwrap_or_default();

@@ -76,8 +76,18 @@ pub async fn get_worker(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = checked_worker_id(&id)?;
+    state
+        .read_your_writes(
+            &state.options.topics.workers,
+            id.as_bytes(),
+            state.options.worker_partitions,
+            std::time::Duration::ZERO,
+        )
+        .await?;
     let Some(worker) = state.store.worker(id).await? else {
-        return Err(ApiError::not_found(format!("worker {id:?} does not exist")));
+        return Err(ApiError::not_found(format!(
+            "worker {id:?} is not on the log"
+        )));
     };
     let tasks = state.store.tasks_on_worker(id).await?;
     Ok(Json(worker_view(&worker, &tasks)))

@@ -99,6 +99,10 @@ pub struct HttpArgs {
     /// How long an append may wait for the broker before the API answers 503.
     #[arg(long, env = "TASKLOG_APPEND_TIMEOUT_MS", default_value_t = 10_000)]
     pub append_timeout_ms: u64,
+    /// How long a read about one task, service or worker waits for the projection to
+    /// catch up with the log before the API answers 503 `projection_lagging`.
+    #[arg(long, env = "TASKLOG_READ_WAIT_MS", default_value_t = 5_000)]
+    pub read_wait_ms: u64,
 }
 
 #[derive(Debug, Args)]

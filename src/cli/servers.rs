@@ -89,7 +89,10 @@ pub(crate) async fn build_api(
     let cursor_key = crate::logs::CursorKey::new(store.cursor_key().await?);
     let mut options = ApiOptions::new(brokers, topics, partitions);
     options.log_partitions = log_partitions;
-    Ok(AppState::new(store, appender, options, cursor_key))
+    options.read_wait = Duration::from_millis(http.read_wait_ms);
+    options.service_partitions = partitions_of(&options.topics.services).unwrap_or(partitions);
+    options.worker_partitions = partitions_of(&options.topics.workers).unwrap_or(partitions);
+    Ok(AppState::new(store, appender, options, cursor_key)?)
 }
 
 pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {

@@ -14,6 +14,7 @@ pub mod schema;
 pub mod service;
 pub mod spec;
 pub mod state;
+pub mod text;
 pub mod worker;
 
 use chrono::{DateTime, SecondsFormat, Utc};

@@ -595,6 +595,38 @@ pub async fn watermarks(brokers: &str, topic: &str) -> Result<Vec<(i64, i64)>, K
     .await
 }
 
+/// Reads where partitions end (their high watermarks: the offset the next record will
+/// get) over one long-lived connection, for read-your-writes checks.
+#[derive(Clone)]
+pub struct PartitionEnds {
+    consumer: std::sync::Arc<BaseConsumer>,
+    brokers: String,
+}
+
+impl PartitionEnds {
+    /// A reader of partition ends on `brokers` (connects lazily).
+    pub fn new(brokers: &str) -> Result<PartitionEnds, KafkaIoError> {
+        Ok(PartitionEnds {
+            consumer: std::sync::Arc::new(client(brokers)?),
+            brokers: brokers.to_string(),
+        })
+    }
+
+    /// The high watermark of one partition, asked of its leader now.
+    pub async fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64, KafkaIoError> {
+        let consumer = self.consumer.clone();
+        let brokers = self.brokers.clone();
+        let topic = topic.to_string();
+        blocking(move || {
+            consumer
+                .fetch_watermarks(&topic, partition, Duration::from_secs(5))
+                .map(|(_, high)| high)
+                .map_err(|source| KafkaIoError::Unreachable { brokers, source })
+        })
+        .await
+    }
+}
+
 /// Kafka's murmur2 hash, as in the Java client's `Utils.murmur2`.
 pub fn murmur2(data: &[u8]) -> i32 {
     const SEED: u32 = 0x9747_b28c;

@@ -615,6 +615,7 @@ pub async fn run_projection<P: Projection>(
         topic,
         dlq_topic: options.topics.dlq.clone(),
         projection,
+        rewound_gaps: Mutex::new(HashMap::new()),
     };
     tracing::info!(group = %options.group_id, topic = %runner.topic, "projection running");
 
@@ -736,23 +737,29 @@ async fn read_batches<P: Projection>(
 
 /// Seeks every assigned partition to the next offset committed in Postgres.
 fn rewind_to_committed(consumer: &StreamConsumer<ProjectorContext>, shared: &Shared) {
-    let targets: Vec<(i32, i64)> = shared
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in shared
         .next_offsets
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
-        .map(|(p, o)| (*p, *o))
-        .collect();
-    for (partition, offset) in targets {
-        if let Err(e) = consumer.seek(
-            &shared.topic,
-            partition,
-            Offset::Offset(offset),
-            Duration::from_secs(5),
-        ) {
-            // Not assigned any more (rebalanced): the new owner starts from Postgres.
-            tracing::warn!(partition, offset, error = %e, "rewind failed");
+    {
+        let _ = tpl.add_partition_offset(&shared.topic, *partition, Offset::Offset(*offset));
+    }
+    if tpl.count() == 0 {
+        return;
+    }
+    match consumer.seek_partitions(tpl, Duration::from_secs(5)) {
+        Ok(result) => {
+            for e in result.elements() {
+                if let Err(error) = e.error() {
+                    // Not assigned any more (rebalanced): the new owner starts from
+                    // Postgres. Any other failure is caught by the runner's gap check.
+                    tracing::warn!(partition = e.partition(), %error, "rewind failed");
+                }
+            }
         }
+        Err(error) => tracing::warn!(%error, "rewind failed"),
     }
 }
 
@@ -811,6 +818,9 @@ struct Runner<P> {
     topic: String,
     dlq_topic: String,
     projection: P,
+    /// Per partition, the stored offset the consumer was last rewound to because it
+    /// delivered records beyond it (see [`Runner::gaps`]).
+    rewound_gaps: Mutex<HashMap<i32, i64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -821,10 +831,131 @@ enum BatchError {
     Dlq(#[from] AppendError),
 }
 
+/// Reason code of a record Postgres refused to store (found by isolating it).
+pub const STORAGE_REJECTED: &str = "storage_rejected";
+
+/// A record the runner itself refuses before the projection sees it.
+struct Forced {
+    refusal: Refusal,
+    /// Keep only the record's coordinates in `rejected_events` (its headers could not
+    /// be stored either).
+    bare: bool,
+}
+
+type Applying<'a> =
+    std::pin::Pin<Box<dyn Future<Output = Result<Progress, BatchError>> + Send + 'a>>;
+
 impl<P: Projection> Runner<P> {
     async fn apply(&self, batch: DecodedBatch<P::Decoded>) -> Result<Progress, BatchError> {
+        let records: Vec<&Record<P::Decoded>> = batch.records.iter().collect();
+        tracing::trace!(
+            decode_ms = batch.decode_time.as_secs_f64() * 1e3,
+            "batch decoded"
+        );
+        self.apply_isolating(&records).await
+    }
+
+    /// Writes `records`; when Postgres refuses the data of the batch (the same write
+    /// would fail every time), finds the records it refuses by halving the batch — each
+    /// half its own exactly-once transaction, in order, so per-partition order holds —
+    /// and dead-letters each such record alone with reason [`STORAGE_REJECTED`].
+    /// Transient failures are returned, for the loop to retry with backoff.
+    fn apply_isolating<'a>(&'a self, records: &'a [&'a Record<P::Decoded>]) -> Applying<'a> {
+        Box::pin(async move {
+            let e = match self.write(records, None).await {
+                Err(BatchError::Store(e)) if e.is_data_rejection() => e,
+                other => return other,
+            };
+            if let [record] = records {
+                tracing::warn!(
+                    topic = %self.topic,
+                    partition = record.message.partition(),
+                    offset = record.message.offset(),
+                    error = %e,
+                    "Postgres refuses this record; dead-lettering it"
+                );
+                let refusal = Refusal {
+                    index: 0,
+                    reason: STORAGE_REJECTED,
+                    message: e.to_string(),
+                };
+                let forced = Forced {
+                    refusal: refusal.clone(),
+                    bare: false,
+                };
+                return match self.write(records, Some(forced)).await {
+                    Err(BatchError::Store(again)) if again.is_data_rejection() => {
+                        let forced = Forced {
+                            refusal,
+                            bare: true,
+                        };
+                        self.write(records, Some(forced)).await
+                    }
+                    other => other,
+                };
+            }
+            tracing::warn!(
+                topic = %self.topic,
+                records = records.len(),
+                error = %e,
+                "Postgres refuses part of a batch; isolating the records it refuses"
+            );
+            metrics()
+                .batches_isolated
+                .with_label_values(&[&self.topic])
+                .inc();
+            failpoint::hit("isolating");
+            let (first, second) = records.split_at(records.len() / 2);
+            let first = self.apply_isolating(first).await?;
+            let second = self.apply_isolating(second).await?;
+            Ok(match (first, second) {
+                (Progress::Continue, Progress::Continue) => Progress::Continue,
+                _ => Progress::Rewind,
+            })
+        })
+    }
+
+    /// Partitions whose first record in `records` not applied yet lies beyond the stored
+    /// offset, with that offset, when the consumer has not yet been rewound to it for
+    /// them. Remembers them, so that the same gap delivered again after the rewind is
+    /// accepted.
+    fn gaps(
+        &self,
+        records: &[&Record<P::Decoded>],
+        stored: &HashMap<i32, i64>,
+    ) -> HashMap<i32, i64> {
+        // Per partition, the first record not applied yet.
+        let mut first: HashMap<i32, (i64, i64)> = HashMap::new();
+        for r in records {
+            let (p, o) = (r.message.partition(), r.message.offset());
+            // Nothing stored yet: the partition starts wherever the log starts.
+            let Some(&next) = stored.get(&p) else {
+                continue;
+            };
+            if o >= next {
+                first.entry(p).or_insert((o, next));
+            }
+        }
+        let mut rewound = self.rewound_gaps.lock().unwrap_or_else(|e| e.into_inner());
+        let mut gaps = HashMap::new();
+        for (p, (first, next)) in first {
+            if first > next && rewound.get(&p) != Some(&next) {
+                rewound.insert(p, next);
+                gaps.insert(p, next);
+            }
+        }
+        gaps
+    }
+
+    /// Writes `records` in one transaction: the projection's rows (unless `forced`
+    /// refuses the one record), the refusals, the next offsets; dead letters are
+    /// acknowledged before the commit.
+    async fn write(
+        &self,
+        records: &[&Record<P::Decoded>],
+        forced: Option<Forced>,
+    ) -> Result<Progress, BatchError> {
         let started = Instant::now();
-        let records = batch.records;
         let mut partitions: Vec<i32> = records
             .iter()
             .map(|r| r.message.partition())
@@ -841,15 +972,25 @@ impl<P: Projection> Runner<P> {
         let stored = projection::lock_offsets(&tx, &self.topic, &partitions).await?;
 
         // Records below the stored offset were applied by an earlier (or concurrent) run.
+        // Records beyond it, with the ones in between not delivered, are not applied
+        // before the consumer has been rewound once to the stored offset: the consumer
+        // follows the offsets this process committed, and Postgres may have lost the
+        // last of those commits (they are asynchronous: a Postgres crash takes back the
+        // last few batches, rows and offsets together). Delivered that way again after a
+        // rewind, the offsets in between do not exist (compaction, transaction markers).
+        let gaps = self.gaps(records, &stored);
         let mut behind: HashMap<i32, i64> = HashMap::new();
         let mut next_offsets: HashMap<i32, i64> = HashMap::new();
         let fresh: Vec<&Record<P::Decoded>> = records
             .iter()
+            .copied()
             .filter(|r| {
                 let (p, o) = (r.message.partition(), r.message.offset());
                 let next = stored.get(&p).copied().unwrap_or(0);
                 if o < next {
                     behind.insert(p, next);
+                    false
+                } else if gaps.contains_key(&p) {
                     false
                 } else {
                     next_offsets.insert(p, o + 1);
@@ -857,9 +998,13 @@ impl<P: Projection> Runner<P> {
                 }
             })
             .collect();
-
+        let mut bare = false;
         let refusals = if fresh.is_empty() {
             Vec::new()
+        } else if let Some(forced) = forced {
+            bare = forced.bare;
+            // `records` is the one record; it is fresh, so it is `fresh[0]`.
+            vec![forced.refusal]
         } else {
             self.projection.apply(&tx, &fresh).await?
         };
@@ -868,9 +1013,12 @@ impl<P: Projection> Runner<P> {
         let rejected: Vec<(RejectedRecord, &OwnedMessage)> = refusals
             .iter()
             .filter_map(|r| {
-                fresh
-                    .get(r.index)
-                    .map(|rec| (rejected_record(&self.topic, &rec.message, r), &rec.message))
+                fresh.get(r.index).map(|rec| {
+                    (
+                        rejected_record(&self.topic, &rec.message, r, bare),
+                        &rec.message,
+                    )
+                })
             })
             .collect();
         if !next_offsets.is_empty() {
@@ -936,7 +1084,6 @@ impl<P: Projection> Runner<P> {
             records = records.len(),
             fresh = fresh.len(),
             rejected = rejected.len(),
-            decode_ms = batch.decode_time.as_secs_f64() * 1e3,
             apply_ms = folded_at.as_secs_f64() * 1e3,
             dlq_ms = (written_at - folded_at).as_secs_f64() * 1e3,
             commit_ms = (started.elapsed() - written_at).as_secs_f64() * 1e3,
@@ -956,6 +1103,20 @@ impl<P: Projection> Runner<P> {
             .into_iter()
             .filter(|(p, _)| !next_offsets.contains_key(p))
             .collect();
+        if !gaps.is_empty() {
+            tracing::warn!(topic = %self.topic, stored = ?gaps, "records delivered past the offsets stored in Postgres (it lost its last commits?); rewinding to them");
+            let mut next = self
+                .shared
+                .next_offsets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for (p, o) in &gaps {
+                if let Some(current) = next.get_mut(p) {
+                    *current = *o;
+                }
+            }
+            return Ok(Progress::Rewind);
+        }
         if skip.is_empty() {
             return Ok(Progress::Continue);
         }
@@ -983,7 +1144,20 @@ fn header_str<'a>(message: &'a OwnedMessage, name: &str) -> Option<&'a str> {
     })
 }
 
-fn rejected_record(topic: &str, message: &OwnedMessage, refusal: &Refusal) -> RejectedRecord {
+/// What `rejected_events` keeps of a refused record: its coordinates, ids, headers,
+/// key and value — or, `bare`, only its coordinates, key and value (bytes, which Postgres
+/// always accepts).
+fn rejected_record(
+    topic: &str,
+    message: &OwnedMessage,
+    refusal: &Refusal,
+    bare: bool,
+) -> RejectedRecord {
+    let header = |name| {
+        (!bare)
+            .then(|| header_str(message, name).map(str::to_string))
+            .flatten()
+    };
     let headers: Vec<Value> = message
         .headers()
         .map(|h| {
@@ -1003,13 +1177,13 @@ fn rejected_record(topic: &str, message: &OwnedMessage, refusal: &Refusal) -> Re
         topic: topic.to_string(),
         partition: message.partition(),
         offset: message.offset(),
-        ce_id: header_str(message, events::header::ID).map(str::to_string),
-        ce_type: header_str(message, events::header::TYPE).map(str::to_string),
-        subject: header_str(message, events::header::SUBJECT).map(str::to_string),
+        ce_id: header(events::header::ID),
+        ce_type: header(events::header::TYPE),
+        subject: header(events::header::SUBJECT),
         reason: refusal.reason,
         message: refusal.message.clone(),
         key: message.key().map(<[u8]>::to_vec),
-        headers: Value::Array(headers),
+        headers: Value::Array(if bare { Vec::new() } else { headers }),
         payload: message.payload().map(<[u8]>::to_vec),
     }
 }

@@ -25,6 +25,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
+use crate::consistency::{Projections, Targets, count_append};
 use crate::events::worker::{LastKnown, WorkerEvent, WorkerPayload, WorkerState, WorkerStatus};
 use crate::events::{CancelledData, Event, Payload, ReasonData, TaskSpec, TaskState, TaskStatus};
 use crate::kafka::{Appended, Appender, Topics};
@@ -599,6 +600,7 @@ async fn lead(
     // missed (the model ignores states older than the one it holds).
     let from = store.projection_offsets(&options.topics.events).await?;
     let mut model = Model::new(plan_options, from);
+    let projections = Projections::new(store.clone(), changes.clone());
     for record in store.unfinished_tasks().await? {
         model.update(record);
     }
@@ -653,7 +655,14 @@ async fn lead(
         let appended = append(options, appender, &model, actions).await;
         if !appended.is_empty() {
             // See our own decisions before deciding again.
-            wait_applied(store, &appended, options.apply_wait, changes).await?;
+            let mut targets = Targets::new();
+            for (topic, a) in &appended {
+                targets.past(topic, *a);
+            }
+            let deadline = tokio::time::Instant::now() + options.apply_wait;
+            if !projections.wait(&targets, deadline).await?.caught_up() {
+                tracing::warn!("scheduler: the projection has not applied its events yet");
+            }
             continue;
         }
         let wait = pass
@@ -761,9 +770,9 @@ async fn append(
         (&options.topics.events, &task_events),
     ] {
         for (e, r) in events.iter().zip(appender.append_all(topic, events).await) {
+            count_append(e.event_type, &r);
             match r {
                 Ok(a) => {
-                    m.events_appended.with_label_values(&[e.event_type]).inc();
                     appended.push((topic.clone(), a));
                 }
                 Err(err) => {
@@ -773,46 +782,6 @@ async fn append(
         }
     }
     appended
-}
-
-/// Waits until the projections have applied (or rejected) everything appended, on
-/// every topic it went to.
-async fn wait_applied(
-    store: &Store,
-    appended: &[(String, Appended)],
-    limit: Duration,
-    changes: &mut tokio::sync::watch::Receiver<u64>,
-) -> Result<(), SchedulerError> {
-    let mut needed: HashMap<&str, HashMap<i32, i64>> = HashMap::new();
-    for (topic, a) in appended {
-        let e = needed
-            .entry(topic.as_str())
-            .or_default()
-            .entry(a.partition)
-            .or_insert(a.offset);
-        *e = (*e).max(a.offset);
-    }
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        changes.borrow_and_update();
-        let mut done = true;
-        for (topic, wanted) in &needed {
-            let offsets = store.projection_offsets(topic).await?;
-            done &= wanted
-                .iter()
-                .all(|(p, o)| offsets.get(p).copied().unwrap_or(0) > *o);
-        }
-        if done {
-            return Ok(());
-        }
-        if tokio::time::timeout_at(deadline, changes.changed())
-            .await
-            .is_err()
-        {
-            tracing::warn!("scheduler: the projection has not applied its events yet");
-            return Ok(());
-        }
-    }
 }
 
 #[cfg(test)]

@@ -80,6 +80,30 @@ fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+impl StoreError {
+    /// Whether Postgres refused the data itself, so the same statement with the same
+    /// values fails again every time: a data exception (SQLSTATE class 22, e.g. a NUL in
+    /// text or jsonb), an integrity violation (23) or a program limit (54, e.g. an index
+    /// row too large). Anything else — a lost connection, a restart, a serialization
+    /// failure or deadlock (class 40), a timeout — is transient and worth retrying.
+    pub fn is_data_rejection(&self) -> bool {
+        match self {
+            StoreError::Query { source, .. } => source
+                .as_db_error()
+                .is_some_and(|db| matches!(&db.code().code()[..2], "22" | "23" | "54")),
+            _ => false,
+        }
+    }
+
+    /// Postgres' SQLSTATE, when Postgres answered.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            StoreError::Query { source, .. } => source.as_db_error().map(|db| db.code().code()),
+            _ => None,
+        }
+    }
+}
+
 /// Shorthand to attach context to a Postgres error.
 pub(crate) fn ctx(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
     move |source| StoreError::Query { context, source }

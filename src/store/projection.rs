@@ -366,6 +366,30 @@ pub async fn write_task_batch(
     Ok(())
 }
 
+/// `text` as Postgres can store it in `text` or `jsonb`: every NUL (U+0000), which it
+/// refuses, replaced by U+FFFD.
+pub fn storable_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
+/// `value` with [`storable_text`] applied to every string and object key in it.
+pub fn storable_json(value: &Value) -> Value {
+    match value {
+        Value::String(s) => Value::String(storable_text(s).into_owned()),
+        Value::Array(items) => Value::Array(items.iter().map(storable_json).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (storable_text(k).into_owned(), storable_json(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 /// Writes what every projection's batch ends with: its rejections, the next offset of
 /// every partition it read, and a `NOTIFY` on `channel`, if given (delivered at commit).
 pub async fn finish_batch(
@@ -376,6 +400,15 @@ pub async fn finish_batch(
     channel: Option<&str>,
 ) -> Result<(), StoreError> {
     for r in rejected {
+        // A record is often refused *because* of what Postgres cannot hold (a NUL):
+        // its row here must be storable whatever the record holds.
+        let (ce_id, ce_type, subject) = (
+            r.ce_id.as_deref().map(storable_text),
+            r.ce_type.as_deref().map(storable_text),
+            r.subject.as_deref().map(storable_text),
+        );
+        let message = storable_text(&r.message);
+        let headers = storable_json(&r.headers);
         tx.execute(
             "INSERT INTO rejected_events (topic, partition, \"offset\", ce_id, ce_type, subject,
                                           reason, message, record_key, headers, payload)
@@ -384,13 +417,13 @@ pub async fn finish_batch(
                 &r.topic,
                 &r.partition,
                 &r.offset,
-                &r.ce_id,
-                &r.ce_type,
-                &r.subject,
+                &ce_id,
+                &ce_type,
+                &subject,
                 &r.reason,
-                &r.message,
+                &message,
                 &r.key,
-                &r.headers,
+                &headers,
                 &r.payload,
             ],
         )

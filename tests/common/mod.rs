@@ -606,6 +606,150 @@ impl Record {
     }
 }
 
+/// A PostgreSQL server of one test's own (Debian's binaries, a data directory under
+/// the system temp dir, a free loopback port), so the test can kill it with SIGKILL and
+/// start it again on the same data. Run as the `postgres` user when the tests run as
+/// root (Postgres refuses root). Removed on drop.
+pub struct OwnPostgres {
+    bin: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    pub port: u16,
+    ids: Option<(u32, u32)>,
+    server: Option<Child>,
+}
+
+impl OwnPostgres {
+    /// Initialises a cluster (user `tasklog`, trust on loopback) and starts it.
+    pub fn start() -> OwnPostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (scripts/test installs it)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|b| b.join("postgres").exists())
+            .max()
+            .expect("a PostgreSQL server binary under /usr/lib/postgresql");
+        let dir = tempfile::Builder::new()
+            .prefix("tasklog-pg-")
+            .tempdir()
+            .expect("temp dir");
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let ids = root.then(|| {
+            let id = |flag: &str| -> u32 {
+                let out = Command::new("id")
+                    .args([flag, "postgres"])
+                    .output()
+                    .expect("id postgres");
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .expect("the postgres user exists")
+            };
+            (id("-u"), id("-g"))
+        });
+        if let Some((uid, gid)) = ids {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown");
+        }
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .args([
+                "-U",
+                "tasklog",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ])
+            .arg(dir.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        as_owner(&mut initdb, ids);
+        let out = initdb.output().expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = OwnPostgres {
+            bin,
+            dir,
+            port: free_port(),
+            ids,
+            server: None,
+        };
+        pg.restart();
+        pg
+    }
+
+    /// The admin URL (database `postgres`), for [`Db::create_on`].
+    pub fn admin_url(&self) -> String {
+        format!("postgres://tasklog@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server on its data directory and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        let mut cmd = Command::new(self.bin.join("postgres"));
+        cmd.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ])
+            .arg("-c")
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // Its own process group: a kill takes the postmaster and every backend at once,
+        // as a crash of the machine's database would.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        as_owner(&mut cmd, self.ids);
+        self.server = Some(cmd.spawn().expect("start postgres"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "postgres did not start in 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL to the postmaster and every backend; reaped.
+    pub fn kill(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let group = server.id() as libc::pid_t;
+            // Never 0 or 1 (our own group, every process): only the server's group.
+            if group > 1 {
+                // SAFETY: killpg takes plain integers and touches no memory of ours.
+                unsafe { libc::killpg(group, libc::SIGKILL) };
+            }
+            let _ = server.wait();
+        }
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn as_owner(cmd: &mut Command, ids: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = ids {
+        std::os::unix::process::CommandExt::uid(cmd, uid);
+        std::os::unix::process::CommandExt::gid(cmd, gid);
+    }
+}
+
 /// A fresh database for one test, dropped at the end.
 pub struct Db {
     pub url: String,
@@ -617,6 +761,12 @@ impl Db {
     pub async fn create() -> Db {
         let admin_url = std::env::var("TASKLOG_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://tasklog:tasklog@127.0.0.1:5432/postgres".into());
+        Db::create_on(&admin_url).await
+    }
+
+    /// A fresh database on the server of `admin_url` (e.g. an [`OwnPostgres`]).
+    pub async fn create_on(admin_url: &str) -> Db {
+        let admin_url = admin_url.to_string();
         let name = unique("tasklog_test");
         let (client, conn) = tokio_postgres::connect(&admin_url, NoTls).await.expect(
             "connect to Postgres (run scripts/test, which starts it and creates the tasklog role)",
@@ -886,6 +1036,17 @@ impl Stack {
             },
         )
         .await;
+    }
+
+    /// Waits until the projection of `topic` has everything the topic holds now.
+    pub async fn wait_caught_up(&self, topic: &str) {
+        let end: i64 = self
+            .broker
+            .all_watermarks(topic)
+            .iter()
+            .map(|(_, h)| h)
+            .sum();
+        self.wait_projected_topic(topic, end).await;
     }
 
     /// Waits until the projection has applied or rejected `n` records in total.
