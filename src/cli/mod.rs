@@ -5,6 +5,8 @@
 mod client;
 mod servers;
 
+pub use client::parse_spec_text;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

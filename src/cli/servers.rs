@@ -453,6 +453,9 @@ fn worker_options(
             crate::events::spec::parse_size(&serde_json::Value::String(memory.clone()))
                 .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
     }
+    // What the registered event's schema allows: more would be refused on the log, and
+    // the worker would never become active.
+    anyhow::ensure!(args.gpu <= 1024, "--gpu must be at most 1024");
     options.capacity.gpu = args.gpu;
     for label in &args.labels {
         let (k, v) = label
