@@ -93,8 +93,6 @@ pub(crate) async fn build_api(
 }
 
 pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
-    // Counting from the start, so that a Ctrl-C during start-up is not lost.
-    let signals = Signals::listen().context("listening for signals")?;
     let topics = topics_for(&args.topic_prefix)?;
     let mut embedded = None;
     let brokers = match args.dev_broker {
@@ -138,6 +136,8 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.http.http_addr))?;
     let addr = listener.local_addr()?;
 
+    // From here on the signals are counted (until now, Ctrl-C ends the start-up at once).
+    let signals = Signals::listen().context("listening for signals")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // The worker stops first (it drains through the API), then everything else.
     let (worker_stop_tx, worker_stop_rx) = tokio::sync::watch::channel(false);
