@@ -63,8 +63,12 @@ pub fn read_spec(path: &std::path::Path) -> anyhow::Result<Value> {
     } else {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
     };
-    serde_yaml_ng::from_str(&text)
-        .with_context(|| format!("{} is not valid YAML or JSON", path.display()))
+    parse_spec_text(&text).with_context(|| format!("{} is not valid YAML or JSON", path.display()))
+}
+
+/// Parses the text of a spec file: YAML or JSON (YAML is a superset of JSON).
+pub fn parse_spec_text(text: &str) -> Result<Value, serde_yaml_ng::Error> {
+    serde_yaml_ng::from_str(text)
 }
 
 /// Submits the spec in `file`; returns the task id.

@@ -5,6 +5,8 @@
 mod client;
 mod servers;
 
+pub use client::parse_spec_text;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -180,6 +182,12 @@ pub struct WorkerResourceArgs {
     /// Time between SIGTERM and SIGKILL when stopping an attempt.
     #[arg(long, env = "TASKLOG_KILL_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub kill_grace: std::time::Duration,
+    /// On SIGTERM or Ctrl-C, how long running attempts may go on finishing by
+    /// themselves; then they are stopped (SIGTERM, SIGKILL after --kill-grace) and end
+    /// as `interruption`, so their retry policies place them elsewhere. A second
+    /// signal stops them at once.
+    #[arg(long, env = "TASKLOG_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: std::time::Duration,
 }
 
 /// Parses a duration such as `500ms`, `30s`, `2m`.
@@ -482,6 +490,54 @@ pub async fn run() -> i32 {
         Err(e) => {
             eprintln!("error: {e:#}");
             1
+        }
+    }
+}
+
+/// Counts the SIGINT (Ctrl-C) and SIGTERM signals the process gets, from the moment
+/// it is made: the first asks a role to stop gracefully, a second to hurry, and a
+/// third ends the process at once.
+#[derive(Clone)]
+pub struct Signals {
+    count: tokio::sync::watch::Receiver<u32>,
+}
+
+/// Exit status of a process ended at once by a third signal (128 + SIGINT).
+const FORCED_EXIT: i32 = 130;
+
+impl Signals {
+    /// Starts counting. Must be called inside a Tokio runtime.
+    pub fn listen() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let (tx, count) = tokio::sync::watch::channel(0u32);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(()) = interrupt.recv() => {}
+                    Some(()) = terminate.recv() => {}
+                    else => return,
+                }
+                let n = *tx.borrow() + 1;
+                tx.send_replace(n);
+                if n >= 3 {
+                    eprintln!("tasklog: third signal; exiting at once");
+                    std::process::exit(FORCED_EXIT);
+                }
+            }
+        });
+        Ok(Signals { count })
+    }
+
+    /// Resolves once `n` signals have arrived (at once if they already have).
+    pub fn nth(&self, n: u32) -> impl Future<Output = ()> + Send + 'static {
+        let mut count = self.count.clone();
+        async move {
+            if count.wait_for(|c| *c >= n).await.is_err() {
+                // The counter is gone (cannot happen while the runtime runs): never.
+                std::future::pending::<()>().await;
+            }
         }
     }
 }

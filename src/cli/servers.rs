@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 
 use super::{
     DbArgs, DevBrokerArgs, HttpArgs, ProjectorArgs, SchedulerArgs, SchedulingArgs, ServerArgs,
-    UpArgs, WorkerArgs, WorkerResourceArgs, shutdown_signal,
+    Signals, UpArgs, WorkerArgs, WorkerResourceArgs, shutdown_signal,
 };
 use crate::api::{self, ApiOptions, AppState};
 use crate::kafka::dev_broker::{DevBroker, DevBrokerOptions};
@@ -97,7 +97,7 @@ pub(crate) async fn build_api(
 
 pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
     let topics = topics_for(&args.topic_prefix)?;
-    let mut _embedded = None;
+    let mut embedded = None;
     let brokers = match args.dev_broker {
         false => args.brokers.clone(),
         true => {
@@ -111,12 +111,12 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
                 "starting the embedded broker (is another tasklog up or dev-broker running?)",
             )?;
             let addr = broker.addr().to_string();
-            _embedded = Some(broker);
+            embedded = Some(broker);
             addr
         }
     };
     let store = open_store(&args.db).await?;
-    if _embedded.is_some() {
+    if embedded.is_some() {
         store.reset_projection().await?;
         eprintln!(
             "tasklog: embedded broker on {brokers} (librdkafka mock cluster, in memory): \
@@ -139,18 +139,21 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.http.http_addr))?;
     let addr = listener.local_addr()?;
 
+    // From here on the signals are counted (until now, Ctrl-C ends the start-up at once).
+    let signals = Signals::listen().context("listening for signals")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // The worker stops first (it drains through the API), then everything else.
     let (worker_stop_tx, worker_stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let scheduler_task = tokio::spawn(scheduler::run(
+    let mut scheduler_task = tokio::spawn(scheduler::run(
         scheduler_options(topics.clone(), &args.scheduling),
         store.clone(),
         Appender::new(&AppenderOptions::new(&brokers))?,
         stopped(stop_rx.clone()),
     ));
+    let drain_timeout = args.worker.drain_timeout;
     let worker_task = if args.no_worker {
         None
     } else {
@@ -161,14 +164,22 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
         let appender = Appender::new(&AppenderOptions::new(&brokers))?;
         Some((
             options.name.clone(),
-            tokio::spawn(worker::run(options, appender, stopped(worker_stop_rx))),
+            tokio::spawn(worker::run_until(
+                options,
+                appender,
+                stopped(worker_stop_rx),
+                signals.nth(2),
+            )),
         ))
     };
-    let projector = tokio::spawn(projector::run_all(
+    let mut projector = tokio::spawn(projector::run_all(
         ProjectorOptions::new(&brokers, topics.clone()),
         store,
         stopped(stop_rx.clone()),
     ));
+    // Its own task: it must go on accepting connections while the worker drains
+    // through it.
+    let mut server = tokio::spawn(api::serve(listener, state, stopped(stop_rx)));
     println!("tasklog is up");
     println!("  API:      http://{addr}/v1/tasks");
     println!("  metrics:  http://{addr}/metrics");
@@ -188,37 +199,87 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
         "Try: tasklog run -f examples/hello.yaml, or tasklog submit -f examples/train.yaml && tasklog ls     (Ctrl-C stops)"
     );
 
-    let server = api::serve(listener, state, stopped(stop_rx));
-    let mut projector = std::pin::pin!(projector);
-    let mut server = std::pin::pin!(server);
-    tokio::select! {
-        _ = shutdown_signal() => {}
-        result = &mut projector => {
-            result.context("projector task")??;
-            anyhow::bail!("the projector stopped");
-        }
-        result = &mut server => {
-            result.context("HTTP server")?;
+    let failure = tokio::select! {
+        _ = signals.nth(1) => None,
+        result = &mut projector => Some(match result {
+            Ok(Ok(())) => anyhow::anyhow!("the projector stopped"),
+            Ok(Err(e)) => anyhow::Error::from(e).context("projector"),
+            Err(e) => anyhow::Error::from(e).context("projector task"),
+        }),
+        result = &mut server => Some(match result {
+            Ok(Ok(())) => anyhow::anyhow!("the HTTP server stopped"),
+            Ok(Err(e)) => anyhow::Error::from(e).context("HTTP server"),
+            Err(e) => anyhow::Error::from(e).context("HTTP server task"),
+        }),
+    };
+    if failure.is_none() {
+        match worker_task {
+            Some(_) => eprintln!(
+                "tasklog: shutting down; the worker drains for up to {} (running attempts may \
+                 finish, then they are stopped and end as interruption; Ctrl-C again stops \
+                 them at once)",
+                humantime(drain_timeout)
+            ),
+            None => eprintln!("tasklog: shutting down"),
         }
     }
-    eprintln!(
-        "tasklog: shutting down (the worker drains: running attempts finish first; Ctrl-C again to stop at once)"
-    );
     let _ = worker_stop_tx.send(true);
     if let Some((_, worker)) = worker_task {
-        tokio::select! {
-            _ = worker => {}
-            _ = shutdown_signal() => {}
+        match worker.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "worker stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "worker task"),
         }
     }
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        let _ = scheduler_task.await;
-        let _ = (&mut server).await;
-        let _ = (&mut projector).await;
-    })
-    .await;
-    Ok(())
+    // Every Kafka client (in the scheduler, the API, the projections) is closed before
+    // the embedded broker goes: a client that outlived it would log AllBrokersDown
+    // until the process exits.
+    let deadline = tokio::time::Instant::now() + ROLE_STOP_TIMEOUT;
+    stop_role("scheduler", &mut scheduler_task, deadline).await;
+    stop_role("HTTP server", &mut server, deadline).await;
+    stop_role("projector", &mut projector, deadline).await;
+    drop(embedded);
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Longest `tasklog up` waits for its scheduler, API and projections to stop once the
+/// worker has drained; then they are ended.
+const ROLE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits until `deadline` for a role's task to end, then aborts it; either way, once
+/// this returns the task is gone, and every client it held with it.
+async fn stop_role<T, E: std::fmt::Display>(
+    name: &str,
+    task: &mut tokio::task::JoinHandle<Result<T, E>>,
+    deadline: tokio::time::Instant,
+) {
+    match tokio::time::timeout_at(deadline, &mut *task).await {
+        Ok(Ok(Ok(_))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(role = name, error = %e, "stopped with an error"),
+        Ok(Err(e)) if e.is_cancelled() => {}
+        Ok(Err(e)) => tracing::warn!(role = name, error = %e, "task failed"),
+        Err(_) => {
+            tracing::warn!(role = name, "did not stop in time; ending it");
+            task.abort();
+            let _ = (&mut *task).await;
+        }
+    }
+}
+
+/// A duration as people write it: `30s`, `2m`, `1.5s`.
+fn humantime(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{}ms", ms)
+    }
 }
 
 pub(super) async fn dev_broker(args: DevBrokerArgs) -> anyhow::Result<()> {
@@ -395,6 +456,9 @@ fn worker_options(
             crate::events::spec::parse_size(&serde_json::Value::String(memory.clone()))
                 .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
     }
+    // What the registered event's schema allows: more would be refused on the log, and
+    // the worker would never become active.
+    anyhow::ensure!(args.gpu <= 1024, "--gpu must be at most 1024");
     options.capacity.gpu = args.gpu;
     for label in &args.labels {
         let (k, v) = label
@@ -405,6 +469,7 @@ fn worker_options(
     }
     options.heartbeat = args.heartbeat;
     options.kill_grace = args.kill_grace;
+    options.drain_timeout = args.drain_timeout;
     Ok(options)
 }
 
@@ -430,6 +495,7 @@ pub(super) async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let options = worker_options(&args.api.url, topics, &args.resources)?;
     serve_metrics(args.metrics_addr).await?;
     let appender = Appender::new(&AppenderOptions::new(&args.kafka.brokers))?;
+    let signals = Signals::listen().context("listening for signals")?;
     println!(
         "tasklog worker {} started: cpu {}, memory {} bytes, gpu {}, labels {:?}",
         options.name,
@@ -438,5 +504,5 @@ pub(super) async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
         options.capacity.gpu,
         options.labels
     );
-    worker::run(options, appender, shutdown_signal()).await
+    worker::run_until(options, appender, signals.nth(1), signals.nth(2)).await
 }

@@ -142,8 +142,25 @@ struct BackoffFields {
     jitter: Option<f64>,
 }
 
-/// A duration given as seconds (integer) or a string (`90s`, `1h30m`).
+/// Longest retry `duration`, backoff `initial` or `max`: 100 years (`duration: off`
+/// is the way to say "no limit"). Anything longer would put the next attempt past
+/// the dates the log and Postgres can hold.
+pub const MAX_DURATION_MS: u64 = 100 * 365 * 86_400_000;
+
+/// A duration given as seconds (integer) or a string (`90s`, `1h30m`), at most
+/// [`MAX_DURATION_MS`].
 fn parse_ms(field: &str, v: &Value) -> Result<u64, SpecError> {
+    let ms = parse_any_ms(field, v)?;
+    if ms > MAX_DURATION_MS {
+        return Err(SpecError::new(
+            field,
+            format!("{v} is longer than 100 years"),
+        ));
+    }
+    Ok(ms)
+}
+
+fn parse_any_ms(field: &str, v: &Value) -> Result<u64, SpecError> {
     match v {
         Value::Number(n) => n
             .as_u64()
@@ -299,7 +316,7 @@ pub fn decide(
         task.first_failure_at.unwrap_or(now)
     };
     if let Some(d) = policy.duration_ms
-        && (now - window_start).num_milliseconds() >= d as i64
+        && (now - window_start).num_milliseconds() >= i64::try_from(d).unwrap_or(i64::MAX)
     {
         return fail(
             "retry_limit_exceeded",
@@ -309,10 +326,15 @@ pub fn decide(
             )),
         );
     }
-    let delay = policy.delay_ms(task.retries + 1, &task.id);
-    RetryDecision::Retry {
-        at: now + chrono::Duration::milliseconds(delay as i64),
-    }
+    // At most MAX_DURATION_MS (the policy's bound); saturating all the same, as a
+    // panic here would stop the API, the scheduler or the projection.
+    let delay = policy
+        .delay_ms(task.retries + 1, &task.id)
+        .min(MAX_DURATION_MS);
+    let at = chrono::TimeDelta::try_milliseconds(i64::try_from(delay).unwrap_or(i64::MAX))
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
+    RetryDecision::Retry { at }
 }
 
 /// The event that ends a failed attempt (or records that nothing could fit the task):
@@ -376,6 +398,22 @@ mod tests {
             },
         );
         crate::events::apply(None, &e).unwrap()
+    }
+
+    #[test]
+    fn durations_past_a_century_are_refused_and_the_longest_still_decides() {
+        let e = RetryPolicy::from_spec(Some(
+            &json!({"backoff": {"initial": "100000000000d", "max": "100000000000d"}}),
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "retry.backoff.initial");
+        let longest = format!("{}ms", MAX_DURATION_MS);
+        let t = task(json!({"backoff": {"initial": longest, "max": longest}}));
+        let now = Utc::now();
+        assert!(matches!(
+            decide(&t, "error", None, now),
+            RetryDecision::Retry { at } if at > now
+        ));
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //!
 //! The relay can also be switched off and on ([`DevBroker::set_reachable`]) to test
 //! what tasklog does when the broker disappears.
+//!
+//! The relay runs on a thread and runtime of its own: the process's clients may block
+//! the main runtime's threads (closing a consumer waits for the broker to answer its
+//! LeaveGroup), and a relay starved by them would leave those requests unanswered.
 
 use std::ffi::{CStr, CString};
 use std::net::SocketAddr;
@@ -63,7 +67,11 @@ pub struct DevBroker {
     addr: SocketAddr,
     mock: MockHandle,
     reachable: watch::Sender<bool>,
-    relay: tokio::task::JoinHandle<()>,
+    /// The relay's thread, and what stops it.
+    relay: Option<(
+        std::thread::JoinHandle<()>,
+        tokio::sync::oneshot::Sender<()>,
+    )>,
     // Owns the mock cluster (never read: holding it keeps the cluster alive); declared
     // last so it is dropped after the relay stops.
     _client: BaseProducer,
@@ -127,7 +135,32 @@ impl DevBroker {
         }
 
         let (reachable, reachable_rx) = watch::channel(true);
-        let relay = tokio::spawn(relay(listener, upstream, reachable_rx));
+        let listener = listener
+            .into_std()
+            .map_err(|source| DevBrokerError::Listen {
+                addr: options.listen,
+                source,
+            })?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| DevBrokerError::Mock(format!("relay runtime: {e}")))?;
+        let thread = std::thread::Builder::new()
+            .name("dev-broker-relay".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    tokio::select! {
+                        () = relay(listener, upstream, reachable_rx) => {}
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .map_err(|e| DevBrokerError::Mock(format!("relay thread: {e}")))?;
+        let relay = Some((thread, stop));
         let broker = DevBroker {
             addr,
             mock,
@@ -174,7 +207,11 @@ impl DevBroker {
 
 impl Drop for DevBroker {
     fn drop(&mut self) {
-        self.relay.abort();
+        if let Some((thread, stop)) = self.relay.take() {
+            let _ = stop.send(());
+            // Its runtime ends every connection it relays as it shuts down.
+            let _ = thread.join();
+        }
     }
 }
 

@@ -671,6 +671,9 @@ pub async fn run_projection<P: Projection>(
         }
     }
     reader.abort();
+    // The reader holds the consumer too: once it is gone, the consumer closes (leaving
+    // its group) when this returns, not later, when the broker may be gone.
+    let _ = reader.await;
     consumer.unsubscribe();
     Ok(())
 }

@@ -25,7 +25,9 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::events::worker::{LastKnown, WorkerCapacity, WorkerEvent, WorkerInfo, WorkerPayload};
@@ -34,6 +36,14 @@ use crate::kafka::{Appender, Topics};
 use crate::logs::{LogWriter, LogWriterOptions, Stream};
 use crate::metrics::metrics;
 use process::{EndedBy, Launch, OutputStream};
+
+/// Default of [`WorkerOptions::drain_timeout`].
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Once the attempts have been stopped (or the drain is over), how long the agent still
+/// waits for their outcomes to be reported before it exits without them (the scheduler
+/// then ends them as interrupted once it declares this worker lost).
+const REPORT_GRACE: Duration = Duration::from_secs(5);
 
 /// Settings of a worker agent.
 #[derive(Debug, Clone)]
@@ -50,8 +60,12 @@ pub struct WorkerOptions {
     pub topics: Topics,
     /// Interval between heartbeats.
     pub heartbeat: Duration,
-    /// Time between SIGTERM and SIGKILL when an attempt is cancelled or times out.
+    /// Time between SIGTERM and SIGKILL when an attempt is cancelled, times out or is
+    /// stopped at the end of a drain.
     pub kill_grace: Duration,
+    /// After the shutdown signal, how long running attempts may go on finishing by
+    /// themselves before they are stopped and end as `interruption`.
+    pub drain_timeout: Duration,
     /// How long one assignments long-poll waits.
     pub poll_wait: Duration,
     /// `ce_source` of its events.
@@ -85,6 +99,7 @@ impl WorkerOptions {
             topics,
             heartbeat: Duration::from_secs(5),
             kill_grace: Duration::from_secs(10),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             poll_wait: Duration::from_secs(20),
             source: format!("tasklog://{host}/worker"),
             ledger: None,
@@ -159,6 +174,17 @@ struct Running {
     cancel: Option<oneshot::Sender<()>>,
 }
 
+/// How far the agent's shutdown has gone, as its attempts see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stopping {
+    /// Not stopping, or draining: attempts run on.
+    No,
+    /// The drain is over: stop the attempts (SIGTERM, SIGKILL after the grace).
+    Stop,
+    /// Stop them at once (SIGKILL).
+    Kill,
+}
+
 type AttemptKey = (Uuid, u32);
 
 /// What the agent shares between its loops.
@@ -173,14 +199,50 @@ struct Agent {
     /// report is in flight or done: never reported twice.
     reported: Mutex<HashSet<AttemptKey>>,
     ledger: ledger::Ledger,
+    /// Set once the shutdown signal came: assignments are no longer started.
+    draining: AtomicBool,
+    /// Whether (and how hard) running attempts are to be stopped.
+    stopping: watch::Sender<Stopping>,
+    /// The attempts and reports in flight, so that the agent can wait for them (and
+    /// end them) before it returns: none outlives it.
+    tasks: Mutex<JoinSet<()>>,
 }
 
-/// Runs the agent until `shutdown` resolves, then drains: appends `draining`, takes
-/// no new work, and returns once its running attempts have ended.
+/// Runs the agent until `shutdown` resolves, then drains (see [`run_until`]); it never
+/// hurries.
 pub async fn run(
     options: WorkerOptions,
     appender: Appender,
     shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_until(options, appender, shutdown, std::future::pending()).await
+}
+
+/// What ended the drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrainEnd {
+    /// Nothing runs here any more.
+    Drained,
+    /// `drain_timeout` passed.
+    Timeout,
+    /// Asked to stop at once.
+    Hurried,
+}
+
+/// Runs the agent until `shutdown` resolves, then drains: appends `draining`, starts
+/// nothing new (what is assigned meanwhile ends as `interruption`), and lets the
+/// running attempts finish for up to [`WorkerOptions::drain_timeout`]. Then it stops
+/// what still runs (SIGTERM to each process group, SIGKILL after the kill grace) and
+/// reports those attempts as failed with reason `interruption`, so their retry
+/// policies place them elsewhere. `hurry` resolving during the drain skips the rest of
+/// it and SIGKILLs the attempts at once (still reported as `interruption`). Returns
+/// once every attempt has ended and its outcome is reported (or, past a short bound,
+/// given up on: the scheduler then ends it when it declares this worker lost).
+pub async fn run_until(
+    options: WorkerOptions,
+    appender: Appender,
+    shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
         valid_worker_id(&options.name),
@@ -201,6 +263,9 @@ pub async fn run(
         running: Mutex::new(HashMap::new()),
         reported: Mutex::new(HashSet::new()),
         ledger: attempt_ledger(&options),
+        draining: AtomicBool::new(false),
+        stopping: watch::Sender::new(Stopping::No),
+        tasks: Mutex::new(JoinSet::new()),
         options,
     });
     let leftovers = agent.ledger.reap_leftovers();
@@ -214,57 +279,68 @@ pub async fn run(
     // Heartbeats stop with this function, also when its future is dropped midway.
     let _heartbeats = AbortOnDrop(tokio::spawn(agent.clone().heartbeat_loop()));
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut known: Option<String> = None;
-    let mut draining = false;
-    let mut backoff = Duration::from_millis(200);
+    let mut hurry = std::pin::pin!(hurry);
+    let mut poller = Poller {
+        known: None,
+        backoff: Duration::from_millis(200),
+    };
+    // Taking work until the shutdown signal.
     loop {
-        let poll = agent.poll(known.as_deref(), draining);
-        let answer = if draining {
-            poll.await
-        } else {
-            tokio::select! {
-                a = poll => a,
-                _ = &mut shutdown => {
-                    draining = true;
-                    tracing::info!("worker: draining");
-                    agent
-                        .append_worker_event(WorkerPayload::Draining {
-                            last_known: Some(Box::new(LastKnown {
-                                info: agent.info(),
-                                ..LastKnown::default()
-                            })),
-                        })
-                        .await?;
-                    continue;
-                }
-            }
-        };
-        match answer {
-            Ok(answer) => {
-                backoff = Duration::from_millis(200);
-                let nothing_left = answer.assignments.is_empty();
-                known = Some(answer.version.clone());
-                agent.handle(answer).await?;
-                if draining && nothing_left && agent.running_count() == 0 {
-                    break;
-                }
-            }
-            Err(e) if draining && agent.running_count() == 0 => {
-                // Nothing runs here; attempts assigned meanwhile end as interrupted
-                // once the heartbeats stop.
-                tracing::warn!(error = %e, "worker: API unreachable while draining; exiting");
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "worker: cannot get assignments");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                known = None;
-            }
+        tokio::select! {
+            step = agent.step(&mut poller, false) => { step?; }
+            _ = &mut shutdown => break,
         }
     }
+    tracing::info!(
+        running = agent.running_count(),
+        timeout = ?agent.options.drain_timeout,
+        "worker: draining"
+    );
+    agent.draining.store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + agent.options.drain_timeout;
+    let end = async {
+        // A broker that does not take the event must not hold the drain.
+        tokio::time::timeout_at(
+            deadline,
+            agent.append_worker_event(WorkerPayload::Draining {
+                last_known: Some(Box::new(LastKnown {
+                    info: agent.info(),
+                    ..LastKnown::default()
+                })),
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")))
+        .unwrap_or_else(|e| tracing::warn!(error = %e, "worker: draining not appended"));
+        loop {
+            if agent.step(&mut poller, true).await? == Step::Drained {
+                return Ok::<_, anyhow::Error>(DrainEnd::Drained);
+            }
+        }
+    };
+    let end = tokio::select! {
+        end = end => end?,
+        _ = tokio::time::sleep_until(deadline) => DrainEnd::Timeout,
+        _ = &mut hurry => DrainEnd::Hurried,
+    };
+    agent.stop_all(end, hurry).await;
     tracing::info!("worker: drained; exiting");
     Ok(())
+}
+
+/// What the assignments loop remembers between polls.
+struct Poller {
+    known: Option<String>,
+    backoff: Duration,
+}
+
+/// What one step of the assignments loop found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Go on polling.
+    Continue,
+    /// Draining, and nothing is assigned to or runs here any more.
+    Drained,
 }
 
 /// Aborts its task when dropped.
@@ -281,6 +357,104 @@ fn new_incarnation() -> String {
 }
 
 impl Agent {
+    /// One poll of the assignments, acted on; after a failure, the backoff pause.
+    async fn step(self: &Arc<Self>, poller: &mut Poller, draining: bool) -> anyhow::Result<Step> {
+        match self.poll(poller.known.as_deref(), draining).await {
+            Ok(answer) => {
+                poller.backoff = Duration::from_millis(200);
+                let nothing_left = answer.assignments.is_empty();
+                poller.known = Some(answer.version.clone());
+                self.handle(answer).await?;
+                if draining && nothing_left && self.running_count() == 0 {
+                    return Ok(Step::Drained);
+                }
+            }
+            Err(e) if draining && self.running_count() == 0 => {
+                // Nothing runs here; attempts assigned meanwhile end as interrupted
+                // once the heartbeats stop.
+                tracing::warn!(error = %e, "worker: API unreachable while draining; exiting");
+                return Ok(Step::Drained);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "worker: cannot get assignments");
+                tokio::time::sleep(poller.backoff).await;
+                poller.backoff = (poller.backoff * 2).min(Duration::from_secs(5));
+                poller.known = None;
+            }
+        }
+        Ok(Step::Continue)
+    }
+
+    /// Ends the drain: stops what still runs (at once when `end` is
+    /// [`DrainEnd::Hurried`] or `hurry` resolves meanwhile), then waits for every
+    /// attempt and report in flight, for a bounded time, and ends what is left.
+    async fn stop_all(&self, end: DrainEnd, hurry: std::pin::Pin<&mut impl Future<Output = ()>>) {
+        let running = self.running_count();
+        let mut hurried = end == DrainEnd::Hurried;
+        if running > 0 {
+            match end {
+                DrainEnd::Hurried => tracing::info!(
+                    running,
+                    "worker: stopping the running attempts at once; they end as interruption"
+                ),
+                _ => tracing::info!(
+                    running,
+                    timeout = ?self.options.drain_timeout,
+                    "worker: drain timeout passed; stopping the running attempts; they end as interruption"
+                ),
+            }
+        }
+        self.stopping.send_replace(if hurried {
+            Stopping::Kill
+        } else {
+            Stopping::Stop
+        });
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let bound = |hurried: bool| {
+            tokio::time::Instant::now()
+                + if hurried {
+                    REPORT_GRACE
+                } else {
+                    self.options.kill_grace + REPORT_GRACE
+                }
+        };
+        let mut deadline = bound(hurried);
+        let mut hurry = hurry;
+        loop {
+            tokio::select! {
+                next = tasks.join_next() => if next.is_none() { return },
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = &mut hurry, if !hurried => {
+                    hurried = true;
+                    tracing::info!("worker: stopping the running attempts at once");
+                    self.stopping.send_replace(Stopping::Kill);
+                    deadline = deadline.min(bound(true));
+                }
+            }
+        }
+        tracing::warn!(
+            left = tasks.len(),
+            "worker: exiting without reporting every outcome (the API does not answer); \
+             the scheduler ends those attempts once it declares this worker lost"
+        );
+        tasks.shutdown().await;
+    }
+
+    /// Runs `task` in the background, as one of the tasks [`Agent::stop_all`] waits for.
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task);
+    }
+
+    /// Resolves once the agent's shutdown has reached `level`.
+    async fn stopping(&self, level: Stopping) {
+        let mut rx = self.stopping.subscribe();
+        if rx.wait_for(|l| *l >= level).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     fn info(&self) -> WorkerInfo {
         WorkerInfo {
             capacity: self.options.capacity.clone(),
@@ -399,6 +573,15 @@ impl Agent {
                 continue;
             }
             match (a.state, a.cancel_requested) {
+                (TaskStatus::Assigned, false) if self.draining.load(Ordering::SeqCst) => self
+                    .report_unrun(
+                        &a,
+                        json!({
+                            "outcome": "failed",
+                            "reason": "interruption",
+                            "message": "the worker was shutting down; the attempt never started",
+                        }),
+                    ),
                 (TaskStatus::Assigned, false) => {
                     let (cancel, cancelled) = oneshot::channel();
                     running.insert(
@@ -409,7 +592,7 @@ impl Agent {
                     );
                     metrics().worker_attempts_running.set(running.len() as i64);
                     let agent = self.clone();
-                    tokio::spawn(async move {
+                    self.spawn(async move {
                         agent.run_attempt(a, cancelled).await;
                         let mut running = agent.running.lock().unwrap_or_else(|e| e.into_inner());
                         running.remove(&key);
@@ -443,7 +626,7 @@ impl Agent {
     /// Reports, in the background, how an attempt this process does not run ended.
     fn report_unrun(self: &Arc<Self>, a: &Assignment, body: Value) {
         let (agent, task, attempt) = (self.clone(), a.task_id, a.attempt);
-        tokio::spawn(async move {
+        self.spawn(async move {
             agent.report(task, attempt, "finish", body).await;
         });
     }
@@ -544,10 +727,11 @@ impl Agent {
             .probe
             .as_ref()
             .and_then(|p| probe::Probe::from_json(p).ok());
-        let unhealthy = std::sync::atomic::AtomicBool::new(false);
+        let unhealthy = AtomicBool::new(false);
+        let interrupted = AtomicBool::new(false);
         let (ready_tx, ready_rx) = oneshot::channel::<()>();
         let probe_env = launch.env.clone();
-        let stop = async {
+        let asked_to_stop = async {
             let accepted =
                 matches!(start_report.await, Some(status) if (200..300).contains(&status));
             if !accepted {
@@ -571,11 +755,23 @@ impl Agent {
                     tokio::select! {
                         () = cancel => {}
                         _ = watch => {
-                            unhealthy.store(true, std::sync::atomic::Ordering::SeqCst);
+                            unhealthy.store(true, Ordering::SeqCst);
                         }
                     }
                 }
             }
+        };
+        // The end of the agent's drain stops the attempt whatever else goes on (a start
+        // report still in flight included).
+        let stop = async {
+            tokio::select! {
+                () = asked_to_stop => {}
+                () = self.stopping(Stopping::Stop) => interrupted.store(true, Ordering::SeqCst),
+            }
+        };
+        let kill = async {
+            self.stopping(Stopping::Kill).await;
+            interrupted.store(true, Ordering::SeqCst);
         };
         let ready_report = async {
             if ready_rx.await.is_ok() {
@@ -613,7 +809,7 @@ impl Agent {
             failed
         };
         let (exit, undelivered, ()) =
-            futures::future::join3(child.wait(stop), pump, ready_report).await;
+            futures::future::join3(child.wait_or_kill(stop, kill), pump, ready_report).await;
         // The outcome follows the start on the log: a fast process may end before the
         // start report is through.
         let _ = start.await;
@@ -629,8 +825,13 @@ impl Agent {
             EndedBy::Exited if exit.exit_code == Some(0) => ("succeeded", None),
             EndedBy::Exited => ("failed", Some("error".to_string())),
             EndedBy::Timeout => ("failed", Some("timeout".to_string())),
-            EndedBy::Cancelled if unhealthy.load(std::sync::atomic::Ordering::SeqCst) => {
+            EndedBy::Cancelled if unhealthy.load(Ordering::SeqCst) => {
                 ("failed", Some("unhealthy".to_string()))
+            }
+            // Stopped by the worker's shutdown: the retry policy places it elsewhere (a
+            // cancel asked for meanwhile still wins, in the API).
+            EndedBy::Cancelled if interrupted.load(Ordering::SeqCst) => {
+                ("failed", Some("interruption".to_string()))
             }
             EndedBy::Cancelled => (
                 "cancelled",
@@ -641,10 +842,20 @@ impl Agent {
         if let Some(r) = reason {
             body["reason"] = Value::from(r);
         }
+        let mut messages = Vec::new();
+        if outcome == "failed" && interrupted.load(Ordering::SeqCst) {
+            messages.push(format!(
+                "stopped by the shutdown of worker {} (drain timeout {:?})",
+                self.options.name, self.options.drain_timeout
+            ));
+        }
         if undelivered > 0 {
-            body["message"] = Value::from(format!(
+            messages.push(format!(
                 "{undelivered} log lines could not be delivered to the logs topic"
             ));
+        }
+        if !messages.is_empty() {
+            body["message"] = Value::from(messages.join("; "));
         }
         tracing::info!(%task, attempt, outcome, ?exit, elapsed = ?started.elapsed(), "worker: attempt ended");
         self.report(task, attempt, "finish", body).await;

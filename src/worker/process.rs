@@ -279,21 +279,43 @@ impl Running {
     /// The receiver of `lines` must be read concurrently (or dropped): a full channel
     /// holds the readers, and this waits for them.
     pub async fn wait(mut self, cancel: impl Future<Output = ()>) -> Exit {
-        self.finish(cancel).await
+        self.finish(cancel, std::future::pending()).await
+    }
+
+    /// As [`Running::wait`], but `kill` resolving — before the cancel sequence or
+    /// during its grace — sends SIGKILL to the process group at once instead of waiting
+    /// out the grace; the result is then [`EndedBy::Cancelled`] (unless the process had
+    /// already exited by itself or timed out).
+    pub async fn wait_or_kill(
+        mut self,
+        cancel: impl Future<Output = ()>,
+        kill: impl Future<Output = ()>,
+    ) -> Exit {
+        self.finish(cancel, kill).await
     }
 
     /// Body of [`Running::wait`]; borrowing lets `Drop` still run if it is abandoned.
-    async fn finish(&mut self, cancel: impl Future<Output = ()>) -> Exit {
+    async fn finish(
+        &mut self,
+        cancel: impl Future<Output = ()>,
+        kill: impl Future<Output = ()>,
+    ) -> Exit {
         let mut cancel = pin!(cancel);
+        let mut kill = pin!(kill);
         let deadline = self.deadline;
-        let ended_by = tokio::select! {
+        let (ended_by, killed) = tokio::select! {
             biased;
-            () = self.main_process_exit() => EndedBy::Exited,
-            () = &mut cancel => EndedBy::Cancelled,
-            () = sleep_until_deadline(deadline) => EndedBy::Timeout,
+            () = self.main_process_exit() => (EndedBy::Exited, false),
+            () = &mut kill => (EndedBy::Cancelled, true),
+            () = &mut cancel => (EndedBy::Cancelled, false),
+            () = sleep_until_deadline(deadline) => (EndedBy::Timeout, false),
         };
-        if ended_by != EndedBy::Exited {
-            self.stop(ended_by).await;
+        if killed {
+            debug!(pid = self.pid, "killing attempt process group at once");
+            signal_group(self.pgid, libc::SIGKILL);
+            self.main_process_exit().await;
+        } else if ended_by != EndedBy::Exited {
+            self.stop(ended_by, kill).await;
         }
         let duration = self.started.elapsed();
 
@@ -331,15 +353,17 @@ impl Running {
         }
     }
 
-    /// SIGTERM to the group, up to `kill_grace` for the main process to exit, then SIGKILL.
-    async fn stop(&mut self, reason: EndedBy) {
+    /// SIGTERM to the group, up to `kill_grace` for the main process to exit (cut short
+    /// when `kill` resolves), then SIGKILL.
+    async fn stop(&mut self, reason: EndedBy, kill: std::pin::Pin<&mut impl Future<Output = ()>>) {
         debug!(pid = self.pid, ?reason, "stopping attempt process group");
         signal_group(self.pgid, libc::SIGTERM);
         let grace = self.kill_grace;
-        if tokio::time::timeout(grace, self.main_process_exit())
-            .await
-            .is_err()
-        {
+        let exited = tokio::select! {
+            exited = tokio::time::timeout(grace, self.main_process_exit()) => exited.is_ok(),
+            () = kill => false,
+        };
+        if !exited {
             debug!(
                 pid = self.pid,
                 "grace elapsed; killing attempt process group"
@@ -840,6 +864,70 @@ mod tests {
             exit.duration
         );
         assert!(lines.iter().any(|line| line.bytes == b"ready"));
+        assert_group_gone(pid).await;
+    }
+
+    /// A process that ignores SIGTERM, cancelled with a 30 s grace: `kill` resolving
+    /// (`kill_after` after the cancel, or before it when `None`) ends it with SIGKILL
+    /// at once.
+    async fn cancel_then_kill(kill_after: Option<Duration>) -> (u32, Exit) {
+        let mut launch = sh("trap '' TERM; echo ready; sleep 30");
+        launch.kill_grace = Duration::from_secs(30);
+        let (sender, mut receiver) = mpsc::channel(64);
+        let running = spawn(&launch, sender).expect("spawn");
+        let pid = running.pid();
+        let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Some(line) = receiver.recv().await {
+                if line.bytes == b"ready" {
+                    let _ = ready_tx.send(true);
+                }
+            }
+        });
+        let ready = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|r| *r).await;
+        };
+        let exit = match kill_after {
+            Some(after) => {
+                let cancel = ready(ready_rx.clone());
+                let kill = async move {
+                    ready(ready_rx).await;
+                    tokio::time::sleep(after).await;
+                };
+                running.wait_or_kill(cancel, kill).await
+            }
+            None => {
+                running
+                    .wait_or_kill(std::future::pending(), ready(ready_rx))
+                    .await
+            }
+        };
+        (pid, exit)
+    }
+
+    #[tokio::test]
+    async fn kill_during_the_grace_does_not_wait_it_out() {
+        let (pid, exit) = cancel_then_kill(Some(Duration::from_millis(300))).await;
+        assert_eq!(exit.ended_by, EndedBy::Cancelled);
+        assert_eq!(exit.signal, Some(libc::SIGKILL));
+        assert!(
+            exit.duration >= Duration::from_millis(300) && exit.duration < Duration::from_secs(10),
+            "{:?}",
+            exit.duration
+        );
+        assert_group_gone(pid).await;
+    }
+
+    #[tokio::test]
+    async fn kill_without_cancel_sends_sigkill_at_once() {
+        let (pid, exit) = cancel_then_kill(None).await;
+        assert_eq!(exit.ended_by, EndedBy::Cancelled);
+        assert_eq!(exit.signal, Some(libc::SIGKILL));
+        assert!(
+            exit.duration < Duration::from_secs(10),
+            "{:?}",
+            exit.duration
+        );
         assert_group_gone(pid).await;
     }
 
