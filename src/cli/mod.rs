@@ -99,6 +99,9 @@ pub struct HttpArgs {
     /// How long an append may wait for the broker before the API answers 503.
     #[arg(long, env = "TASKLOG_APPEND_TIMEOUT_MS", default_value_t = 10_000)]
     pub append_timeout_ms: u64,
+    /// Longest `wait_ms` a reader may ask for (long-polls, read-your-writes waits).
+    #[arg(long, env = "TASKLOG_MAX_WAIT_MS", default_value_t = 60_000)]
+    pub max_wait_ms: u64,
 }
 
 #[derive(Debug, Args)]

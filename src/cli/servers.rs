@@ -89,6 +89,7 @@ pub(crate) async fn build_api(
     let cursor_key = crate::logs::CursorKey::new(store.cursor_key().await?);
     let mut options = ApiOptions::new(brokers, topics, partitions);
     options.log_partitions = log_partitions;
+    options.max_wait = Duration::from_millis(http.max_wait_ms);
     Ok(AppState::new(store, appender, options, cursor_key))
 }
 
