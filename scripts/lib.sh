@@ -89,7 +89,7 @@ ensure_kcat() {
 }
 
 # schemathesis (from PyPI, pinned) in a venv under target/: scripts/test fuzzes the REST
-# API with it against a live server (tests/api_fuzz.rs). Exports SCHEMATHESIS.
+# API with it against a live server (tests/api_fuzz.rs). Exports TASKLOG_SCHEMATHESIS.
 SCHEMATHESIS_VERSION=4.32.5
 ensure_schemathesis() {
     local venv="$ROOT/target/schemathesis-venv"
@@ -104,5 +104,5 @@ ensure_schemathesis() {
         "$python" -m venv "$venv"
         "$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
     fi
-    export SCHEMATHESIS="$st"
+    export TASKLOG_SCHEMATHESIS="$st"
 }
