@@ -7,7 +7,7 @@
 //!
 //! `scripts/test` installs schemathesis (pinned, in `target/schemathesis-venv`) and sets
 //! `TASKLOG_SCHEMATHESIS` to its `st`; without it the test says so and passes.
-//! `TASKLOG_SCHEMATHESIS_EXAMPLES` (default 20) and `TASKLOG_SCHEMATHESIS_SEED` tune the
+//! `TASKLOG_SCHEMATHESIS_EXAMPLES` (default 50) and `TASKLOG_SCHEMATHESIS_SEED` tune the
 //! run.
 
 mod common;
@@ -26,7 +26,7 @@ async fn schemathesis_finds_nothing() {
         return;
     };
     let examples =
-        std::env::var("TASKLOG_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "20".to_string());
+        std::env::var("TASKLOG_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "50".to_string());
     let seed = std::env::var("TASKLOG_SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".to_string());
     let broker = Broker::start();
     let db = Db::create().await;
