@@ -87,3 +87,22 @@ ensure_java() {
 ensure_kcat() {
     command -v kcat >/dev/null 2>&1 || apt_install kcat
 }
+
+# schemathesis (from PyPI, pinned) in a venv under target/: scripts/test fuzzes the REST
+# API with it against a live server (tests/api_fuzz.rs). Exports TASKLOG_SCHEMATHESIS.
+SCHEMATHESIS_VERSION=4.32.5
+ensure_schemathesis() {
+    local venv="$ROOT/target/schemathesis-venv"
+    local st="$venv/bin/st"
+    if [ ! -x "$st" ] || [ "$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("schemathesis"))' 2>/dev/null)" != "$SCHEMATHESIS_VERSION" ]; then
+        local python
+        python="$(command -v python3.11 || command -v python3 || true)"
+        if [ -z "$python" ]; then apt_install python3 python3-venv; python="$(command -v python3)"; fi
+        if ! "$python" -c 'import venv, ensurepip' >/dev/null 2>&1; then apt_install python3-venv; fi
+        say "pip install schemathesis==$SCHEMATHESIS_VERSION (into target/schemathesis-venv)"
+        rm -rf "$venv"
+        "$python" -m venv "$venv"
+        "$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+    fi
+    export TASKLOG_SCHEMATHESIS="$st"
+}

@@ -534,3 +534,69 @@ async fn health_readiness_and_metrics() {
         assert!(text.contains(needle), "metrics lack {needle}\n{text}");
     }
 }
+
+/// A NUL (U+0000) anywhere in a body — a string, a map key or value, nested — is
+/// refused with 400 `invalid_text` naming the field, on every kind of write; nothing
+/// reaches the log, and the projection goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn nul_characters_are_refused_naming_the_field() {
+    let s = Stack::start().await;
+    let (status, body) = s
+        .post("/v1/tasks", &json!({"name": "ok", "shell": "true"}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    s.task(&id).await;
+    let cancel = format!("/v1/tasks/{id}/cancel");
+    let finish = format!("/v1/tasks/{id}/attempts/1/finish");
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "/v1/tasks",
+            json!({"name": "x", "shell": "true", "env": {"A": "x\u{0}"}}),
+            "env.A",
+        ),
+        (
+            "/v1/tasks",
+            json!({"name": "x\u{0}", "shell": "true"}),
+            "name",
+        ),
+        (
+            "/v1/tasks",
+            json!({"shell": "true", "labels": {"k\u{0}": "v"}}),
+            "labels.<key \"k\\0\">",
+        ),
+        (
+            "/v1/tasks/batch",
+            json!({"tasks": [{"shell": "true"}, {"command": ["echo", "a\u{0}b"]}]}),
+            "tasks[1].command[1]",
+        ),
+        (
+            "/v1/services",
+            json!({"name": "svc", "replicas": 1, "template": {"shell": "sleep 1", "env": {"B": "\u{0}"}}}),
+            "template.env.B",
+        ),
+        (&cancel, json!({"message": "bye\u{0}"}), "message"),
+        (
+            &finish,
+            json!({"worker_id": "w", "outcome": "failed", "reason": "error", "message": "\u{0}"}),
+            "message",
+        ),
+    ];
+    for (path, body, field) in &cases {
+        let (status, answer) = s.post(path, body).await;
+        assert_eq!(status, 400, "{path}: {answer}");
+        assert_eq!(answer["error"]["code"], "invalid_text", "{path}: {answer}");
+        assert_eq!(answer["error"]["field"], *field, "{path}: {answer}");
+    }
+    // Nothing of it reached the log: one record, the first submission.
+    let end: i64 = s
+        .broker
+        .all_watermarks(&s.broker.events_topic())
+        .iter()
+        .map(|(_, h)| h)
+        .sum();
+    assert_eq!(end, 1);
+    let (status, task) = s.get(&format!("/v1/tasks/{id}")).await;
+    assert_eq!(status, 200, "{task}");
+    assert_eq!(task["state"], "queued");
+}

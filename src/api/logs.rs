@@ -287,7 +287,8 @@ fn parse_query(
     let wait = wait_param(
         state,
         &pairs,
-        Duration::from_millis(if follow { 10_000 } else { 0 }),
+        // The default follow wait, within the server's longest.
+        Duration::from_millis(if follow { 10_000 } else { 0 }).min(state.options.max_wait),
     )?;
     if tail.is_some() && (cursor.is_some() || from_line.is_some()) {
         return Err(ApiError::bad_request(

@@ -6,8 +6,12 @@
 //! when the request arrived ([`AppState::read_your_writes`]), so every client reads its
 //! own writes through every server, and a 404 means "not on the log".
 
+mod body;
 mod error;
+mod limits;
 mod logs;
+pub mod openapi;
+pub mod routes;
 mod services;
 mod tasks;
 mod transition;
@@ -24,7 +28,6 @@ use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use tokio::sync::watch;
 
 pub use error::ApiError;
@@ -233,33 +236,9 @@ impl RecentKeys {
     }
 }
 
-/// The router with every route.
+/// The router with every route (the table of [`routes`]).
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/tasks", post(tasks::submit).get(tasks::list))
-        .route("/v1/tasks/batch", post(tasks::submit_batch))
-        .route("/v1/tasks/{id}", get(tasks::get_task))
-        .route("/v1/tasks/{id}/events", get(tasks::events))
-        .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
-        .route("/v1/tasks/{id}/attempts/{n}/start", post(workers::start))
-        .route("/v1/tasks/{id}/attempts/{n}/finish", post(workers::finish))
-        .route("/v1/tasks/{id}/attempts/{n}/ready", post(services::ready))
-        .route("/v1/services", post(services::create).get(services::list))
-        .route(
-            "/v1/services/{name}",
-            get(services::get_service).patch(services::scale),
-        )
-        .route("/v1/services/{name}/stop", post(services::stop))
-        .route("/v1/workers", get(workers::list))
-        .route("/v1/workers/{id}", get(workers::get_worker))
-        .route("/v1/workers/{id}/assignments", get(workers::assignments))
-        .route(
-            "/v1/tasks/{id}/logs",
-            get(logs::get_logs).post(logs::post_logs),
-        )
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
+    routes::add_all(Router::new())
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -269,6 +248,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(limits::limit_body))
         .layer(middleware::from_fn(observe))
         .with_state(state)
 }
@@ -374,7 +354,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(JsonBody(serde_json::Value::Null));
         }
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        let mut value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
         })?;
         if let Some(field) = crate::events::text::nul_path(&value) {
@@ -384,6 +364,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
             )
             .with_detail("field", serde_json::Value::String(field)));
         }
+        body::integral_floats_to_integers(&mut value);
         Ok(JsonBody(value))
     }
 }

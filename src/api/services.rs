@@ -183,12 +183,8 @@ pub async fn create(
     State(state): State<Arc<AppState>>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let body: CreateBody = serde_json::from_value(body).map_err(|e| {
-        bad(
-            "invalid_body",
-            format!("expected {{name, replicas, template, retry, probe}}: {e}"),
-        )
-    })?;
+    let body: CreateBody =
+        super::body::from_object(body, "{name, replicas, template, retry, probe}")?;
     checked_name(&body.name)?;
     checked_replicas(body.replicas)?;
     let spec = ServiceSpec {
@@ -285,8 +281,7 @@ pub async fn scale(
     struct ScaleBody {
         replicas: u32,
     }
-    let body: ScaleBody = serde_json::from_value(body)
-        .map_err(|e| bad("invalid_body", format!("expected {{replicas}}: {e}")))?;
+    let body: ScaleBody = super::body::from_object(body, "{replicas}")?;
     let replicas = checked_replicas(body.replicas)?;
     let service = load_current(&state, &name).await?;
     if service.lifecycle != ServiceLifecycle::Active {

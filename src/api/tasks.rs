@@ -62,7 +62,9 @@ fn prepare(state: &AppState, body: Value, header_key: Option<&str>) -> Result<Pr
                     "the Idempotency-Key header and the idempotency_key field differ",
                 ));
             }
-            _ => {
+            // Not a string: left for the spec's validation to refuse.
+            Some(_) => {}
+            None => {
                 object.insert(
                     "idempotency_key".into(),
                     Value::String(header_key.to_string()),
@@ -664,6 +666,18 @@ pub async fn list(
             filter.labels.push((name.to_string(), value.to_string()));
         }
     }
+    // Postgres cannot hold NUL in text: refuse it rather than fail the query.
+    if filter
+        .task_type
+        .iter()
+        .chain(filter.labels.iter().flat_map(|(k, v)| [k, v]))
+        .any(|s| s.contains('\0'))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "type and label may not contain NUL (U+0000)",
+        ));
+    }
     if let Some(l) = single(&pairs, "limit")? {
         filter.limit = parse_number("limit", l, 1, 1000)?;
     }
@@ -710,15 +724,7 @@ pub async fn cancel(
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let reason: ReasonData = match body {
-        Value::Null => ReasonData::default(),
-        other => serde_json::from_value(other).map_err(|e| {
-            ApiError::bad_request(
-                "invalid_body",
-                format!("expected {{\"reason\", \"message\"}}: {e}"),
-            )
-        })?,
-    };
+    let reason = cancel_body(body)?;
     let reason = ReasonData {
         reason: reason.reason.or_else(|| Some("user_requested".into())),
         message: reason.message,
@@ -753,9 +759,78 @@ pub async fn cancel(
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
+/// Longest `reason` of an event (as the event schemas say), in characters.
+pub(super) const MAX_REASON_CHARS: usize = 128;
+/// Longest `message` of an event (as the event schemas say), in characters.
+pub(super) const MAX_MESSAGE_CHARS: usize = 4096;
+
+/// Checks a `reason` and `message` against the event schemas' limits.
+pub(super) fn check_reason(reason: Option<&str>, message: Option<&str>) -> Result<(), ApiError> {
+    if let Some(r) = reason
+        && (r.is_empty() || r.chars().count() > MAX_REASON_CHARS)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!("reason must be 1 to {MAX_REASON_CHARS} characters"),
+        ));
+    }
+    if let Some(m) = message
+        && m.chars().count() > MAX_MESSAGE_CHARS
+    {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!("message must be at most {MAX_MESSAGE_CHARS} characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// The optional body of a cancel: `{"reason", "message"}`, nothing else.
+fn cancel_body(body: Value) -> Result<ReasonData, ApiError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct CancelBody {
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        message: Option<String>,
+    }
+    let body: CancelBody = match body {
+        Value::Null => return Ok(ReasonData::default()),
+        other => super::body::from_object(other, "{\"reason\", \"message\"}")?,
+    };
+    check_reason(body.reason.as_deref(), body.message.as_deref())?;
+    Ok(ReasonData {
+        reason: body.reason,
+        message: body.message,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cancel_bodies_are_checked_like_the_events_they_become() {
+        assert_eq!(cancel_body(Value::Null).unwrap(), ReasonData::default());
+        let ok = cancel_body(json!({"reason": "é".repeat(128), "message": "m"})).unwrap();
+        assert_eq!(ok.reason.as_deref().map(|r| r.chars().count()), Some(128));
+        for bad in [
+            json!({"reason": ""}),
+            json!({"reason": "x".repeat(129)}),
+            json!({"message": "x".repeat(4097)}),
+            json!({"other": 1}),
+            json!({"reason": 3}),
+            json!([]),
+            json!([null, null]),
+        ] {
+            assert_eq!(
+                cancel_body(bad.clone()).unwrap_err().code,
+                "invalid_body",
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn keys_name_stable_tasks() {

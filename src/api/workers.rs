@@ -192,8 +192,8 @@ struct FinishReport {
     message: Option<String>,
 }
 
-fn parse_body<T: for<'de> Deserialize<'de>>(body: Value) -> Result<T, ApiError> {
-    serde_json::from_value(body).map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))
+fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
+    super::body::from_object(body, "the attempt report")
 }
 
 pub(super) fn parse_attempt(n: &str) -> Result<u32, ApiError> {
@@ -235,6 +235,7 @@ pub async fn start(
     let id = parse_id(&id)?;
     let attempt = parse_attempt(&n)?;
     let report: StartReport = parse_body(body)?;
+    checked_worker_id(&report.worker_id)?;
     let outcome = transition(&state, id, |task| {
         let ours = task.attempt == attempt && task.worker_id.as_deref() == Some(&report.worker_id);
         match task.state {
@@ -263,14 +264,7 @@ pub async fn finish(
     let id = parse_id(&id)?;
     let attempt = parse_attempt(&n)?;
     let report: FinishReport = parse_body(body)?;
-    if let Some(r) = &report.reason
-        && (r.is_empty() || r.len() > 128)
-    {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            "reason must be 1 to 128 characters",
-        ));
-    }
+    super::tasks::check_reason(report.reason.as_deref(), report.message.as_deref())?;
     let outcome = transition(&state, id, |task| {
         if task.attempt != attempt {
             return Err(not_current(task, attempt));

@@ -105,6 +105,9 @@ pub struct HttpArgs {
     /// catch up with the log before the API answers 503 `projection_lagging`.
     #[arg(long, env = "TASKLOG_READ_WAIT_MS", default_value_t = 5_000)]
     pub read_wait_ms: u64,
+    /// Longest `wait_ms` a reader may ask for (long-polls, read-your-writes waits).
+    #[arg(long, env = "TASKLOG_MAX_WAIT_MS", default_value_t = 60_000)]
+    pub max_wait_ms: u64,
 }
 
 #[derive(Debug, Args)]

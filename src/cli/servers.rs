@@ -90,6 +90,7 @@ pub(crate) async fn build_api(
     let mut options = ApiOptions::new(brokers, topics, partitions);
     options.log_partitions = log_partitions;
     options.read_wait = Duration::from_millis(http.read_wait_ms);
+    options.max_wait = Duration::from_millis(http.max_wait_ms);
     options.service_partitions = partitions_of(&options.topics.services).unwrap_or(partitions);
     options.worker_partitions = partitions_of(&options.topics.workers).unwrap_or(partitions);
     Ok(AppState::new(store, appender, options, cursor_key)?)

@@ -1,0 +1,70 @@
+//! schemathesis against a live server (API and projector on a real broker and Postgres),
+//! over every operation of `GET /v1/openapi.json`, with the description's links for
+//! stateful sequences (submit, then read, cancel, page the logs, ...). Every check is on
+//! but those `tests/schemathesis.toml` turns off, with its reasons: no 5xx, every
+//! response conforms to the description (status, content type, headers, schema), bad
+//! input is refused, good input accepted.
+//!
+//! `scripts/test` installs schemathesis (pinned, in `target/schemathesis-venv`) and sets
+//! `TASKLOG_SCHEMATHESIS` to its `st`; without it the test says so and passes.
+//! `TASKLOG_SCHEMATHESIS_EXAMPLES` (default 50) and `TASKLOG_SCHEMATHESIS_SEED` tune the
+//! run.
+
+mod common;
+
+use std::time::Instant;
+
+use common::{Broker, Db, start_projector, start_server};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schemathesis_finds_nothing() {
+    let Some(st) = std::env::var_os("TASKLOG_SCHEMATHESIS") else {
+        eprintln!(
+            "SKIPPED schemathesis_finds_nothing: TASKLOG_SCHEMATHESIS is not set \
+             (scripts/test installs schemathesis and sets it)"
+        );
+        return;
+    };
+    let examples =
+        std::env::var("TASKLOG_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "50".to_string());
+    let seed = std::env::var("TASKLOG_SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".to_string());
+    let broker = Broker::start();
+    let db = Db::create().await;
+    // Long-polls of at most 1 s, so that generated `wait_ms` values keep the run short
+    // (the served description says so).
+    let (_server, url) = start_server(&broker, &db, &[("TASKLOG_MAX_WAIT_MS", "1000")]).await;
+    let _projector = start_projector(&broker, &db);
+    let work = tempfile::tempdir().expect("work dir");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/schemathesis.toml");
+    let started = Instant::now();
+    let output = tokio::process::Command::new(&st)
+        .args(["--config-file", config, "run"])
+        .arg(format!("{url}/v1/openapi.json"))
+        .args(["--max-examples", &examples, "--seed", &seed])
+        .args(["--workers", "2", "--request-timeout", "20"])
+        .args(["--generation-database", "none", "--no-color"])
+        .current_dir(work.path())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run schemathesis");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}\n{stderr}");
+    eprintln!(
+        "schemathesis ran {:.0?} ({examples} examples per operation, seed {seed})",
+        started.elapsed()
+    );
+    assert!(
+        output.status.success(),
+        "schemathesis found problems (exit {:?}):\n{stdout}\n{stderr}",
+        output.status.code()
+    );
+    // It did test every operation of the description but the description itself
+    // (schemathesis leaves out the document it loaded; tests/api_http.rs reads it).
+    let operations = tasklog::api::routes::all().len() - 1;
+    assert!(
+        stdout.contains(&format!("Tested: {operations}")),
+        "expected all {operations} operations tested:\n{stdout}"
+    );
+}
