@@ -94,15 +94,18 @@ SCHEMATHESIS_VERSION=4.32.5
 ensure_schemathesis() {
     local venv="$ROOT/target/schemathesis-venv"
     local st="$venv/bin/st"
-    if [ ! -x "$st" ] || [ "$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("schemathesis"))' 2>/dev/null)" != "$SCHEMATHESIS_VERSION" ]; then
+    local constraints="$ROOT/tests/schemathesis-constraints.txt"
+    # Reinstall when the pinned set changed (the venv keeps a copy of what it was built from).
+    if [ ! -x "$st" ] || ! cmp -s "$constraints" "$venv/constraints.txt"; then
         local python
         python="$(command -v python3.11 || command -v python3 || true)"
         if [ -z "$python" ]; then apt_install python3 python3-venv; python="$(command -v python3)"; fi
         if ! "$python" -c 'import venv, ensurepip' >/dev/null 2>&1; then apt_install python3-venv; fi
-        say "pip install schemathesis==$SCHEMATHESIS_VERSION (into target/schemathesis-venv)"
+        say "pip install schemathesis==$SCHEMATHESIS_VERSION (into target/schemathesis-venv, every dependency pinned)"
         rm -rf "$venv"
         "$python" -m venv "$venv"
-        "$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+        "$venv/bin/pip" install -q --disable-pip-version-check -c "$constraints" "schemathesis==$SCHEMATHESIS_VERSION"
+        cp "$constraints" "$venv/constraints.txt"
     fi
     export TASKLOG_SCHEMATHESIS="$st"
 }

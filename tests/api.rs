@@ -3,6 +3,7 @@
 mod common;
 
 use common::Stack;
+use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 
 fn spec(name: &str) -> Value {
@@ -108,6 +109,25 @@ async fn idempotent_resubmission() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+
+    // A header key that is not visible ASCII (a tab, a byte over 0x7e) or too long: 400.
+    for bad in [
+        HeaderValue::from_static("a\tb"),
+        HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+        HeaderValue::from_str(&"k".repeat(257)).unwrap(),
+    ] {
+        let r = s
+            .http
+            .post(format!("{}/v1/tasks", s.url))
+            .header("Idempotency-Key", bad.clone())
+            .json(&spec("eval"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad:?}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_idempotency_key", "{bad:?}");
+    }
 
     s.wait_projected(1).await;
     assert_eq!(s.db.count("SELECT count(*) FROM tasks").await, 1);
@@ -226,7 +246,7 @@ async fn dependencies_must_name_known_tasks() {
     assert!(message.contains(&ghost), "{message}");
     assert!(!message.contains(a["id"].as_str().unwrap()), "{message}");
 
-    let first = tasklog::api::task_id_for_key("dep-first");
+    let first = tasklog::events::idempotency::task_id_for_key("dep-first");
     let batch = json!({"tasks": [
         {"shell": "true", "after": [first]},
         {"shell": "true", "idempotency_key": "dep-first"},

@@ -224,7 +224,12 @@ async fn eight_tasks_interleaved_in_one_partition_each_read_only_their_own_lines
     let keys: Vec<String> = (0..)
         .map(|i| format!("interleave-{i}-{}", Uuid::new_v4()))
         .filter(|k| {
-            partition_for_key(tasklog::api::task_id_for_key(k).to_string().as_bytes(), 12) == target
+            partition_for_key(
+                tasklog::events::idempotency::task_id_for_key(k)
+                    .to_string()
+                    .as_bytes(),
+                12,
+            ) == target
         })
         .take(8)
         .collect();

@@ -51,18 +51,7 @@ async fn postgres_killed_under_load_loses_nothing_and_dead_letters_nothing() {
     let topic = broker.events_topic();
     let end: i64 = broker.all_watermarks(&topic).iter().map(|(_, h)| h).sum();
     assert_eq!(end, TASKS as i64);
-    let db_ref = &db;
-    common::eventually(
-        "the whole topic projected after the outage",
-        Duration::from_secs(180),
-        || async move {
-            let done = db_ref
-                .count("SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets WHERE topic LIKE '%.events'")
-                .await;
-            (done >= end).then_some(())
-        },
-    )
-    .await;
+    common::wait_projected_on(&db, &topic, end).await;
     assert!(projector.running(), "the projector survived the outage");
 
     let client = db.client().await;

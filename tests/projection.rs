@@ -159,7 +159,9 @@ async fn projector_refuses_to_skip_events_deleted_from_the_log() {
         .map(|i| format!("lost-{i}"))
         .find(|k| {
             tasklog::kafka::partition_for_key(
-                tasklog::api::task_id_for_key(k).to_string().as_bytes(),
+                tasklog::events::idempotency::task_id_for_key(k)
+                    .to_string()
+                    .as_bytes(),
                 12,
             ) == partition
         })

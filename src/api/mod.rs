@@ -31,7 +31,6 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::watch;
 
 pub use error::ApiError;
-pub use tasks::task_id_for_key;
 
 use crate::consistency::Projections;
 use crate::kafka::{Appender, KafkaIoError, PartitionEnds, Topics};

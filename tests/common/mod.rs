@@ -1017,25 +1017,7 @@ impl Stack {
 
     /// Waits until the projection of `topic` has applied or rejected `n` records.
     pub async fn wait_projected_topic(&self, topic: &str, n: i64) {
-        let db = &self.db;
-        eventually(
-            &format!("{n} records of {topic} projected"),
-            Duration::from_secs(180),
-            || async move {
-                let done: i64 = db
-                    .client()
-                    .await
-                    .query_one(
-                        "SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets WHERE topic = $1",
-                        &[&topic],
-                    )
-                    .await
-                    .ok()?
-                    .get(0);
-                (done >= n).then_some(())
-            },
-        )
-        .await;
+        wait_projected_on(&self.db, topic, n).await;
     }
 
     /// Waits until the projection of `topic` has everything the topic holds now.
@@ -1064,6 +1046,28 @@ impl Stack {
         )
         .await;
     }
+}
+
+/// Waits until the projection of `topic` in `db` has applied or rejected `n` records.
+pub async fn wait_projected_on(db: &Db, topic: &str, n: i64) {
+    eventually(
+        &format!("{n} records of {topic} projected"),
+        Duration::from_secs(180),
+        || async move {
+            let done: i64 = db
+                .client()
+                .await
+                .query_one(
+                    "SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets WHERE topic = $1",
+                    &[&topic],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (done >= n).then_some(())
+        },
+    )
+    .await;
 }
 
 /// CloudEvents binary-mode headers for a hand-made event.
