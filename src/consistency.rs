@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::events::EncodedEvent;
 use crate::kafka::{AppendError, Appended, Appender, KafkaIoError, PartitionEnds};
 use crate::metrics::metrics;
-use crate::store::{Store, StoreError};
+use crate::store::{KnownOffsets, Store, StoreError};
 
 /// Why a wait could not be carried out (not: that it timed out — see [`Lag`]).
 #[derive(Debug, thiserror::Error)]
@@ -90,27 +90,50 @@ impl Targets {
 pub struct Projections {
     store: Store,
     changes: watch::Receiver<u64>,
+    known: KnownOffsets,
 }
 
 impl Projections {
-    /// Progress in `store`, re-read whenever `changes` moves (a [`Store::follow`] of the
-    /// channels of the projections waited on).
-    pub fn new(store: Store, changes: watch::Receiver<u64>) -> Projections {
-        Projections { store, changes }
+    /// Progress in `store`, re-read whenever `changes` moves; `known` is what the
+    /// notifications said was stored (both from one [`Store::follow_progress`] of the
+    /// channels of the projections waited on), so that a target it already covers needs
+    /// no query.
+    pub fn new(store: Store, changes: watch::Receiver<u64>, known: KnownOffsets) -> Projections {
+        Projections {
+            store,
+            changes,
+            known,
+        }
+    }
+
+    /// Follows the projections of `channels` in `store`.
+    pub fn follow(store: Store, channels: &[&'static str]) -> Projections {
+        let (changes, known) = store.follow_progress(channels);
+        Projections::new(store, changes, known)
+    }
+
+    /// The counter that moves after every notified projection commit.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
     }
 
     /// How many records the projections still have to apply to reach `targets`.
     pub async fn lag(&self, targets: &Targets) -> Result<Lag, StoreError> {
         let mut lag = 0;
         for (topic, wanted) in &targets.0 {
-            if wanted.is_empty() {
+            let short = |stored: &dyn Fn(i32) -> i64| {
+                wanted
+                    .iter()
+                    .map(|(p, next)| (next - stored(*p)).max(0))
+                    .sum::<i64>()
+            };
+            if short(&|p| self.known.get(topic, p)) == 0 {
                 continue;
             }
             let stored = self.store.projection_offsets(topic).await?;
-            lag += wanted
-                .iter()
-                .map(|(p, next)| (next - stored.get(p).copied().unwrap_or(0)).max(0))
-                .sum::<i64>();
+            self.known
+                .raise(topic, stored.iter().map(|(p, o)| (*p, *o)));
+            lag += short(&|p| stored.get(&p).copied().unwrap_or(0));
         }
         Ok(Lag(lag))
     }

@@ -83,3 +83,36 @@ async fn a_task_submitted_through_one_server_is_read_at_once_through_another() {
     .await;
     assert_eq!(status, 400, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_projection_is_lagging_not_missing() {
+    // A server that has seen the projection reach the log's end keeps that in memory
+    // (from the projector's notifications); deleting the projection (what `tasklog
+    // projector --rebuild` does first) must make it forget, or it would answer 404 for
+    // tasks that are on the log.
+    let mut s = Stack::start().await;
+    let (_other, other) = start_server(&s.broker, &s.db, &[("TASKLOG_READ_WAIT_MS", "700")]).await;
+    let http = reqwest::Client::new();
+    let (status, body) = s
+        .post("/v1/tasks", &json!({"name": "kept", "shell": "true"}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    let (status, task) = get(&http, &format!("{other}/v1/tasks/{id}")).await;
+    assert_eq!(status, 200, "{task}");
+
+    s.projector.kill();
+    let store = tasklog::store::Store::connect(&s.db.url, 1).expect("store");
+    store
+        .reset_projection()
+        .await
+        .expect("reset the projection");
+    let (status, body) = get(&http, &format!("{other}/v1/tasks/{id}")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "projection_lagging");
+
+    // Rebuilt from offset 0, it is there again.
+    s.projector = common::start_projector(&s.broker, &s.db);
+    let (status, task) = get(&http, &format!("{other}/v1/tasks/{id}?wait_ms=30000")).await;
+    assert_eq!(status, 200, "{task}");
+}

@@ -123,12 +123,15 @@ impl AppState {
         options: ApiOptions,
         cursor_key: CursorKey,
     ) -> Result<Arc<AppState>, KafkaIoError> {
-        let projection = store.follow(&[
-            crate::store::PROJECTION_CHANNEL,
-            crate::store::WORKERS_CHANNEL,
-            crate::store::SERVICES_CHANNEL,
-        ]);
-        let projections = Projections::new(store.clone(), projection.clone());
+        let projections = Projections::follow(
+            store.clone(),
+            &[
+                crate::store::PROJECTION_CHANNEL,
+                crate::store::WORKERS_CHANNEL,
+                crate::store::SERVICES_CHANNEL,
+            ],
+        );
+        let projection = projections.changes();
         let ends = PartitionEnds::new(&options.brokers)?;
         let log_reader = Arc::new(LogReader::new(
             &options.brokers,
@@ -186,6 +189,28 @@ impl AppState {
         )
         .with_detail("lag", serde_json::json!(lag.0))
         .with_detail("partition", serde_json::json!(partition)))
+    }
+
+    /// [`AppState::read_your_writes`] for service `name` on the services topic.
+    pub async fn read_service(&self, name: &str) -> Result<(), ApiError> {
+        self.read_your_writes(
+            &self.options.topics.services,
+            name.as_bytes(),
+            self.options.service_partitions,
+            Duration::ZERO,
+        )
+        .await
+    }
+
+    /// [`AppState::read_your_writes`] for worker `id` on the workers topic.
+    pub async fn read_worker(&self, id: &str) -> Result<(), ApiError> {
+        self.read_your_writes(
+            &self.options.topics.workers,
+            id.as_bytes(),
+            self.options.worker_partitions,
+            Duration::ZERO,
+        )
+        .await
     }
 
     /// [`AppState::read_your_writes`] for task `id` on the events topic.

@@ -194,7 +194,7 @@ pub async fn create(
         probe: body.probe,
     };
     check_template(&spec)?;
-    read_service(&state, &body.name).await?;
+    state.read_service(&body.name).await?;
     if let Some(existing) = state.store.service(&body.name).await?
         && !existing.lifecycle.is_terminal()
     {
@@ -235,20 +235,8 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Api
 /// [`AppState::read_your_writes`]), then the projection.
 async fn load_current(state: &AppState, name: &str) -> Result<ServiceState, ApiError> {
     let name = checked_name(name)?;
-    read_service(state, name).await?;
+    state.read_service(name).await?;
     load(state, name).await
-}
-
-/// Read-your-writes for service `name`.
-async fn read_service(state: &AppState, name: &str) -> Result<(), ApiError> {
-    state
-        .read_your_writes(
-            &state.options.topics.services,
-            name.as_bytes(),
-            state.options.service_partitions,
-            std::time::Duration::ZERO,
-        )
-        .await
 }
 
 async fn load(state: &AppState, name: &str) -> Result<ServiceState, ApiError> {

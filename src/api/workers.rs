@@ -76,14 +76,7 @@ pub async fn get_worker(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = checked_worker_id(&id)?;
-    state
-        .read_your_writes(
-            &state.options.topics.workers,
-            id.as_bytes(),
-            state.options.worker_partitions,
-            std::time::Duration::ZERO,
-        )
-        .await?;
+    state.read_worker(id).await?;
     let Some(worker) = state.store.worker(id).await? else {
         return Err(ApiError::not_found(format!(
             "worker {id:?} is not on the log"

@@ -510,7 +510,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SchedulerError> {
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut changes = store.follow(&[PROJECTION_CHANNEL, WORKERS_CHANNEL, SERVICES_CHANNEL]);
+    let projections = Projections::follow(
+        store.clone(),
+        &[PROJECTION_CHANNEL, WORKERS_CHANNEL, SERVICES_CHANNEL],
+    );
+    let mut changes = projections.changes();
     loop {
         let leader = tokio::select! {
             leader = become_leader(store.url(), options.standby_poll) => leader,
@@ -519,7 +523,7 @@ pub async fn run(
         tracing::info!("scheduler: leading");
         crate::metrics::metrics().scheduler_leader.set(1);
         let result = tokio::select! {
-            r = lead(&options, &store, &appender, &leader, &mut changes) => r,
+            r = lead(&options, &store, &appender, &leader, &projections, &mut changes) => r,
             _ = &mut shutdown => {
                 crate::metrics::metrics().scheduler_leader.set(0);
                 return Ok(());
@@ -591,6 +595,7 @@ async fn lead(
     store: &Store,
     appender: &Appender,
     leader: &Leadership,
+    projections: &Projections,
     changes: &mut tokio::sync::watch::Receiver<u64>,
 ) -> Result<(), SchedulerError> {
     let plan_options = PlanOptions {
@@ -600,7 +605,6 @@ async fn lead(
     // missed (the model ignores states older than the one it holds).
     let from = store.projection_offsets(&options.topics.events).await?;
     let mut model = Model::new(plan_options, from);
-    let projections = Projections::new(store.clone(), changes.clone());
     for record in store.unfinished_tasks().await? {
         model.update(record);
     }

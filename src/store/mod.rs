@@ -3,6 +3,7 @@
 //! Postgres holds projections only. Every row here can be rebuilt from the events topic
 //! (`tasklog projector --rebuild`).
 
+pub mod progress;
 pub mod projection;
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use uuid::Uuid;
 use crate::events::service::ServiceState;
 use crate::events::worker::WorkerState;
 use crate::events::{TaskState, TaskStatus};
+pub use progress::KnownOffsets;
 
 /// Default database URL.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://tasklog:tasklog@127.0.0.1:5432/tasklog";
@@ -505,8 +507,15 @@ impl Store {
         self.client()
             .await?
             .batch_execute(
-                "TRUNCATE tasks, task_events, rejected_events, projection_offsets, task_state_counts,
-                          log_index, log_checkpoints, workers, services",
+                &format!(
+                    "TRUNCATE tasks, task_events, rejected_events, projection_offsets, task_state_counts,
+                              log_index, log_checkpoints, workers, services;
+                     {}",
+                    [PROJECTION_CHANNEL, WORKERS_CHANNEL, SERVICES_CHANNEL, LOG_INDEX_CHANNEL]
+                        .iter()
+                        .map(|c| format!("NOTIFY {c}, '{}';", progress::RESET_PAYLOAD))
+                        .collect::<String>()
+                ),
             )
             .await
             .map_err(ctx("reset projection"))
@@ -516,13 +525,27 @@ impl Store {
     /// counter changes after every signalled projector commit (and after a reconnect,
     /// when one may have been missed). Reconnects by itself.
     pub fn follow(&self, channels: &[&'static str]) -> watch::Receiver<u64> {
+        self.follow_progress(channels).0
+    }
+
+    /// [`Store::follow`], also folding what each notification says was stored into
+    /// [`KnownOffsets`] (forgotten whenever the connection breaks: a Postgres crash may
+    /// take back asynchronous commits it had notified).
+    pub fn follow_progress(
+        &self,
+        channels: &[&'static str],
+    ) -> (watch::Receiver<u64>, KnownOffsets) {
         let (tx, rx) = watch::channel(0u64);
+        let known = KnownOffsets::new();
         let url = self.url.clone();
         let statement: String = channels.iter().map(|c| format!("LISTEN {c};")).collect();
+        let follower_known = known.clone();
         tokio::spawn(async move {
+            let known = follower_known;
             let mut backoff = Duration::from_millis(100);
             loop {
-                let listened = listen_once(&url, &statement, &tx).await;
+                let listened = listen_once(&url, &statement, &tx, &known).await;
+                known.forget();
                 // Nobody follows any more (e.g. the server stopped): end quietly.
                 if tx.is_closed() {
                     return;
@@ -535,7 +558,7 @@ impl Store {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         });
-        rx
+        (rx, known)
     }
 
     /// Every worker, by id.
@@ -750,6 +773,7 @@ async fn listen_once(
     url: &str,
     statement: &str,
     tx: &watch::Sender<u64>,
+    known: &KnownOffsets,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -770,7 +794,8 @@ async fn listen_once(
     // Anything committed before LISTEN took effect must be re-checked by waiters.
     tx.send_modify(|n| *n += 1);
     while let Some(message) = messages.next().await {
-        if let AsyncMessage::Notification(_) = message? {
+        if let AsyncMessage::Notification(notification) = message? {
+            known.apply(progress::parse_payload(notification.payload()));
             tx.send_modify(|n| *n += 1);
         }
         if tx.is_closed() {

@@ -444,7 +444,8 @@ pub async fn finish_batch(
         .map_err(ctx("store projection offsets"))?;
     }
     if let Some(channel) = channel {
-        tx.execute(&format!("NOTIFY {channel}"), &[])
+        let payload = super::progress::notify_payload(topic, next_offsets);
+        tx.execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
             .await
             .map_err(ctx("notify"))?;
     }
