@@ -3,11 +3,13 @@
 //! Every fact about a task is an event appended to Kafka; projections fold those events
 //! into Postgres, exactly once. The modules follow the architecture:
 //!
-//! - [`events`]: the CloudEvents envelope, event types, JSON Schemas and the pure state machine.
+//! - [`events`]: the domain, the `tasklog-core` crate (`crates/tasklog-core`): the CloudEvents
+//!   envelope, event types, JSON Schemas, specs and the pure folds. No I/O, by construction.
 //! - [`kafka`]: producers, topics, partitioning and the in-memory mock broker.
 //! - [`store`]: Postgres: migrations, the projection's tables and the read side.
 //! - [`consistency`]: read-your-writes: waiting until the projections have what the log has.
 //! - [`projector`]: consumes the events topic and applies it to Postgres exactly once.
+//! - [`replay`]: folds the log in memory and compares it with the projection (auditors).
 //! - [`api`]: the HTTP API.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: the `tasklog` command line.
@@ -16,11 +18,12 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod consistency;
-pub mod events;
+pub use tasklog_core as events;
 pub mod kafka;
 pub mod logs;
 pub mod metrics;
 pub mod projector;
+pub mod replay;
 pub mod scheduler;
 pub mod store;
 pub mod worker;

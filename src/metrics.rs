@@ -71,6 +71,13 @@ pub struct Metrics {
     pub service_replicas: IntGaugeVec,
     /// `tasklog_service_status{service,status}`: 1 for the service's current status.
     pub service_status: IntGaugeVec,
+    /// `tasklog_replay_records_total{topic}`: records folded by replay and audit tools.
+    pub replay_records: IntCounterVec,
+    /// `tasklog_replay_differences`: differences the last `replay verify` found.
+    pub replay_differences: IntGauge,
+    /// `tasklog_replay_runs_total{outcome}`: verifications, by outcome (`consistent`,
+    /// `differences`, `error`).
+    pub replay_runs: IntCounterVec,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -256,6 +263,20 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "tasklog_service_status",
             "1 for each service's current status (provisioning, running, degraded, down, failed, stopped).",
             &["service", "status"],
+        )?,
+        replay_records: counter(
+            "tasklog_replay_records_total",
+            "Records folded by the replay and audit tools, by topic.",
+            &["topic"],
+        )?,
+        replay_differences: plain_gauge(
+            "tasklog_replay_differences",
+            "Differences between the log and the projection the last verification found.",
+        )?,
+        replay_runs: counter(
+            "tasklog_replay_runs_total",
+            "Verifications of the projection against the log, by outcome.",
+            &["outcome"],
         )?,
         registry,
     })

@@ -149,6 +149,14 @@ async fn projector_killed_twice_under_load_applies_every_event_exactly_once() {
         projected_ids, acknowledged,
         "every acknowledged task, and nothing else"
     );
+    // And an auditor folding the log alone finds the projection to be exactly that.
+    let (status, report) = common::replay_verify(&broker, &db);
+    assert_eq!(
+        (status, &report["differences"]),
+        (0, &json!([])),
+        "{report}"
+    );
+    assert_eq!(report["records"], TASKS as i64, "{report}");
 }
 
 /// The worst moments, made deterministic: the projector dies after writing a batch (and
@@ -204,4 +212,10 @@ async fn abort_before_and_after_commit_loses_and_repeats_nothing() {
         .collect();
     assert_eq!(sources.len(), 2, "two distinct dead letters");
     assert!(dlq.len() >= 2);
+    let (status, report) = common::replay_verify(&s.broker, &s.db);
+    assert_eq!(
+        (status, &report["differences"]),
+        (0, &json!([])),
+        "{report}"
+    );
 }

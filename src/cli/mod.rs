@@ -3,6 +3,7 @@
 //! `cancel`, `logs`, `workers`) and benchmarks.
 
 mod client;
+mod replay;
 mod servers;
 
 pub use client::parse_spec_text;
@@ -65,6 +66,9 @@ enum Command {
     /// Benchmarks that print their figures beside raw Kafka and Postgres baselines.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Replay the log: verify the projection against it.
+    #[command(subcommand)]
+    Replay(replay::ReplayCommand),
 }
 
 /// Kafka settings shared by the server roles.
@@ -484,6 +488,7 @@ pub async fn run() -> i32 {
         Command::Events(a) => client::events(a).await,
         Command::Cancel(a) => client::cancel(a).await,
         Command::Logs(a) => client::logs(a).await,
+        Command::Replay(c) => replay::run(c).await,
         Command::Bench(BenchCommand::Submit(a)) => crate::bench::submit(a).await,
         Command::Bench(BenchCommand::Logs(a)) => crate::bench::logs(a).await,
         Command::Bench(BenchCommand::Schedule(a)) => crate::bench::schedule(a).await,

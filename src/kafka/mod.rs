@@ -5,6 +5,9 @@
 //! lives in [`dev_broker`].
 
 pub mod dev_broker;
+pub mod scan;
+
+pub use scan::{raw_record, scan};
 
 use std::time::Duration;
 

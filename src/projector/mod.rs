@@ -64,17 +64,7 @@ pub struct Refusal {
     pub message: String,
 }
 
-/// A consumed message as the pure decoders see it (no Kafka types).
-pub fn raw_record(message: &OwnedMessage) -> crate::events::RawRecord<'_> {
-    crate::events::RawRecord {
-        key: message.key(),
-        headers: message
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-            .unwrap_or_default(),
-        payload: message.payload(),
-    }
-}
+pub use crate::kafka::raw_record;
 
 /// A fold of one topic into Postgres.
 pub trait Projection: Send + Sync + 'static {

@@ -8,6 +8,7 @@ use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use super::{Projection, Record, Refusal};
+use crate::events::fold::TaskFold;
 use crate::events::{self, Event, Rejection};
 use crate::metrics::metrics;
 use crate::store::projection::{self, AppliedEvent, TaskBatchWrite, TaskRow};
@@ -43,11 +44,12 @@ impl Projection for TaskProjection {
             .filter_map(|r| r.decoded.as_ref().ok().map(|e| e.envelope.id.clone()))
             .collect();
         // Both lookups go out together on the one connection (pipelined).
-        let (mut states, mut seen) = tokio::try_join!(
+        let (states, seen) = tokio::try_join!(
             projection::load_tasks(tx, &ids),
             projection::applied_ce_ids(tx, &ce_ids)
         )?;
         let existed: HashSet<Uuid> = states.keys().copied().collect();
+        let mut fold = TaskFold { states, seen };
 
         let mut write = TaskBatchWrite::default();
         let mut refusals = Vec::new();
@@ -58,22 +60,15 @@ impl Projection for TaskProjection {
                 .decoded
                 .as_ref()
                 .map_err(Clone::clone)
-                .and_then(|event| {
-                    if seen.contains(&event.envelope.id) {
-                        return Err(Rejection::DuplicateCeId(event.envelope.id.clone()));
-                    }
-                    let before = states.get(&event.task_id);
-                    let after = events::apply(before, event)?;
-                    Ok((event, before.map(|b| b.state), after))
-                });
+                .and_then(|event| Ok((event, fold.apply(event)?)));
             match outcome {
-                Ok((event, before, after)) => {
-                    observe_attempt(before, &after);
+                Ok((event, before)) => {
+                    let after = &fold.states[&event.task_id];
+                    observe_attempt(before, after);
                     if let Some(b) = before {
                         *write.state_deltas.entry(b.as_str()).or_default() -= 1;
                     }
                     *write.state_deltas.entry(after.state.as_str()).or_default() += 1;
-                    seen.insert(event.envelope.id.clone());
                     touched.insert(event.task_id, (partition, offset));
                     write.events.push(AppliedEvent::new(
                         event,
@@ -81,7 +76,6 @@ impl Projection for TaskProjection {
                         offset,
                         record.message.payload().unwrap_or_default().to_vec(),
                     ));
-                    states.insert(after.id, after);
                 }
                 Err(rejection) => refusals.push(Refusal {
                     index,
@@ -91,7 +85,7 @@ impl Projection for TaskProjection {
             }
         }
         for (id, (partition, last_offset)) in &touched {
-            if let Some(state) = states.remove(id) {
+            if let Some(state) = fold.states.remove(id) {
                 write.tasks.push(TaskRow {
                     state,
                     partition: *partition,

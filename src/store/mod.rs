@@ -5,6 +5,7 @@
 
 pub mod progress;
 pub mod projection;
+pub mod snapshot;
 
 use std::collections::HashMap;
 use std::str::FromStr;

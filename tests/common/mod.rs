@@ -846,6 +846,22 @@ pub fn role(broker: &Broker, db: &Db, args: &[&str]) -> Command {
     c
 }
 
+/// `tasklog replay verify --json` on this broker and database: its exit status and its
+/// report.
+pub fn replay_verify(broker: &Broker, db: &Db) -> (i32, Value) {
+    let output = role(broker, db, &["replay", "verify", "--json"])
+        .stdout(Stdio::piped())
+        .output()
+        .expect("run tasklog replay verify");
+    let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "replay verify printed no JSON report ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    });
+    (output.status.code().unwrap_or(-1), report)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")

@@ -14,7 +14,7 @@ use super::service::ServiceEventType;
 use super::worker::WorkerEventType;
 
 /// The task spec schema, as published in `schemas/task-spec.v1.json`.
-pub const TASK_SPEC_SCHEMA: &str = include_str!("../../schemas/task-spec.v1.json");
+pub const TASK_SPEC_SCHEMA: &str = include_str!("../../../schemas/task-spec.v1.json");
 
 const TASK_SPEC_URI: &str = "https://tasklog.dev/schemas/task-spec.v1.json";
 
@@ -22,27 +22,33 @@ const TASK_SPEC_URI: &str = "https://tasklog.dev/schemas/task-spec.v1.json";
 fn event_schema_source(event_type: EventType) -> &'static str {
     match event_type {
         EventType::Submitted => {
-            include_str!("../../schemas/events/dev.tasklog.task.submitted.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.task.submitted.v1.json")
         }
         EventType::CancelRequested => {
-            include_str!("../../schemas/events/dev.tasklog.task.cancel_requested.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.task.cancel_requested.v1.json")
         }
         EventType::Cancelled => {
-            include_str!("../../schemas/events/dev.tasklog.task.cancelled.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.task.cancelled.v1.json")
         }
-        EventType::Queued => include_str!("../../schemas/events/dev.tasklog.task.queued.v1.json"),
+        EventType::Queued => {
+            include_str!("../../../schemas/events/dev.tasklog.task.queued.v1.json")
+        }
         EventType::Assigned => {
-            include_str!("../../schemas/events/dev.tasklog.task.assigned.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.task.assigned.v1.json")
         }
-        EventType::Started => include_str!("../../schemas/events/dev.tasklog.task.started.v1.json"),
+        EventType::Started => {
+            include_str!("../../../schemas/events/dev.tasklog.task.started.v1.json")
+        }
         EventType::Succeeded => {
-            include_str!("../../schemas/events/dev.tasklog.task.succeeded.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.task.succeeded.v1.json")
         }
-        EventType::Failed => include_str!("../../schemas/events/dev.tasklog.task.failed.v1.json"),
+        EventType::Failed => {
+            include_str!("../../../schemas/events/dev.tasklog.task.failed.v1.json")
+        }
         EventType::RetryScheduled => {
-            include_str!("../../schemas/events/dev.tasklog.task.retry_scheduled.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.task.retry_scheduled.v1.json")
         }
-        EventType::Ready => include_str!("../../schemas/events/dev.tasklog.task.ready.v1.json"),
+        EventType::Ready => include_str!("../../../schemas/events/dev.tasklog.task.ready.v1.json"),
     }
 }
 
@@ -50,16 +56,16 @@ fn event_schema_source(event_type: EventType) -> &'static str {
 fn worker_schema_source(event_type: WorkerEventType) -> &'static str {
     match event_type {
         WorkerEventType::Registered => {
-            include_str!("../../schemas/events/dev.tasklog.worker.registered.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.worker.registered.v1.json")
         }
         WorkerEventType::Heartbeat => {
-            include_str!("../../schemas/events/dev.tasklog.worker.heartbeat.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.worker.heartbeat.v1.json")
         }
         WorkerEventType::Draining => {
-            include_str!("../../schemas/events/dev.tasklog.worker.draining.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.worker.draining.v1.json")
         }
         WorkerEventType::Lost => {
-            include_str!("../../schemas/events/dev.tasklog.worker.lost.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.worker.lost.v1.json")
         }
     }
 }
@@ -68,19 +74,19 @@ fn worker_schema_source(event_type: WorkerEventType) -> &'static str {
 fn service_schema_source(event_type: ServiceEventType) -> &'static str {
     match event_type {
         ServiceEventType::Created => {
-            include_str!("../../schemas/events/dev.tasklog.service.created.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.service.created.v1.json")
         }
         ServiceEventType::Scaled => {
-            include_str!("../../schemas/events/dev.tasklog.service.scaled.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.service.scaled.v1.json")
         }
         ServiceEventType::StopRequested => {
-            include_str!("../../schemas/events/dev.tasklog.service.stop_requested.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.service.stop_requested.v1.json")
         }
         ServiceEventType::Stopped => {
-            include_str!("../../schemas/events/dev.tasklog.service.stopped.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.service.stopped.v1.json")
         }
         ServiceEventType::Failed => {
-            include_str!("../../schemas/events/dev.tasklog.service.failed.v1.json")
+            include_str!("../../../schemas/events/dev.tasklog.service.failed.v1.json")
         }
     }
 }

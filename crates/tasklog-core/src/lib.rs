@@ -1,13 +1,18 @@
-//! Events: the CloudEvents envelope, the event types and their data, and the pure
-//! state machine ([`state::apply`]) that folds them into task state.
+//! tasklog's domain: the CloudEvents envelope, the event types and their data, task
+//! specs, and the pure folds of tasks ([`state::apply`]), workers ([`worker`]) and
+//! services ([`service`]), with retry decisions ([`retry`]).
 //!
-//! Nothing in this module does I/O. The projector, the API and (later) the replay tool
-//! all decode, validate and fold events through here, so they can never disagree.
+//! A crate of its own so that the compiler, not a comment, keeps it pure: it depends on
+//! no async runtime, no Kafka client and no Postgres driver. The projector, the API and
+//! the replay and audit tools all decode, validate and fold events through it, so they
+//! can never disagree — and an auditor can build a verifier from it alone.
+//! (`tasklog` re-exports it as `tasklog::events`.)
 //!
 //! Wire format: CloudEvents 1.0 in Kafka *binary* mode. The attributes travel as
 //! `ce_*` record headers, the data is the record value (JSON), the record key is the
 //! task id. See `README.md` for a worked example with `kcat`.
 
+pub mod fold;
 pub mod idempotency;
 pub mod probe;
 pub mod retry;

@@ -380,7 +380,7 @@ pub fn failure_event(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Event, Payload, TaskSpec};
+    use crate::{Event, Payload, TaskSpec};
     use serde_json::json;
 
     fn task(retry: Value) -> TaskState {
@@ -397,7 +397,7 @@ mod tests {
                 spec: Box::new(spec),
             },
         );
-        crate::events::apply(None, &e).unwrap()
+        crate::apply(None, &e).unwrap()
     }
 
     #[test]

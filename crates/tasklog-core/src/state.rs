@@ -618,7 +618,7 @@ fn check_attempt(current: &TaskState, attempt: Option<u32>) -> Result<(), Reject
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::ReasonData;
+    use crate::ReasonData;
 
     fn spec() -> TaskSpec {
         TaskSpec {
@@ -907,7 +907,7 @@ mod tests {
             &Event::new("w", id, 3, payload_of(EventType::Started, 1)),
         )
         .unwrap();
-        let cancelled = Payload::Cancelled(crate::events::CancelledData {
+        let cancelled = Payload::Cancelled(crate::CancelledData {
             reason: Some("user".into()),
             attempt: Some(1),
             signal: Some(9),

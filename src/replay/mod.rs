@@ -1,0 +1,194 @@
+//! Replay: fold the log from offset 0 in memory, with the same pure folds as the
+//! projector (`tasklog-core`), and compare the result with the Postgres projection.
+//!
+//! `tasklog replay verify` reads the projection in one repeatable-read snapshot together
+//! with the offsets it was built up to, then reads every topic up to exactly those
+//! offsets, so that a projector working meanwhile cannot cause a false difference; how
+//! far the projection is behind the log is reported beside, not as a difference.
+
+pub mod verify;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::message::Message;
+
+use crate::kafka::{self, KafkaIoError, Topics};
+use crate::metrics::metrics;
+use crate::store::snapshot::{Coordinates, ProjectionSnapshot};
+use crate::store::{Store, StoreError};
+pub use verify::{Difference, Replayed, STORAGE_REJECTED, compare};
+
+/// Why a replay could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// Postgres could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Kafka could not be read.
+    #[error(transparent)]
+    Kafka(#[from] KafkaIoError),
+    /// The log no longer starts at offset 0: what was deleted cannot be replayed.
+    #[error(
+        "{topic} partition {partition} starts at offset {low}: records before it were deleted \
+         (retention), so the log cannot be replayed from 0"
+    )]
+    Truncated {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// Its first offset.
+        low: i64,
+    },
+}
+
+/// What `replay verify` found.
+#[derive(Debug)]
+pub struct VerifyReport {
+    /// Records folded, all topics.
+    pub records: u64,
+    /// How long reading and folding took.
+    pub elapsed: Duration,
+    /// Every difference, in a stable order.
+    pub differences: Vec<Difference>,
+    /// Records the projection has not reached yet, per topic and partition (not
+    /// differences: the snapshot is compared at the offsets it was built to).
+    pub behind: Vec<(String, i32, i64)>,
+    /// Records the projection lists as refused by Postgres (`storage_rejected`): taken
+    /// as given, listed for the reader.
+    pub storage_rejected: Vec<Coordinates>,
+}
+
+/// The topics replay folds, in the order it folds them.
+fn topics_of(topics: &Topics) -> [(&str, Kind); 3] {
+    [
+        (topics.events.as_str(), Kind::Tasks),
+        (topics.workers.as_str(), Kind::Workers),
+        (topics.services.as_str(), Kind::Services),
+    ]
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Tasks,
+    Workers,
+    Services,
+}
+
+/// How many records a verification will fold (for a progress bar), from the snapshot's
+/// offsets.
+pub fn planned(snapshot: &ProjectionSnapshot, topics: &Topics) -> u64 {
+    topics_of(topics)
+        .iter()
+        .filter_map(|(t, _)| snapshot.offsets.get(*t))
+        .flat_map(|p| p.values())
+        .map(|n| *n as u64)
+        .sum()
+}
+
+/// Folds `topics` from offset 0 up to the offsets of `snapshot` and compares the result
+/// with it. `progress` is called with the records folded so far, now and then.
+pub async fn verify(
+    brokers: &str,
+    topics: &Topics,
+    snapshot: &ProjectionSnapshot,
+    progress: impl Fn(u64) + Send + Sync + Clone + 'static,
+) -> Result<VerifyReport, ReplayError> {
+    let started = Instant::now();
+    let mut replayed = Replayed::new();
+    let mut behind = Vec::new();
+    for (topic, kind) in topics_of(topics) {
+        let ends = kafka::watermarks(brokers, topic).await?;
+        let stored = snapshot.offsets.get(topic).cloned().unwrap_or_default();
+        let mut ranges = HashMap::new();
+        for (partition, (low, high)) in ends.iter().enumerate() {
+            let partition = partition as i32;
+            let upto = stored.get(&partition).copied().unwrap_or(0);
+            if *low > 0 && upto > 0 {
+                return Err(ReplayError::Truncated {
+                    topic: topic.to_string(),
+                    partition,
+                    low: *low,
+                });
+            }
+            if high > &upto {
+                behind.push((topic.to_string(), partition, high - upto));
+            }
+            ranges.insert(partition, (0, upto));
+        }
+        let refused: std::collections::HashSet<(i32, i64)> = snapshot
+            .rejected
+            .iter()
+            .filter(|((t, _, _), reason)| t == topic && reason.as_str() == STORAGE_REJECTED)
+            .map(|((_, p, o), _)| (*p, *o))
+            .collect();
+        let (brokers, name, report) = (brokers.to_string(), topic.to_string(), progress.clone());
+        let (back, read) = tokio::task::spawn_blocking(move || {
+            let mut replayed = replayed;
+            let read = kafka::scan(&brokers, &name, &ranges, |message| {
+                let at = (name.as_str(), message.partition(), message.offset());
+                let record = kafka::raw_record(message);
+                let refused = refused.contains(&(at.1, at.2));
+                let _ = match kind {
+                    Kind::Tasks => replayed.task_record(at, &record, refused),
+                    Kind::Workers => replayed.worker_record(at, &record, refused),
+                    Kind::Services => replayed.service_record(at, &record, refused),
+                };
+                if replayed.records % 10_000 == 0 {
+                    report(replayed.records);
+                }
+            });
+            (replayed, read)
+        })
+        .await
+        .map_err(|e| KafkaIoError::Interrupted(e.to_string()))?;
+        replayed = back;
+        let read = read?;
+        metrics()
+            .replay_records
+            .with_label_values(&[topic])
+            .inc_by(read);
+        progress(replayed.records);
+    }
+    let differences = compare(&replayed, snapshot);
+    let mut storage_rejected: Vec<Coordinates> = snapshot
+        .rejected
+        .iter()
+        .filter(|(_, r)| r.as_str() == STORAGE_REJECTED)
+        .map(|(at, _)| at.clone())
+        .collect();
+    storage_rejected.sort();
+    let m = metrics();
+    m.replay_differences.set(differences.len() as i64);
+    m.replay_runs
+        .with_label_values(&[if differences.is_empty() {
+            "consistent"
+        } else {
+            "differences"
+        }])
+        .inc();
+    Ok(VerifyReport {
+        records: replayed.records,
+        elapsed: started.elapsed(),
+        differences,
+        behind,
+        storage_rejected,
+    })
+}
+
+/// Reads the projection's snapshot from `store` and verifies it against the log.
+pub async fn verify_store(
+    brokers: &str,
+    topics: &Topics,
+    store: &Store,
+    progress: impl Fn(u64, u64) + Send + Sync + Clone + 'static,
+) -> Result<VerifyReport, ReplayError> {
+    let snapshot = store.snapshot().await?;
+    let total = planned(&snapshot, topics);
+    let result = verify(brokers, topics, &snapshot, move |n| progress(n, total)).await;
+    if result.is_err() {
+        metrics().replay_runs.with_label_values(&["error"]).inc();
+    }
+    result
+}

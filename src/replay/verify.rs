@@ -1,0 +1,558 @@
+//! Folding the log in memory and comparing the result with the projection, row by row.
+//! Pure: records in, differences out; [`super::verify`] does the reading.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::events::fold::TaskFold;
+use crate::events::service::{ServiceEvent, ServiceState, apply_service};
+use crate::events::worker::{WorkerEvent, WorkerState, apply_worker};
+use crate::events::{Event, RawRecord, Rejection};
+use crate::store::snapshot::{Coordinates, ProjectionSnapshot, StoredEvent, StoredTask};
+
+/// The projection's reason for a record Postgres itself refused: no fold can predict it,
+/// so replay takes it from `rejected_events` (and lists every such record).
+pub const STORAGE_REJECTED: &str = "storage_rejected";
+
+/// What the log folds to, built record by record in log order per partition.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// Tasks, and the `ce_id`s applied.
+    pub tasks: TaskFold,
+    /// Per task, where its last applied event sits.
+    pub last: HashMap<Uuid, (i32, i64)>,
+    /// The event index: per task and seq, the applied event.
+    pub events: HashMap<(Uuid, i64), StoredEvent>,
+    /// Every record not applied, and why.
+    pub rejected: HashMap<Coordinates, String>,
+    /// Workers by id.
+    pub workers: HashMap<String, WorkerState>,
+    /// Services by name.
+    pub services: HashMap<String, ServiceState>,
+    /// Records folded.
+    pub records: u64,
+}
+
+impl Replayed {
+    /// An empty replay.
+    pub fn new() -> Replayed {
+        Replayed::default()
+    }
+
+    /// Folds one record of the events topic. `storage_refused` says the projection
+    /// recorded it as refused by Postgres (it is then not applied here either).
+    pub fn task_record(
+        &mut self,
+        at: (&str, i32, i64),
+        record: &RawRecord<'_>,
+        storage_refused: bool,
+    ) -> Result<(), Rejection> {
+        self.records += 1;
+        let (topic, partition, offset) = at;
+        if storage_refused {
+            self.reject(at, STORAGE_REJECTED.to_string());
+            return Ok(());
+        }
+        let outcome = Event::decode(record).and_then(|event| {
+            self.tasks.apply(&event)?;
+            Ok(event)
+        });
+        match outcome {
+            Ok(event) => {
+                self.last.insert(event.task_id, (partition, offset));
+                self.events.insert(
+                    (event.task_id, event.seq as i64),
+                    StoredEvent {
+                        ce_id: event.envelope.id.clone(),
+                        event_type: event.envelope.event_type.as_str().to_string(),
+                        partition,
+                        offset,
+                    },
+                );
+                Ok(())
+            }
+            Err(rejection) => {
+                self.reject((topic, partition, offset), rejection.code().to_string());
+                Err(rejection)
+            }
+        }
+    }
+
+    /// Folds one record of the workers topic.
+    pub fn worker_record(
+        &mut self,
+        at: (&str, i32, i64),
+        record: &RawRecord<'_>,
+        storage_refused: bool,
+    ) -> Result<(), Rejection> {
+        self.records += 1;
+        if storage_refused {
+            self.reject(at, STORAGE_REJECTED.to_string());
+            return Ok(());
+        }
+        let outcome = WorkerEvent::decode(record).and_then(|event| {
+            let next = apply_worker(self.workers.get(&event.worker_id), &event)?;
+            self.workers.insert(event.worker_id.clone(), next);
+            Ok(())
+        });
+        outcome.inspect_err(|r| self.reject(at, r.code().to_string()))
+    }
+
+    /// Folds one record of the services topic.
+    pub fn service_record(
+        &mut self,
+        at: (&str, i32, i64),
+        record: &RawRecord<'_>,
+        storage_refused: bool,
+    ) -> Result<(), Rejection> {
+        self.records += 1;
+        if storage_refused {
+            self.reject(at, STORAGE_REJECTED.to_string());
+            return Ok(());
+        }
+        let outcome = ServiceEvent::decode(record).and_then(|event| {
+            let next = apply_service(self.services.get(&event.service), &event)?;
+            self.services.insert(event.service.clone(), next);
+            Ok(())
+        });
+        outcome.inspect_err(|r| self.reject(at, r.code().to_string()))
+    }
+
+    fn reject(&mut self, (topic, partition, offset): (&str, i32, i64), reason: String) {
+        self.rejected
+            .insert((topic.to_string(), partition, offset), reason);
+    }
+}
+
+/// One way the projection differs from what the log folds to.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "difference", rename_all = "snake_case")]
+pub enum Difference {
+    /// A task on the log that the projection lacks.
+    MissingTask {
+        /// The task.
+        id: Uuid,
+    },
+    /// A task row no event on the log produced.
+    ExtraTask {
+        /// The task.
+        id: Uuid,
+    },
+    /// A task row that differs: which column, the log's value, the projection's.
+    TaskDiffers {
+        /// The task.
+        id: Uuid,
+        /// The column (`state`, `seq`, `event_partition`, `last_offset`, `doc.attempts`...).
+        field: String,
+        /// What the log says.
+        log: String,
+        /// What the projection holds.
+        projection: String,
+    },
+    /// An applied event missing from the event index.
+    MissingEvent {
+        /// The task.
+        task: Uuid,
+        /// Its seq.
+        seq: i64,
+        /// Where it is on the log.
+        partition: i32,
+        /// Where it is on the log.
+        offset: i64,
+    },
+    /// An event index row no applied event produced.
+    ExtraEvent {
+        /// The task.
+        task: Uuid,
+        /// Its seq.
+        seq: i64,
+    },
+    /// An event index row that differs from the log's record.
+    EventDiffers {
+        /// The task.
+        task: Uuid,
+        /// Its seq.
+        seq: i64,
+        /// `ce_id`, `type`, `partition` or `offset`.
+        field: &'static str,
+        /// What the log says.
+        log: String,
+        /// What the projection holds.
+        projection: String,
+    },
+    /// A record the fold refuses that the projection does not list as rejected, one it
+    /// lists that the fold applies, or a different reason.
+    RejectionDiffers {
+        /// Where the record is.
+        at: Coordinates,
+        /// The fold's reason (`None`: applied).
+        log: Option<String>,
+        /// The projection's (`None`: not listed).
+        projection: Option<String>,
+    },
+    /// A worker or service whose row differs from the fold, or is missing or extra.
+    EntityDiffers {
+        /// `worker` or `service`.
+        kind: &'static str,
+        /// Its id or name.
+        key: String,
+        /// What differs.
+        detail: String,
+    },
+}
+
+impl fmt::Display for Difference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Difference::MissingTask { id } => {
+                write!(f, "task {id}: on the log, missing from the projection")
+            }
+            Difference::ExtraTask { id } => {
+                write!(f, "task {id}: in the projection, not on the log")
+            }
+            Difference::TaskDiffers {
+                id,
+                field,
+                log,
+                projection,
+            } => {
+                write!(
+                    f,
+                    "task {id}: {field} is {projection} in the projection, {log} on the log"
+                )
+            }
+            Difference::MissingEvent {
+                task,
+                seq,
+                partition,
+                offset,
+            } => write!(
+                f,
+                "task {task} event {seq}: on the log at {partition}:{offset}, missing from the event index"
+            ),
+            Difference::ExtraEvent { task, seq } => {
+                write!(
+                    f,
+                    "task {task} event {seq}: in the event index, not on the log"
+                )
+            }
+            Difference::EventDiffers {
+                task,
+                seq,
+                field,
+                log,
+                projection,
+            } => write!(
+                f,
+                "task {task} event {seq}: {field} is {projection} in the event index, {log} on the log"
+            ),
+            Difference::RejectionDiffers {
+                at: (t, p, o),
+                log,
+                projection,
+            } => write!(
+                f,
+                "record {t} {p}:{o}: {} by the fold, {} in the projection",
+                log.as_deref()
+                    .map_or("applied".to_string(), |r| format!("rejected ({r})")),
+                projection
+                    .as_deref()
+                    .map_or("not rejected".to_string(), |r| format!("rejected ({r})")),
+            ),
+            Difference::EntityDiffers { kind, key, detail } => write!(f, "{kind} {key}: {detail}"),
+        }
+    }
+}
+
+/// Every difference between `replayed` and `stored`, in a stable order.
+pub fn compare(replayed: &Replayed, stored: &ProjectionSnapshot) -> Vec<Difference> {
+    let mut out = Vec::new();
+    compare_tasks(replayed, &stored.tasks, &mut out);
+    compare_events(&replayed.events, &stored.events, &mut out);
+    let coordinates: BTreeSet<&Coordinates> = replayed
+        .rejected
+        .keys()
+        .chain(stored.rejected.keys())
+        .collect();
+    for at in coordinates {
+        let (log, projection) = (replayed.rejected.get(at), stored.rejected.get(at));
+        if log != projection {
+            out.push(Difference::RejectionDiffers {
+                at: at.clone(),
+                log: log.cloned(),
+                projection: projection.cloned(),
+            });
+        }
+    }
+    compare_entities("worker", &replayed.workers, &stored.workers, &mut out);
+    compare_entities("service", &replayed.services, &stored.services, &mut out);
+    out
+}
+
+fn compare_tasks(
+    replayed: &Replayed,
+    stored: &HashMap<Uuid, StoredTask>,
+    out: &mut Vec<Difference>,
+) {
+    let ids: BTreeSet<&Uuid> = replayed.tasks.states.keys().chain(stored.keys()).collect();
+    for id in ids {
+        let (Some(state), Some(row)) = (replayed.tasks.states.get(id), stored.get(id)) else {
+            out.push(if stored.contains_key(id) {
+                Difference::ExtraTask { id: *id }
+            } else {
+                Difference::MissingTask { id: *id }
+            });
+            continue;
+        };
+        let (partition, offset) = replayed.last.get(id).copied().unwrap_or((-1, -1));
+        let mut differs = |field: &str, log: String, projection: String| {
+            if log != projection {
+                out.push(Difference::TaskDiffers {
+                    id: *id,
+                    field: field.to_string(),
+                    log,
+                    projection,
+                });
+            }
+        };
+        differs("state", state.state.as_str().into(), row.state.clone());
+        differs("seq", state.seq.to_string(), row.seq.to_string());
+        differs(
+            "event_partition",
+            partition.to_string(),
+            row.partition.to_string(),
+        );
+        differs(
+            "last_offset",
+            offset.to_string(),
+            row.last_offset.to_string(),
+        );
+        match serde_json::to_value(state) {
+            Ok(doc) => compare_docs("doc", &doc, &row.doc, &mut differs),
+            Err(e) => differs("doc", format!("unencodable ({e})"), row.doc.to_string()),
+        }
+    }
+}
+
+/// Reports the top-level fields of two documents that differ (`doc.attempts`, ...).
+fn compare_docs(
+    prefix: &str,
+    log: &Value,
+    projection: &Value,
+    differs: &mut impl FnMut(&str, String, String),
+) {
+    match (log, projection) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for key in keys {
+                let (x, y) = (
+                    a.get(key).unwrap_or(&Value::Null),
+                    b.get(key).unwrap_or(&Value::Null),
+                );
+                if x != y {
+                    differs(&format!("{prefix}.{key}"), x.to_string(), y.to_string());
+                }
+            }
+        }
+        _ => differs(prefix, log.to_string(), projection.to_string()),
+    }
+}
+
+fn compare_events(
+    replayed: &HashMap<(Uuid, i64), StoredEvent>,
+    stored: &HashMap<(Uuid, i64), StoredEvent>,
+    out: &mut Vec<Difference>,
+) {
+    let keys: BTreeSet<&(Uuid, i64)> = replayed.keys().chain(stored.keys()).collect();
+    for key in keys {
+        let (task, seq) = *key;
+        match (replayed.get(key), stored.get(key)) {
+            (Some(log), None) => out.push(Difference::MissingEvent {
+                task,
+                seq,
+                partition: log.partition,
+                offset: log.offset,
+            }),
+            (None, Some(_)) => out.push(Difference::ExtraEvent { task, seq }),
+            (Some(log), Some(row)) => {
+                for (field, a, b) in [
+                    ("ce_id", log.ce_id.clone(), row.ce_id.clone()),
+                    ("type", log.event_type.clone(), row.event_type.clone()),
+                    (
+                        "partition",
+                        log.partition.to_string(),
+                        row.partition.to_string(),
+                    ),
+                    ("offset", log.offset.to_string(), row.offset.to_string()),
+                ] {
+                    if a != b {
+                        out.push(Difference::EventDiffers {
+                            task,
+                            seq,
+                            field,
+                            log: a,
+                            projection: b,
+                        });
+                    }
+                }
+            }
+            (None, None) => {}
+        }
+    }
+}
+
+fn compare_entities<S: serde::Serialize>(
+    kind: &'static str,
+    replayed: &HashMap<String, S>,
+    stored: &HashMap<String, Value>,
+    out: &mut Vec<Difference>,
+) {
+    let keys: BTreeSet<&String> = replayed.keys().chain(stored.keys()).collect();
+    for key in keys {
+        let detail = match (replayed.get(key), stored.get(key)) {
+            (Some(_), None) => "on the log, missing from the projection".to_string(),
+            (None, Some(_)) => "in the projection, not on the log".to_string(),
+            (Some(state), Some(row)) => match serde_json::to_value(state) {
+                Ok(doc) if &doc == row => continue,
+                Ok(doc) => {
+                    let mut fields = Vec::new();
+                    compare_docs("doc", &doc, row, &mut |f, _, _| fields.push(f.to_string()));
+                    format!("{} differ", fields.join(", "))
+                }
+                Err(e) => format!("the fold's state does not encode: {e}"),
+            },
+            (None, None) => continue,
+        };
+        out.push(Difference::EntityDiffers {
+            kind,
+            key: key.clone(),
+            detail,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Payload, TaskSpec};
+
+    fn submitted(id: Uuid) -> crate::events::EncodedEvent {
+        let spec = TaskSpec::from_json(serde_json::json!({"shell": "true"})).expect("spec");
+        Event::new(
+            "test",
+            id,
+            1,
+            Payload::Submitted {
+                spec: Box::new(spec),
+            },
+        )
+        .encode()
+    }
+
+    fn fold(records: &[crate::events::EncodedEvent]) -> Replayed {
+        let mut r = Replayed::new();
+        for (offset, e) in records.iter().enumerate() {
+            let _ = r.task_record(("t", 0, offset as i64), &e.as_record(), false);
+        }
+        r
+    }
+
+    /// The snapshot a faithful projection of `r` holds.
+    fn faithful(r: &Replayed) -> ProjectionSnapshot {
+        let mut s = ProjectionSnapshot::default();
+        for (id, state) in &r.tasks.states {
+            let (partition, last_offset) = r.last[id];
+            s.tasks.insert(
+                *id,
+                StoredTask {
+                    state: state.state.as_str().into(),
+                    seq: state.seq as i64,
+                    partition,
+                    last_offset,
+                    doc: serde_json::to_value(state).expect("doc"),
+                },
+            );
+        }
+        s.events = r.events.clone();
+        s.rejected = r.rejected.clone();
+        s
+    }
+
+    #[test]
+    fn a_faithful_projection_has_no_difference_and_each_tamper_is_named() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let first = submitted(a);
+        let r = fold(&[first.clone(), submitted(b), first]);
+        assert_eq!(r.rejected.len(), 1, "the duplicate is refused");
+        let good = faithful(&r);
+        assert_eq!(compare(&r, &good), vec![]);
+
+        let mut s = good.clone();
+        s.tasks.get_mut(&a).expect("a").state = "succeeded".into();
+        let d = compare(&r, &s);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(
+            matches!(&d[0], Difference::TaskDiffers { id, field, .. } if *id == a && field == "state")
+        );
+
+        let mut s = good.clone();
+        s.events.remove(&(b, 1));
+        assert_eq!(
+            compare(&r, &s),
+            vec![Difference::MissingEvent {
+                task: b,
+                seq: 1,
+                partition: 0,
+                offset: 1
+            }]
+        );
+
+        let mut s = good.clone();
+        let extra = Uuid::now_v7();
+        s.tasks.insert(extra, good.tasks[&a].clone());
+        assert_eq!(compare(&r, &s), vec![Difference::ExtraTask { id: extra }]);
+
+        let mut s = good.clone();
+        s.tasks.get_mut(&b).expect("b").last_offset = 7;
+        let d = compare(&r, &s);
+        assert!(
+            matches!(&d[..], [Difference::TaskDiffers { field, log, projection, .. }]
+            if field == "last_offset" && log == "1" && projection == "7"),
+            "{d:?}"
+        );
+
+        let mut s = good.clone();
+        s.events.get_mut(&(a, 1)).expect("event").offset = 9;
+        let d = compare(&r, &s);
+        assert!(
+            matches!(
+                &d[..],
+                [Difference::EventDiffers {
+                    field: "offset",
+                    ..
+                }]
+            ),
+            "{d:?}"
+        );
+
+        let mut s = good.clone();
+        s.rejected.clear();
+        let d = compare(&r, &s);
+        assert!(
+            matches!(
+                &d[..],
+                [Difference::RejectionDiffers {
+                    projection: None,
+                    ..
+                }]
+            ),
+            "{d:?}"
+        );
+        for d in compare(&r, &s) {
+            assert!(!d.to_string().is_empty());
+        }
+    }
+}
