@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::servers::{open_store, topics_for};
+use super::servers::{open_store, redact, topics_for};
 use super::{DbArgs, KafkaArgs};
 use crate::replay;
 
@@ -15,6 +15,24 @@ pub enum ReplayCommand {
     /// Fold the events, workers and services topics from offset 0 in memory and compare
     /// the result with the Postgres projection; print every difference, exit 1 on any.
     Verify(VerifyArgs),
+    /// Build the projection from offset 0 into another database (blue/green), without
+    /// touching the live one; exactly once like the projector, and resumable: run it
+    /// again after an interruption and it goes on from where it stopped. Ends when it
+    /// has reached the end the log had when it started.
+    Rebuild(RebuildArgs),
+}
+
+/// `tasklog replay rebuild`.
+#[derive(Debug, Args)]
+pub struct RebuildArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// The database to build into (created when missing).
+    #[arg(long = "database-url")]
+    target: String,
+    /// The live projection's database, which the rebuild refuses to build into.
+    #[arg(long = "live-database-url", env = "TASKLOG_DATABASE_URL", default_value = crate::store::DEFAULT_DATABASE_URL)]
+    live: String,
 }
 
 /// `tasklog replay verify`.
@@ -33,6 +51,7 @@ pub struct VerifyArgs {
 pub async fn run(command: ReplayCommand) -> anyhow::Result<()> {
     match command {
         ReplayCommand::Verify(args) => verify(args).await,
+        ReplayCommand::Rebuild(args) => rebuild(args).await,
     }
 }
 
@@ -107,6 +126,79 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         report.differences.is_empty(),
         "the projection differs from the log in {} place(s)",
         report.differences.len()
+    );
+    Ok(())
+}
+
+async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
+    use crate::consistency::{Projections, Targets};
+    use crate::store::{LOG_INDEX_CHANNEL, PROJECTION_CHANNEL, SERVICES_CHANNEL, WORKERS_CHANNEL};
+
+    anyhow::ensure!(
+        args.target.trim() != args.live.trim(),
+        "--database-url is the live projection's database ({}): a rebuild goes into another one",
+        redact(&args.target)
+    );
+    let store = open_store(&DbArgs {
+        database_url: args.target.clone(),
+        database_pool: 8,
+    })
+    .await?;
+    let topics = topics_for(&args.kafka.topic_prefix)?;
+    // Where the log ends now: the rebuild is done when it has applied all of it.
+    let mut targets = Targets::new();
+    let mut total = 0i64;
+    for topic in [
+        &topics.events,
+        &topics.workers,
+        &topics.services,
+        &topics.logs,
+    ] {
+        for (partition, (low, high)) in crate::kafka::watermarks(&args.kafka.brokers, topic)
+            .await?
+            .into_iter()
+            .enumerate()
+        {
+            targets.reach(topic, partition as i32, high);
+            total += high - low;
+        }
+    }
+    let projections = Projections::follow(
+        store.clone(),
+        &[
+            PROJECTION_CHANNEL,
+            WORKERS_CHANNEL,
+            SERVICES_CHANNEL,
+            LOG_INDEX_CHANNEL,
+        ],
+    );
+    let mut options = crate::projector::ProjectorOptions::new(&args.kafka.brokers, topics);
+    // A group of its own, so that the live projector keeps its partitions; named after
+    // the target without revealing its URL (which may hold a password).
+    options.group_id = format!(
+        "tasklog-rebuild-{}",
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, args.target.as_bytes())
+    );
+    eprintln!(
+        "tasklog replay rebuild: into {}, {total} records to reach",
+        redact(&args.target)
+    );
+    let started = std::time::Instant::now();
+    let caught_up = async {
+        loop {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+            match projections.wait(&targets, deadline).await {
+                Ok(lag) if lag.caught_up() => return,
+                Ok(lag) => eprintln!("  {} of {total} records to go", lag.0),
+                Err(e) => eprintln!("  cannot read the rebuild's progress yet: {e}"),
+            }
+        }
+    };
+    crate::projector::run_all(options, store, caught_up).await?;
+    println!(
+        "rebuilt {total} records into {} in {:.1} s",
+        redact(&args.target),
+        started.elapsed().as_secs_f64()
     );
     Ok(())
 }
