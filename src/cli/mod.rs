@@ -2,6 +2,7 @@
 //! `scheduler`, `worker`), client commands (`submit`, `run`, `get`, `ls`, `events`,
 //! `cancel`, `logs`, `workers`) and benchmarks.
 
+mod audit;
 mod client;
 mod replay;
 mod servers;
@@ -69,6 +70,9 @@ enum Command {
     /// Replay the log: verify the projection against it.
     #[command(subcommand)]
     Replay(replay::ReplayCommand),
+    /// Audit the log: tamper-evident exports and their verification.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// Kafka settings shared by the server roles.
@@ -489,6 +493,7 @@ pub async fn run() -> i32 {
         Command::Cancel(a) => client::cancel(a).await,
         Command::Logs(a) => client::logs(a).await,
         Command::Replay(c) => replay::run(c).await,
+        Command::Audit(c) => audit::run(c).await,
         Command::Bench(BenchCommand::Submit(a)) => crate::bench::submit(a).await,
         Command::Bench(BenchCommand::Logs(a)) => crate::bench::logs(a).await,
         Command::Bench(BenchCommand::Schedule(a)) => crate::bench::schedule(a).await,

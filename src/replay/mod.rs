@@ -6,6 +6,7 @@
 //! offsets, so that a projector working meanwhile cannot cause a false difference; how
 //! far the projection is behind the log is reported beside, not as a difference.
 
+pub mod export;
 pub mod verify;
 
 use std::collections::HashMap;
@@ -28,6 +29,9 @@ pub enum ReplayError {
     /// Kafka could not be read.
     #[error(transparent)]
     Kafka(#[from] KafkaIoError),
+    /// A file could not be written or read.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
     /// The log no longer starts at offset 0: what was deleted cannot be replayed.
     #[error(
         "{topic} partition {partition} starts at offset {low}: records before it were deleted \

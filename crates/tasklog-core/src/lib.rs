@@ -12,6 +12,7 @@
 //! `ce_*` record headers, the data is the record value (JSON), the record key is the
 //! task id. See `README.md` for a worked example with `kcat`.
 
+pub mod audit;
 pub mod fold;
 pub mod idempotency;
 pub mod probe;
