@@ -138,7 +138,7 @@ fn seal(out: &mut String, prev: &str, body: &str) -> String {
     let hash = sha256_hex(format!("{prev}\n{body}").as_bytes());
     // `body` ends with `}`: the hash goes in as its last member.
     out.push_str(&body[..body.len() - 1]);
-    let _ = write!(out, ",\"hash\":\"{hash}\"}}\n");
+    let _ = writeln!(out, ",\"hash\":\"{hash}\"}}");
     hash
 }
 
