@@ -7,6 +7,7 @@
 //!   envelope, event types, JSON Schemas, specs and the pure folds. No I/O, by construction.
 //! - [`kafka`]: producers, topics, partitioning and the in-memory mock broker.
 //! - [`store`]: Postgres: migrations, the projection's tables and the read side.
+//! - [`audit`]: one task's history read from the log itself, with the fold's verdicts.
 //! - [`consistency`]: read-your-writes: waiting until the projections have what the log has.
 //! - [`projector`]: consumes the events topic and applies it to Postgres exactly once.
 //! - [`replay`]: folds the log in memory and compares it with the projection (auditors).
@@ -15,6 +16,7 @@
 //! - [`cli`]: the `tasklog` command line.
 
 pub mod api;
+pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod consistency;

@@ -175,3 +175,128 @@ async fn exports_verify_and_every_tamper_is_found_at_its_line() {
         "{report}"
     );
 }
+
+/// `tasklog audit task ID --json`.
+fn audit_task(broker: &common::Broker, db: &common::Db, id: &str) -> Value {
+    let output = role(broker, db, &["audit", "task", id, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .expect("run audit task");
+    assert!(output.status.success(), "audit task: {}", output.status);
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
+/// What matters of each record: offset, type, verdict, reason.
+fn verdicts(audit: &Value) -> Vec<(i64, String, String, String)> {
+    audit["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+            (
+                r["offset"].as_i64().unwrap_or(-1),
+                s("type"),
+                s("verdict"),
+                s("reason"),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_task_reads_the_whole_history_from_kafka_even_with_postgres_killed() {
+    let mut pg = common::OwnPostgres::start();
+    let broker = common::Broker::start();
+    let db = common::Db::create_on(&pg.admin_url()).await;
+    let (_server, url) = common::start_server(&broker, &db, &[]).await;
+    let _projector = common::start_projector(&broker, &db);
+    let http = reqwest::Client::new();
+    let body: Value = http
+        .post(format!("{url}/v1/tasks"))
+        .json(&json!({"name": "audited", "shell": "true"}))
+        .send()
+        .await
+        .expect("submit")
+        .json()
+        .await
+        .expect("json");
+    let id = body["id"].as_str().expect("id").to_string();
+    let r = http
+        .post(format!("{url}/v1/tasks/{id}/cancel"))
+        .json(&json!({"reason": "user_requested"}))
+        .send()
+        .await
+        .expect("cancel");
+    assert!(r.status().is_success());
+    // A second copy of its submission, straight to Kafka: refused as a duplicate.
+    let topic = broker.events_topic();
+    let first = broker
+        .read_all(&topic)
+        .into_iter()
+        .find(|r| r.key.as_deref() == Some(id.as_str()))
+        .expect("its submission");
+    let headers: Vec<(&str, &str)> = first
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (_, copy_offset) = broker
+        .produce(&topic, Some(&id), &headers, &first.value)
+        .await;
+    let end: i64 = broker.all_watermarks(&topic).iter().map(|(_, h)| h).sum();
+    common::wait_projected_on(&db, &topic, end).await;
+
+    let up = audit_task(&broker, &db, &id);
+    assert_eq!(up["found_by"], "index", "{up}");
+    let history = verdicts(&up);
+    assert!(history.len() >= 3, "{up}");
+    assert_eq!(history[0].1, "dev.tasklog.task.submitted.v1");
+    let rejected: Vec<_> = history.iter().filter(|v| v.2 == "rejected").collect();
+    assert_eq!(rejected.len(), 1, "{up}");
+    assert_eq!(
+        (rejected[0].0, rejected[0].3.as_str()),
+        (copy_offset, "duplicate_ce_id")
+    );
+    assert!(
+        history
+            .iter()
+            .filter(|v| v.2 == "applied")
+            .all(|v| v.3.is_empty())
+    );
+    assert_eq!(up["state"]["state"], "cancelled", "{up}");
+    assert_eq!(up["dead_letters"][0]["source_offset"], copy_offset, "{up}");
+    assert_eq!(up["dead_letters"][0]["reason"], "duplicate_ce_id", "{up}");
+    assert_eq!(up["logs"], json!([]), "{up}");
+    // Every record as the log has it: the API's history is the applied part of it.
+    let events: Value = http
+        .get(format!("{url}/v1/tasks/{id}/events"))
+        .send()
+        .await
+        .expect("events")
+        .json()
+        .await
+        .expect("json");
+    let applied_ids: Vec<&str> = up["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["verdict"] == "applied")
+        .filter_map(|r| r["ce_id"].as_str())
+        .collect();
+    let api_ids: Vec<&str> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["ce_id"].as_str().or(e["id"].as_str()))
+        .collect();
+    assert_eq!(applied_ids, api_ids, "{events}");
+
+    pg.kill();
+    let down = audit_task(&broker, &db, &id);
+    assert_eq!(down["found_by"], "scan", "{down}");
+    assert_eq!(verdicts(&down), history);
+    assert_eq!(down["state"], up["state"]);
+    assert_eq!(down["dead_letters"], up["dead_letters"]);
+    assert_eq!(down["logs"], Value::Null);
+}

@@ -15,12 +15,35 @@ use crate::replay::export::{self, Selection};
 /// `tasklog audit` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
+    /// A task's complete history read from Kafka (not from Postgres): every record with
+    /// its coordinates, ce_id, source, type, time and data, the fold's verdict on each,
+    /// its dead letters, its attempts and the extent of its logs. Works with Postgres
+    /// down (the projection's index only says where to start reading).
+    Task(TaskArgs),
     /// Write a tamper-evident export of the events topic (JSON Lines, hash-chained,
     /// ending with a manifest; schemas/audit-export.v1.json).
     Export(ExportArgs),
     /// Check an export: its hash chain and manifest offline, and with --against-kafka
     /// every record against the log. Exit 1 on any problem, each named by line.
     Verify(VerifyFileArgs),
+}
+
+/// `tasklog audit task`.
+#[derive(Debug, Args)]
+pub struct TaskArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Postgres URL (optional: only used to find where to start reading).
+    #[arg(long, env = "TASKLOG_DATABASE_URL", default_value = crate::store::DEFAULT_DATABASE_URL)]
+    database_url: String,
+    /// The task.
+    id: uuid::Uuid,
+    /// Scan the task's whole partition instead of asking the projection where it starts.
+    #[arg(long)]
+    scan: bool,
+    /// Print the history as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `tasklog audit export`.
@@ -60,6 +83,7 @@ pub struct VerifyFileArgs {
 /// Runs a `tasklog audit` command.
 pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
     match command {
+        AuditCommand::Task(args) => task(args).await,
         AuditCommand::Export(args) => export_file(args).await,
         AuditCommand::Verify(args) => verify_file(args).await,
     }
@@ -128,5 +152,86 @@ async fn verify_file(args: VerifyFileArgs) -> anyhow::Result<()> {
         args.file.display(),
         findings.len()
     );
+    Ok(())
+}
+
+async fn task(args: TaskArgs) -> anyhow::Result<()> {
+    let topics = topics_for(&args.kafka.topic_prefix)?;
+    let store = crate::store::Store::connect(&args.database_url, 2).ok();
+    let audit = crate::audit::task(
+        &args.kafka.brokers,
+        &topics,
+        store.as_ref(),
+        args.id,
+        args.scan,
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&audit)?);
+        return Ok(());
+    }
+    println!(
+        "task {} — {} records on {} partition {} (found by {}; partition end {})",
+        audit.task_id,
+        audit.records.len(),
+        topics.events,
+        audit.partition,
+        audit.found_by,
+        audit.high_watermark
+    );
+    for r in &audit.records {
+        let verdict = match (&r.reason, &r.state) {
+            (Some(reason), _) => {
+                format!("REJECTED {reason}: {}", r.message.as_deref().unwrap_or(""))
+            }
+            (None, Some(state)) => format!("applied -> {state}"),
+            (None, None) => "applied".to_string(),
+        };
+        println!(
+            "  {}:{:<8} {:<36} {:<40} {} {}  {verdict}",
+            r.partition,
+            r.offset,
+            r.ce_id.as_deref().unwrap_or("-"),
+            r.r#type.as_deref().unwrap_or("-"),
+            r.time.as_deref().unwrap_or("-"),
+            r.source.as_deref().unwrap_or("-"),
+        );
+    }
+    for d in &audit.dead_letters {
+        println!(
+            "  dead letter {}:{} of offset {}: {} {}",
+            d.dlq_partition,
+            d.dlq_offset,
+            d.source_offset.map_or("?".to_string(), |o| o.to_string()),
+            d.reason.as_deref().unwrap_or("-"),
+            d.message.as_deref().unwrap_or("")
+        );
+    }
+    match &audit.state {
+        Some(state) => {
+            println!(
+                "  folds to: {} (seq {}), {} attempt(s)",
+                state.state.as_str(),
+                state.seq,
+                state.attempts.len()
+            );
+            for a in &state.attempts {
+                println!("    attempt {}", serde_json::to_string(a)?);
+            }
+        }
+        None => println!("  folds to nothing: no record of it was applied"),
+    }
+    match &audit.logs {
+        Some(logs) if logs.is_empty() => println!("  logs: none"),
+        Some(logs) => {
+            for l in logs {
+                println!(
+                    "  logs of attempt {}: {} lines, {} bytes, partition {} offsets {}..={}",
+                    l.attempt, l.lines, l.bytes, l.partition, l.first_offset, l.last_offset
+                );
+            }
+        }
+        None => println!("  logs: extent unknown (the log index could not be read)"),
+    }
     Ok(())
 }

@@ -136,21 +136,7 @@ pub fn default_group(prefix: &str) -> String {
     }
 }
 
-/// Headers added to a dead letter, beside the original record's own headers.
-pub mod dlq_header {
-    /// Reason code (`invalid_json`, `seq_conflict`, ...).
-    pub const REASON: &str = "tasklog_dlq_reason";
-    /// Human-readable detail.
-    pub const MESSAGE: &str = "tasklog_dlq_message";
-    /// Source topic.
-    pub const TOPIC: &str = "tasklog_dlq_topic";
-    /// Source partition.
-    pub const PARTITION: &str = "tasklog_dlq_partition";
-    /// Source offset.
-    pub const OFFSET: &str = "tasklog_dlq_offset";
-    /// When it was dead-lettered (RFC 3339).
-    pub const TIME: &str = "tasklog_dlq_time";
-}
+pub use crate::kafka::dlq_header;
 
 /// Settings of the projector.
 #[derive(Debug, Clone)]

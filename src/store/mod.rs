@@ -503,6 +503,26 @@ impl Store {
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
+    /// The lowest offset of `topic` the projection saw for task `id` (applied or
+    /// rejected), or `None` when it saw nothing of it.
+    pub async fn first_offset_of(&self, topic: &str, id: Uuid) -> Result<Option<i64>, StoreError> {
+        let key = id.to_string().into_bytes();
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT min(o) FROM (
+                     SELECT \"offset\" AS o FROM task_events WHERE task_id = $1
+                     UNION ALL
+                     SELECT \"offset\" FROM rejected_events WHERE topic = $2 AND record_key = $3
+                 ) AS t",
+                &[&id, &topic, &key],
+            )
+            .await
+            .map_err(ctx("find a task's first offset"))?;
+        Ok(row.get(0))
+    }
+
     /// Deletes every projected row and offset, so the projector rebuilds from offset 0.
     pub async fn reset_projection(&self) -> Result<(), StoreError> {
         self.client()
