@@ -292,6 +292,24 @@ async fn audit_task_reads_the_whole_history_from_kafka_even_with_postgres_killed
         .collect();
     assert_eq!(applied_ids, api_ids, "{events}");
 
+    // The same over HTTP; an id that is not on the log is a 404.
+    let served: Value = http
+        .get(format!("{url}/v1/tasks/{id}/audit"))
+        .send()
+        .await
+        .expect("audit")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(verdicts(&served), history, "{served}");
+    assert_eq!(served["dead_letters"], up["dead_letters"]);
+    let r = http
+        .get(format!("{url}/v1/tasks/{}/audit", uuid::Uuid::new_v4()))
+        .send()
+        .await
+        .expect("audit");
+    assert_eq!(r.status(), 404);
+
     pg.kill();
     let down = audit_task(&broker, &db, &id);
     assert_eq!(down["found_by"], "scan", "{down}");

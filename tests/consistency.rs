@@ -82,6 +82,11 @@ async fn a_task_submitted_through_one_server_is_read_at_once_through_another() {
     )
     .await;
     assert_eq!(status, 400, "{body}");
+    for query in ["bogus=1", "=false", "consistency=eventual&scan=true"] {
+        let (status, body) = get(&http, &format!("{other}/v1/tasks/{id}?{query}")).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_query", "{query}: {body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -191,25 +191,21 @@ fn parse_query(
     raw: &Option<String>,
     headers: &HeaderMap,
 ) -> Result<Query, ApiError> {
-    let pairs = query_pairs(raw);
-    let allowed = [
-        "cursor",
-        "limit",
-        "direction",
-        "tail",
-        "attempt",
-        "stream",
-        "from_line",
-        "follow",
-        "wait_ms",
-        "consistency",
-    ];
-    if let Some((k, _)) = pairs.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("unknown query parameter {k:?} ({})", allowed.join(", ")),
-        ));
-    }
+    let pairs = query_pairs(
+        raw,
+        &[
+            "cursor",
+            "limit",
+            "direction",
+            "tail",
+            "attempt",
+            "stream",
+            "from_line",
+            "follow",
+            "wait_ms",
+            "consistency",
+        ],
+    )?;
     let cursor_text = single(&pairs, "cursor")?.map(str::to_string).or_else(|| {
         headers
             .get("last-event-id")
@@ -608,7 +604,7 @@ pub async fn post_logs(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let task_id = parse_id(&id)?;
-    let pairs = query_pairs(&raw);
+    let pairs = query_pairs(&raw, &["attempt"])?;
     let attempt = single(&pairs, "attempt")?
         .map(|v| parse_number("attempt", v, 1, i32::MAX as i64))
         .transpose()?;

@@ -6,6 +6,7 @@
 //! when the request arrived ([`AppState::read_your_writes`]), so every client reads its
 //! own writes through every server, and a 404 means "not on the log".
 
+mod audit;
 mod body;
 mod error;
 mod limits;

@@ -8,7 +8,9 @@ use axum::Router;
 use axum::handler::Handler;
 use axum::routing::{MethodFilter, MethodRouter, on};
 
-use super::{AppState, healthz, logs, metrics_text, openapi, readyz, services, tasks, workers};
+use super::{
+    AppState, audit, healthz, logs, metrics_text, openapi, readyz, services, tasks, workers,
+};
 
 /// An HTTP method the API routes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -69,6 +71,7 @@ fn table() -> Vec<Route> {
         at(Post, "/v1/tasks/batch", tasks::submit_batch),
         at(Get, "/v1/tasks/{id}", tasks::get_task),
         at(Get, "/v1/tasks/{id}/events", tasks::events),
+        at(Get, "/v1/tasks/{id}/audit", audit::task_audit),
         at(Post, "/v1/tasks/{id}/cancel", tasks::cancel),
         at(Post, "/v1/tasks/{id}/attempts/{n}/start", workers::start),
         at(Post, "/v1/tasks/{id}/attempts/{n}/finish", workers::finish),

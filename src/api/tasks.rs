@@ -431,15 +431,30 @@ pub(super) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::bad_request("invalid_id", format!("{id:?} is not a task id (UUID)")))
 }
 
-pub(super) fn query_pairs(query: &Option<String>) -> Vec<(String, String)> {
-    query
+/// The query's pairs, refusing any parameter not in `allowed` (`400 invalid_query`).
+pub(super) fn query_pairs(
+    query: &Option<String>,
+    allowed: &[&str],
+) -> Result<Vec<(String, String)>, ApiError> {
+    let pairs: Vec<(String, String)> = query
         .as_deref()
         .map(|q| {
             form_urlencoded::parse(q.as_bytes())
                 .map(|(k, v)| (k.into_owned(), v.into_owned()))
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    if let Some((k, _)) = pairs.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            if allowed.is_empty() {
+                format!("unknown query parameter {k:?} (this endpoint takes none)")
+            } else {
+                format!("unknown query parameter {k:?} ({})", allowed.join(", "))
+            },
+        ));
+    }
+    Ok(pairs)
 }
 
 pub(super) fn single<'a>(
@@ -535,7 +550,7 @@ pub async fn get_task(
     RawQuery(query): RawQuery,
 ) -> Result<Json<TaskRecord>, ApiError> {
     let id = parse_id(&id)?;
-    let pairs = query_pairs(&query);
+    let pairs = query_pairs(&query, &["min_offset", "wait_ms", "consistency"])?;
     let wait = wait_param(&state, &pairs, Duration::ZERO)?;
     let min_offset = single(&pairs, "min_offset")?
         .map(|v| parse_min_offset(v, id, state.options.partitions))
@@ -622,15 +637,7 @@ pub async fn list(
     State(state): State<Arc<AppState>>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let pairs = query_pairs(&query);
-    for (k, _) in &pairs {
-        if !matches!(k.as_str(), "state" | "type" | "label" | "limit" | "cursor") {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!("unknown query parameter {k:?} (state, type, label, limit, cursor)"),
-            ));
-        }
-    }
+    let pairs = query_pairs(&query, &["state", "type", "label", "limit", "cursor"])?;
     let mut filter = TaskFilter {
         limit: 100,
         ..Default::default()
@@ -691,7 +698,7 @@ pub async fn events(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
-    let pairs = query_pairs(&query);
+    let pairs = query_pairs(&query, &["consistency"])?;
     if !eventual(&pairs)? {
         state.read_task(id).await?;
     }

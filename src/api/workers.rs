@@ -110,7 +110,7 @@ pub async fn assignments(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let id = checked_worker_id(&id)?.to_string();
-    let pairs = query_pairs(&query);
+    let pairs = query_pairs(&query, &["wait_ms", "known"])?;
     let wait = wait_param(&state, &pairs, Duration::ZERO)?;
     let known = single(&pairs, "known")?.map(str::to_string);
     let deadline = Instant::now() + wait;
