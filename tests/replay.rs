@@ -189,3 +189,85 @@ async fn verify_finds_nothing_in_a_faithful_projection_and_names_every_tamper() 
         assert!(d["message"].as_str().is_some_and(|m| !m.is_empty()), "{d}");
     }
 }
+
+/// `tasklog replay state ARGS... --json`.
+fn replay_state(s: &Stack, args: &[&str]) -> Value {
+    let mut all = vec!["replay", "state", "--json"];
+    all.extend_from_slice(args);
+    let output = role(&s.broker, &s.db, &all)
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .expect("run replay state");
+    assert!(
+        output.status.success(),
+        "replay state {args:?}: {}",
+        output.status
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
+/// The task as `GET` showed it, without where its last event is (not part of the state).
+fn as_seen(mut task: Value) -> Value {
+    let object = task.as_object_mut().expect("object");
+    object.remove("partition");
+    object.remove("last_offset");
+    task
+}
+
+/// A moment strictly after everything appended so far, in the log's millisecond clock.
+fn moment_now() -> chrono::DateTime<chrono::Utc> {
+    let now = chrono::Utc::now();
+    // Records appended from here on carry a later millisecond than this moment.
+    while chrono::Utc::now().timestamp_millis() == now.timestamp_millis() {
+        std::hint::spin_loop();
+    }
+    now
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_state_at_a_moment_is_what_get_showed_then() {
+    let s = Stack::start().await;
+    let (status, body) = s
+        .post("/v1/tasks", &json!({"name": "then", "shell": "true"}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    let submitted_at = format!(
+        "{}:{}",
+        body["event"]["partition"],
+        body["event"]["offset"].as_i64().expect("offset") + 1
+    );
+    let (_, first) = s.get(&format!("/v1/tasks/{id}")).await;
+    let t1 = moment_now();
+    let (status, body) = s.post(&format!("/v1/tasks/{id}/cancel"), &json!({})).await;
+    assert!(status < 300, "{body}");
+    let (_, second) = s.get(&format!("/v1/tasks/{id}")).await;
+    assert_eq!(second["state"], "cancelled", "{second}");
+    let t2 = moment_now();
+    let (_, other) = s
+        .post("/v1/tasks", &json!({"name": "later", "shell": "true"}))
+        .await;
+
+    assert_eq!(
+        replay_state(&s, &["--at", &t1.to_rfc3339(), &id]),
+        as_seen(first.clone())
+    );
+    assert_eq!(
+        replay_state(&s, &["--at", &t2.to_rfc3339(), &id]),
+        as_seen(second)
+    );
+    assert_eq!(
+        replay_state(&s, &["--at-offsets", &submitted_at, &id]),
+        as_seen(first)
+    );
+    // Every task at t2: this one, not the one submitted after.
+    let all = replay_state(&s, &["--at", &t2.to_rfc3339()]);
+    let ids: Vec<&str> = all
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|t| t["id"].as_str())
+        .collect();
+    assert!(ids.contains(&id.as_str()), "{all}");
+    assert!(!ids.contains(&other["id"].as_str().expect("id")), "{all}");
+}

@@ -20,6 +20,32 @@ pub enum ReplayCommand {
     /// again after an interruption and it goes on from where it stopped. Ends when it
     /// has reached the end the log had when it started.
     Rebuild(RebuildArgs),
+    /// One task's or every task's state as it was at a moment: what the log held at
+    /// --at TIME (records' log timestamps), or up to --at-offsets P:O,... (each
+    /// partition's next offset; partitions not named count as empty).
+    State(StateArgs),
+}
+
+/// `tasklog replay state`.
+#[derive(Debug, Args)]
+pub struct StateArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// The moment, RFC 3339 (e.g. 2026-12-03T14:03:00Z).
+    #[arg(
+        long,
+        conflicts_with = "at_offsets",
+        required_unless_present = "at_offsets"
+    )]
+    at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The moment as offsets: PARTITION:NEXT_OFFSET,...
+    #[arg(long)]
+    at_offsets: Option<String>,
+    /// Only this task.
+    id: Option<uuid::Uuid>,
+    /// Print the states as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `tasklog replay rebuild`.
@@ -52,6 +78,7 @@ pub async fn run(command: ReplayCommand) -> anyhow::Result<()> {
     match command {
         ReplayCommand::Verify(args) => verify(args).await,
         ReplayCommand::Rebuild(args) => rebuild(args).await,
+        ReplayCommand::State(args) => state(args).await,
     }
 }
 
@@ -200,5 +227,50 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
         redact(&args.target),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+async fn state(args: StateArgs) -> anyhow::Result<()> {
+    let topics = topics_for(&args.kafka.topic_prefix)?;
+    let moment = match (&args.at, &args.at_offsets) {
+        (Some(at), _) => replay::Moment::Time(*at),
+        (None, Some(offsets)) => replay::Moment::parse_offsets(offsets)
+            .map_err(|e| anyhow::anyhow!("--at-offsets: {e}"))?,
+        (None, None) => anyhow::bail!("give --at TIME or --at-offsets P:O,..."),
+    };
+    let states = replay::state_at(&args.kafka.brokers, &topics.events, moment, args.id).await?;
+    if let Some(id) = args.id {
+        let Some(state) = states.first() else {
+            anyhow::bail!("task {id} was not on the log at that moment");
+        };
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(state)?);
+        } else {
+            println!(
+                "{} {} seq {} attempt {} updated {}",
+                state.id,
+                state.state.as_str(),
+                state.seq,
+                state.attempt,
+                state.updated_at.to_rfc3339()
+            );
+        }
+        return Ok(());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&states)?);
+    } else {
+        println!("{} task(s)", states.len());
+        for s in &states {
+            println!(
+                "{} {:<10} seq {:<3} attempt {:<2} {}",
+                s.id,
+                s.state.as_str(),
+                s.seq,
+                s.attempt,
+                s.spec.name.as_deref().unwrap_or("")
+            );
+        }
+    }
     Ok(())
 }

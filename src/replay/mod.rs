@@ -196,3 +196,95 @@ pub async fn verify_store(
     }
     result
 }
+
+/// A moment of the log: what had been appended by a time, or up to given offsets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Moment {
+    /// Every record whose timestamp (when it reached the log) is at or before this.
+    Time(chrono::DateTime<chrono::Utc>),
+    /// Per partition, the records before this offset; partitions not named: none.
+    Offsets(HashMap<i32, i64>),
+}
+
+impl Moment {
+    /// Reads `P:O,P:O,...` (each partition's next offset: records before it count).
+    pub fn parse_offsets(text: &str) -> Result<Moment, String> {
+        let mut offsets = HashMap::new();
+        for pair in text.split(',').filter(|s| !s.trim().is_empty()) {
+            let (p, o) = pair
+                .trim()
+                .split_once(':')
+                .ok_or_else(|| format!("{pair:?} is not PARTITION:OFFSET"))?;
+            let p: i32 = p.parse().map_err(|_| format!("{p:?} is not a partition"))?;
+            let o: i64 = o.parse().map_err(|_| format!("{o:?} is not an offset"))?;
+            if p < 0 || o < 0 {
+                return Err(format!("{pair:?}: partitions and offsets are not negative"));
+            }
+            offsets.insert(p, o);
+        }
+        if offsets.is_empty() {
+            return Err("give at least one PARTITION:OFFSET".into());
+        }
+        Ok(Moment::Offsets(offsets))
+    }
+}
+
+/// The state of every task (or of task `only`) as the events topic had it at `moment`,
+/// folded from offset 0 with the projector's fold.
+pub async fn state_at(
+    brokers: &str,
+    topic: &str,
+    moment: Moment,
+    only: Option<uuid::Uuid>,
+) -> Result<Vec<crate::events::TaskState>, ReplayError> {
+    let ends = kafka::watermarks(brokers, topic).await?;
+    let partition_of_only =
+        only.map(|id| kafka::partition_for_key(id.to_string().as_bytes(), ends.len() as i32));
+    let mut ranges = HashMap::new();
+    for (partition, (low, high)) in ends.iter().enumerate() {
+        let partition = partition as i32;
+        if partition_of_only.is_some_and(|p| p != partition) {
+            continue;
+        }
+        let upto = match &moment {
+            Moment::Time(_) => *high,
+            Moment::Offsets(o) => o.get(&partition).copied().unwrap_or(0).min(*high),
+        };
+        if *low > 0 && upto > *low {
+            return Err(ReplayError::Truncated {
+                topic: topic.to_string(),
+                partition,
+                low: *low,
+            });
+        }
+        ranges.insert(partition, (0, upto));
+    }
+    let cutoff = match &moment {
+        Moment::Time(t) => Some(t.timestamp_millis()),
+        Moment::Offsets(_) => None,
+    };
+    let key = only.map(|id| id.to_string());
+    let (brokers, name) = (brokers.to_string(), topic.to_string());
+    let fold = tokio::task::spawn_blocking(move || {
+        let mut fold = crate::events::fold::TaskFold::new();
+        kafka::scan(&brokers, &name, &ranges, |m| {
+            if key.as_ref().is_some_and(|k| m.key() != Some(k.as_bytes())) {
+                return;
+            }
+            if let Some(cutoff) = cutoff
+                && m.timestamp().to_millis().is_none_or(|t| t > cutoff)
+            {
+                return;
+            }
+            if let Ok(event) = crate::events::Event::decode(&kafka::raw_record(m)) {
+                let _ = fold.apply(&event);
+            }
+        })
+        .map(|_| fold)
+    })
+    .await
+    .map_err(|e| KafkaIoError::Interrupted(e.to_string()))??;
+    let mut states: Vec<crate::events::TaskState> = fold.states.into_values().collect();
+    states.sort_by(|a, b| (a.submitted_at, a.id).cmp(&(b.submitted_at, b.id)));
+    Ok(states)
+}
