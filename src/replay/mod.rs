@@ -285,6 +285,6 @@ pub async fn state_at(
     .await
     .map_err(|e| KafkaIoError::Interrupted(e.to_string()))??;
     let mut states: Vec<crate::events::TaskState> = fold.states.into_values().collect();
-    states.sort_by(|a, b| (a.submitted_at, a.id).cmp(&(b.submitted_at, b.id)));
+    states.sort_by_key(|s| (s.submitted_at, s.id));
     Ok(states)
 }
