@@ -1115,3 +1115,141 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+/// Arguments of `tasklog bench replay`.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayBenchArgs {
+    /// Task events on the log (submissions, published straight to Kafka, then projected).
+    #[arg(long, default_value_t = 200_000)]
+    pub events: usize,
+    /// Partitions of the benchmark's topics.
+    #[arg(long, default_value_t = 12)]
+    pub partitions: i32,
+    #[command(flatten)]
+    pub broker: BenchBrokerArgs,
+    /// Postgres server (a scratch database is created and dropped).
+    #[arg(long, env = "TASKLOG_DATABASE_URL", default_value = store::DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+}
+
+/// `tasklog bench replay`: `replay verify`'s rate (read, fold, compare) beside the raw
+/// consume rate of the same topic, in the same run.
+pub async fn replay(args: ReplayBenchArgs) -> anyhow::Result<()> {
+    let env = BenchEnv::start(
+        "benchreplay",
+        &args.broker,
+        args.partitions,
+        &args.database_url,
+    )
+    .await?;
+    let result = run_replay(&args, &env).await;
+    env.finish().await;
+    result
+}
+
+async fn run_replay(args: &ReplayBenchArgs, env: &BenchEnv) -> anyhow::Result<()> {
+    let (brokers, topics) = (env.brokers.as_str(), &env.topics);
+    let store = Store::connect(&env.database_url, 8)?;
+    store.migrate().await?;
+    let n = args.events;
+    println!(
+        "tasklog bench replay: {n} events, {} partitions, broker {brokers}",
+        args.partitions
+    );
+    // The log: submissions as a producer would publish them.
+    let appender = Appender::new(&AppenderOptions::new(brokers))?;
+    let encoded: Vec<_> = (0..n)
+        .map(|i| {
+            let spec: TaskSpec = serde_json::from_value(sample_spec(i)).unwrap_or_default();
+            Event::new(
+                "tasklog://bench",
+                Uuid::now_v7(),
+                1,
+                Payload::Submitted {
+                    spec: Box::new(spec),
+                },
+            )
+            .encode()
+        })
+        .collect();
+    let results = appender.append_all(&topics.events, &encoded).await;
+    anyhow::ensure!(results.iter().all(Result::is_ok), "produce failed");
+    drop(encoded);
+
+    // The projection, by the real projectors, until it has the whole log.
+    let mut system =
+        InProcess::start_api(&store, &appender, brokers, topics, args.partitions).await?;
+    system.start_projections(brokers, topics, true);
+    let mut targets = Targets::new();
+    let ranges: std::collections::HashMap<i32, (i64, i64)> =
+        kafka::watermarks(brokers, &topics.events)
+            .await?
+            .into_iter()
+            .enumerate()
+            .map(|(p, range)| (p as i32, range))
+            .collect();
+    for (partition, (_, high)) in &ranges {
+        targets.reach(&topics.events, *partition, *high);
+    }
+    let lag = system
+        .state
+        .projections
+        .wait(
+            &targets,
+            tokio::time::Instant::now() + Duration::from_secs(600),
+        )
+        .await?;
+    anyhow::ensure!(
+        lag.caught_up(),
+        "projection did not finish ({} behind)",
+        lag.0
+    );
+    system.stop().await;
+
+    // Baseline: the same topic consumed, records only touched.
+    let (b, t) = (brokers.to_string(), topics.events.clone());
+    let started = Instant::now();
+    let consumed = tokio::task::spawn_blocking(move || {
+        let mut bytes = 0usize;
+        let read = kafka::scan(&b, &t, &ranges, |m| bytes += m.payload_len());
+        std::hint::black_box(bytes);
+        read
+    })
+    .await??;
+    let raw = started.elapsed();
+
+    let report = crate::replay::verify_store(brokers, topics, &store, |_, _| {}).await?;
+    anyhow::ensure!(
+        report.differences.is_empty(),
+        "replay found {} differences in a fresh projection",
+        report.differences.len()
+    );
+    let rate = |count: u64, d: Duration| count as f64 / d.as_secs_f64().max(1e-9);
+    let (verify_rate, raw_rate) = (rate(report.records, report.elapsed), rate(consumed, raw));
+    println!();
+    println!("{:<44} {:>14}   aim / baseline", "measure", "result");
+    println!(
+        "{:<44} {:>10.0} /s   raw consume of the same topic: {raw_rate:.0} /s (ratio {:.2}; aim >= 100000 /s: {})",
+        "replay verify (read, fold, compare)",
+        verify_rate,
+        verify_rate / raw_rate.max(1e-9),
+        if verify_rate >= 100_000.0 {
+            "met"
+        } else {
+            "not met"
+        }
+    );
+    println!(
+        "{:<44} {:>10} records in {:.2} s; raw consume {consumed} in {:.2} s",
+        "",
+        report.records,
+        report.elapsed.as_secs_f64(),
+        raw.as_secs_f64()
+    );
+    println!(
+        "{:<44} {:>10.0} MiB",
+        "peak resident memory (whole run)",
+        peak_rss_mib().unwrap_or(0.0)
+    );
+    Ok(())
+}

@@ -459,6 +459,8 @@ enum BenchCommand {
     Logs(crate::bench::LogsBenchArgs),
     /// Submit-to-running latency and the time of one scheduling pass.
     Schedule(crate::bench::ScheduleBenchArgs),
+    /// `replay verify`'s rate beside the raw consume rate of the same topic.
+    Replay(crate::bench::ReplayBenchArgs),
 }
 
 /// Parses the command line and runs it. Returns the process exit code.
@@ -497,6 +499,7 @@ pub async fn run() -> i32 {
         Command::Bench(BenchCommand::Submit(a)) => crate::bench::submit(a).await,
         Command::Bench(BenchCommand::Logs(a)) => crate::bench::logs(a).await,
         Command::Bench(BenchCommand::Schedule(a)) => crate::bench::schedule(a).await,
+        Command::Bench(BenchCommand::Replay(a)) => crate::bench::replay(a).await,
     };
     match result {
         Ok(()) => 0,

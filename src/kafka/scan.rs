@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::Offset;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::topic_partition_list::TopicPartitionList;
@@ -24,6 +25,20 @@ pub fn raw_record<M: Message>(message: &M) -> crate::events::RawRecord<'_> {
         payload: message.payload(),
     }
 }
+
+/// The scanner's client context: a partition's end is how a scan knows it is done, not
+/// an error worth logging (librdkafka also reports it as a global error).
+struct Scanning;
+
+impl ClientContext for Scanning {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, reason, "kafka scan");
+        }
+    }
+}
+
+impl ConsumerContext for Scanning {}
 
 /// How long a scan may go without a record before it gives up (the broker is gone).
 const STALL: Duration = Duration::from_secs(30);
@@ -50,7 +65,7 @@ pub fn scan(
     if wanted.is_empty() {
         return Ok(0);
     }
-    let consumer: BaseConsumer = client_config(brokers)
+    let consumer: BaseConsumer<Scanning> = client_config(brokers)
         .set("group.id", "tasklog-scan")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
@@ -58,7 +73,7 @@ pub fn scan(
         .set("queued.max.messages.kbytes", "262144")
         .set("fetch.max.bytes", "104857600")
         .set("max.partition.fetch.bytes", "10485760")
-        .create()
+        .create_with_context(Scanning)
         .map_err(|source| KafkaIoError::Client {
             brokers: brokers.to_string(),
             source,

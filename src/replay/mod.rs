@@ -155,7 +155,13 @@ pub async fn verify(
             .inc_by(read);
         progress(replayed.records);
     }
+    let folded = started.elapsed();
     let differences = compare(&replayed, snapshot);
+    tracing::debug!(
+        read_and_fold_ms = folded.as_millis() as u64,
+        compare_ms = (started.elapsed() - folded).as_millis() as u64,
+        "replay verify"
+    );
     let mut storage_rejected: Vec<Coordinates> = snapshot
         .rejected
         .iter()
@@ -188,13 +194,22 @@ pub async fn verify_store(
     store: &Store,
     progress: impl Fn(u64, u64) + Send + Sync + Clone + 'static,
 ) -> Result<VerifyReport, ReplayError> {
+    let started = Instant::now();
     let snapshot = store.snapshot().await?;
+    tracing::debug!(
+        snapshot_ms = started.elapsed().as_millis() as u64,
+        "replay verify"
+    );
     let total = planned(&snapshot, topics);
     let result = verify(brokers, topics, &snapshot, move |n| progress(n, total)).await;
     if result.is_err() {
         metrics().replay_runs.with_label_values(&["error"]).inc();
     }
-    result
+    // The whole verification, reading the projection included.
+    result.map(|report| VerifyReport {
+        elapsed: started.elapsed(),
+        ..report
+    })
 }
 
 /// A moment of the log: what had been appended by a time, or up to given offsets.

@@ -20,8 +20,8 @@ pub struct StoredTask {
     pub partition: i32,
     /// `last_offset`.
     pub last_offset: i64,
-    /// `doc`: the folded state as JSON.
-    pub doc: Value,
+    /// `doc`: the folded state, as the JSON text stored.
+    pub doc: String,
 }
 
 /// A `task_events` row (the event index).
@@ -86,7 +86,7 @@ impl Store {
         }
         for row in tx
             .query(
-                "SELECT id, state, seq, event_partition, last_offset, doc FROM tasks",
+                "SELECT id, state, seq, event_partition, last_offset, doc::text FROM tasks",
                 &[],
             )
             .await
