@@ -348,7 +348,7 @@ fn compare_tasks(
         );
         match serde_json::to_value(state) {
             // The projector stores exactly this encoding: equal text is an equal doc.
-            Ok(doc) if doc.to_string() == row.doc => {}
+            Ok(doc) if serde_json::to_string(&doc).is_ok_and(|text| text == row.doc) => {}
             Ok(doc) => match serde_json::from_str::<Value>(&row.doc) {
                 Ok(stored) => compare_docs("doc", &doc, &stored, &mut differs),
                 Err(e) => differs("doc", doc.to_string(), format!("not JSON ({e})")),
