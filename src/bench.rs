@@ -86,6 +86,24 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// `n` submitted events of [`sample_spec`]s, encoded as a producer publishes them.
+fn sample_submissions(n: usize) -> Vec<crate::events::EncodedEvent> {
+    (0..n)
+        .map(|i| {
+            let spec: TaskSpec = serde_json::from_value(sample_spec(i)).unwrap_or_default();
+            Event::new(
+                "tasklog://bench",
+                Uuid::now_v7(),
+                1,
+                Payload::Submitted {
+                    spec: Box::new(spec),
+                },
+            )
+            .encode()
+        })
+        .collect()
+}
+
 /// The API (and, once started, the projections) running in this process on loopback.
 struct InProcess {
     state: Arc<AppState>,
@@ -297,20 +315,7 @@ async fn run_all(args: &SubmitBenchArgs, env: &BenchEnv) -> anyhow::Result<()> {
 
     // Baseline 1: the same records produced straight to Kafka, same producer settings.
     let appender = Appender::new(&AppenderOptions::new(brokers))?;
-    let encoded: Vec<_> = (0..n)
-        .map(|i| {
-            let spec: TaskSpec = serde_json::from_value(sample_spec(i)).unwrap_or_default();
-            Event::new(
-                "tasklog://bench",
-                Uuid::now_v7(),
-                1,
-                Payload::Submitted {
-                    spec: Box::new(spec),
-                },
-            )
-            .encode()
-        })
-        .collect();
+    let encoded = sample_submissions(n);
     let record_bytes = encoded.iter().map(|e| e.payload.len()).sum::<usize>() / n.max(1);
     let started = Instant::now();
     let results = appender.append_all(raw_topic, &encoded).await;
@@ -1158,20 +1163,7 @@ async fn run_replay(args: &ReplayBenchArgs, env: &BenchEnv) -> anyhow::Result<()
     );
     // The log: submissions as a producer would publish them.
     let appender = Appender::new(&AppenderOptions::new(brokers))?;
-    let encoded: Vec<_> = (0..n)
-        .map(|i| {
-            let spec: TaskSpec = serde_json::from_value(sample_spec(i)).unwrap_or_default();
-            Event::new(
-                "tasklog://bench",
-                Uuid::now_v7(),
-                1,
-                Payload::Submitted {
-                    spec: Box::new(spec),
-                },
-            )
-            .encode()
-        })
-        .collect();
+    let encoded = sample_submissions(n);
     let results = appender.append_all(&topics.events, &encoded).await;
     anyhow::ensure!(results.iter().all(Result::is_ok), "produce failed");
     drop(encoded);

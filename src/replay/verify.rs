@@ -104,17 +104,12 @@ impl Replayed {
         record: &RawRecord<'_>,
         storage_refused: bool,
     ) -> Result<(), Rejection> {
-        if storage_refused {
-            self.storage_refused(at);
-            return Ok(());
-        }
-        self.records += 1;
-        let outcome = WorkerEvent::decode(record).and_then(|event| {
-            let next = apply_worker(self.workers.get(&event.worker_id), &event)?;
-            self.workers.insert(event.worker_id.clone(), next);
+        let decoded = WorkerEvent::decode(record);
+        self.keyed(at, storage_refused, decoded, |r, event| {
+            let next = apply_worker(r.workers.get(&event.worker_id), &event)?;
+            r.workers.insert(event.worker_id.clone(), next);
             Ok(())
-        });
-        outcome.inspect_err(|r| self.reject(at, r.code().to_string()))
+        })
     }
 
     /// Folds one record of the services topic.
@@ -124,17 +119,30 @@ impl Replayed {
         record: &RawRecord<'_>,
         storage_refused: bool,
     ) -> Result<(), Rejection> {
+        let decoded = ServiceEvent::decode(record);
+        self.keyed(at, storage_refused, decoded, |r, event| {
+            let next = apply_service(r.services.get(&event.service), &event)?;
+            r.services.insert(event.service.clone(), next);
+            Ok(())
+        })
+    }
+
+    /// One record of an entity topic: refused by Postgres, or folded by `fold`.
+    fn keyed<E>(
+        &mut self,
+        at: (&str, i32, i64),
+        storage_refused: bool,
+        decoded: Result<E, Rejection>,
+        fold: impl FnOnce(&mut Replayed, E) -> Result<(), Rejection>,
+    ) -> Result<(), Rejection> {
         if storage_refused {
             self.storage_refused(at);
             return Ok(());
         }
         self.records += 1;
-        let outcome = ServiceEvent::decode(record).and_then(|event| {
-            let next = apply_service(self.services.get(&event.service), &event)?;
-            self.services.insert(event.service.clone(), next);
-            Ok(())
-        });
-        outcome.inspect_err(|r| self.reject(at, r.code().to_string()))
+        decoded
+            .and_then(|event| fold(self, event))
+            .inspect_err(|r| self.reject(at, r.code().to_string()))
     }
 
     fn reject(&mut self, (topic, partition, offset): (&str, i32, i64), reason: String) {
