@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::events::fold::TaskFold;
 use crate::events::{Event, TaskState};
 use crate::kafka::{self, KafkaIoError, Topics, dlq_header};
-use crate::store::Store;
+use crate::store::{LogIndexRow, Store};
 
 /// How long the projection's index may take to answer before the partition is scanned.
 const INDEX_WAIT: Duration = Duration::from_secs(2);
@@ -66,23 +66,6 @@ pub struct DeadLetter {
     pub message: Option<String>,
 }
 
-/// The extent of one attempt's logs (from the log index).
-#[derive(Debug, Clone, Serialize)]
-pub struct LogExtent {
-    /// Attempt.
-    pub attempt: i32,
-    /// Partition of the logs topic.
-    pub partition: i32,
-    /// First offset.
-    pub first_offset: i64,
-    /// Last offset.
-    pub last_offset: i64,
-    /// Records.
-    pub lines: i64,
-    /// Bytes.
-    pub bytes: i64,
-}
-
 /// A task's history as the log tells it.
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskAudit {
@@ -101,7 +84,7 @@ pub struct TaskAudit {
     /// Dead letters of its records.
     pub dead_letters: Vec<DeadLetter>,
     /// Its logs' extent per attempt (`None`: the log index could not be read).
-    pub logs: Option<Vec<LogExtent>>,
+    pub logs: Option<Vec<LogIndexRow>>,
 }
 
 /// Reads task `id`'s history from the log. `store` (when given and answering) only
@@ -131,19 +114,7 @@ pub async fn task(
                 start = first.max(low);
                 found_by = "index";
             }
-            logs = Some(
-                index
-                    .into_iter()
-                    .map(|r| LogExtent {
-                        attempt: r.attempt,
-                        partition: r.partition,
-                        first_offset: r.first_offset,
-                        last_offset: r.last_offset,
-                        lines: r.lines,
-                        bytes: r.bytes,
-                    })
-                    .collect(),
-            );
+            logs = Some(index);
         }
     }
     let key = id.to_string();

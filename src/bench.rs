@@ -159,6 +159,27 @@ impl InProcess {
         }));
     }
 
+    /// Waits until the projection of `topic` has everything the topic holds now: the
+    /// same wait the API's read-your-writes uses.
+    async fn wait_projected(&self, brokers: &str, topic: &str) -> anyhow::Result<()> {
+        let mut targets = Targets::new();
+        for (partition, (_, high)) in kafka::watermarks(brokers, topic)
+            .await?
+            .into_iter()
+            .enumerate()
+        {
+            targets.reach(topic, partition as i32, high);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+        let lag = self.state.projections.wait(&targets, deadline).await?;
+        anyhow::ensure!(
+            lag.caught_up(),
+            "projection did not finish in 10 minutes ({} records behind)",
+            lag.0
+        );
+        Ok(())
+    }
+
     fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut rx = self.stop.subscribe();
         async move {
@@ -404,29 +425,7 @@ async fn run_all(args: &SubmitBenchArgs, env: &BenchEnv) -> anyhow::Result<()> {
     let total = (n + args.single) as i64;
     let started = Instant::now();
     system.start_projections(brokers, topics, false);
-    // Until the projection has everything the topic holds: the same wait the API's
-    // read-your-writes uses.
-    let mut targets = Targets::new();
-    for (partition, (_, high)) in kafka::watermarks(brokers, &topics.events)
-        .await?
-        .into_iter()
-        .enumerate()
-    {
-        targets.reach(&topics.events, partition as i32, high);
-    }
-    let lag = system
-        .state
-        .projections
-        .wait(
-            &targets,
-            tokio::time::Instant::now() + Duration::from_secs(600),
-        )
-        .await?;
-    anyhow::ensure!(
-        lag.caught_up(),
-        "projection did not finish in 10 minutes ({} records behind)",
-        lag.0
-    );
+    system.wait_projected(brokers, &topics.events).await?;
     let projection = started.elapsed();
 
     // Single reads of one task: read-your-writes (the default: the partition's end from
@@ -1172,7 +1171,7 @@ async fn run_replay(args: &ReplayBenchArgs, env: &BenchEnv) -> anyhow::Result<()
     let mut system =
         InProcess::start_api(&store, &appender, brokers, topics, args.partitions).await?;
     system.start_projections(brokers, topics, true);
-    let mut targets = Targets::new();
+    system.wait_projected(brokers, &topics.events).await?;
     let ranges: std::collections::HashMap<i32, (i64, i64)> =
         kafka::watermarks(brokers, &topics.events)
             .await?
@@ -1180,22 +1179,6 @@ async fn run_replay(args: &ReplayBenchArgs, env: &BenchEnv) -> anyhow::Result<()
             .enumerate()
             .map(|(p, range)| (p as i32, range))
             .collect();
-    for (partition, (_, high)) in &ranges {
-        targets.reach(&topics.events, *partition, *high);
-    }
-    let lag = system
-        .state
-        .projections
-        .wait(
-            &targets,
-            tokio::time::Instant::now() + Duration::from_secs(600),
-        )
-        .await?;
-    anyhow::ensure!(
-        lag.caught_up(),
-        "projection did not finish ({} behind)",
-        lag.0
-    );
     system.stop().await;
 
     // Baseline: the same topic consumed, records only touched.
