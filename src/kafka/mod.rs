@@ -631,19 +631,37 @@ impl PartitionEnds {
         })
     }
 
-    /// The high watermark of one partition, asked of its leader now.
+    /// The high watermark of one partition, asked of its leader now. A partition whose
+    /// leader is moving or not known yet (a topic just created, a broker restarting)
+    /// answers with an error for a moment: asked again, with a short backoff, for up to
+    /// [`PartitionEnds::RETRY_FOR`].
     pub async fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64, KafkaIoError> {
-        let consumer = self.consumer.clone();
-        let brokers = self.brokers.clone();
-        let topic = topic.to_string();
-        blocking(move || {
-            consumer
-                .fetch_watermarks(&topic, partition, Duration::from_secs(5))
-                .map(|(_, high)| high)
-                .map_err(|source| KafkaIoError::Unreachable { brokers, source })
-        })
-        .await
+        let give_up = tokio::time::Instant::now() + Self::RETRY_FOR;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let consumer = self.consumer.clone();
+            let brokers = self.brokers.clone();
+            let name = topic.to_string();
+            let asked = blocking(move || {
+                consumer
+                    .fetch_watermarks(&name, partition, Duration::from_secs(5))
+                    .map(|(_, high)| high)
+                    .map_err(|source| KafkaIoError::Unreachable { brokers, source })
+            })
+            .await;
+            match asked {
+                Err(e) if tokio::time::Instant::now() + backoff < give_up => {
+                    tracing::debug!(error = %e, topic, partition, "partition end: asking again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                other => return other,
+            }
+        }
     }
+
+    /// How long [`PartitionEnds::high_watermark`] keeps asking through errors.
+    pub const RETRY_FOR: Duration = Duration::from_secs(3);
 }
 
 /// Kafka's murmur2 hash, as in the Java client's `Utils.murmur2`.
