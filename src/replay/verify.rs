@@ -54,25 +54,9 @@ impl Replayed {
             self.storage_refused(at);
             return Ok(());
         }
-        self.task_decoded(at, Event::decode(record))
-    }
-
-    /// Counts a record the projection recorded as refused by Postgres: not applied
-    /// here either.
-    pub fn storage_refused(&mut self, at: (&str, i32, i64)) {
+        let (_, partition, offset) = at;
         self.records += 1;
-        self.reject(at, STORAGE_REJECTED.to_string());
-    }
-
-    /// [`Replayed::task_record`] for a record already decoded (decoding is pure and
-    /// the costly part, so it can run on many threads; folding runs in log order).
-    pub fn task_decoded(
-        &mut self,
-        (topic, partition, offset): (&str, i32, i64),
-        decoded: Result<Event, Rejection>,
-    ) -> Result<(), Rejection> {
-        self.records += 1;
-        let outcome = decoded.and_then(|event| {
+        let outcome = Event::decode(record).and_then(|event| {
             self.tasks.apply(&event)?;
             Ok(event)
         });
@@ -91,7 +75,7 @@ impl Replayed {
                 Ok(())
             }
             Err(rejection) => {
-                self.reject((topic, partition, offset), rejection.code().to_string());
+                self.reject(at, rejection.code().to_string());
                 Err(rejection)
             }
         }
@@ -143,6 +127,13 @@ impl Replayed {
         decoded
             .and_then(|event| fold(self, event))
             .inspect_err(|r| self.reject(at, r.code().to_string()))
+    }
+
+    /// Counts a record the projection recorded as refused by Postgres: not applied here
+    /// either.
+    fn storage_refused(&mut self, at: (&str, i32, i64)) {
+        self.records += 1;
+        self.reject(at, STORAGE_REJECTED.to_string());
     }
 
     fn reject(&mut self, (topic, partition, offset): (&str, i32, i64), reason: String) {
