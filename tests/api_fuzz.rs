@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::{Broker, Db, start_projector, start_server};
 
@@ -37,7 +37,8 @@ async fn schemathesis_finds_nothing() {
     let work = tempfile::tempdir().expect("work dir");
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/schemathesis.toml");
     let started = Instant::now();
-    let output = tokio::process::Command::new(&st)
+    // Bounded: a schemathesis that never ends fails this test (and kills it on drop).
+    let run = tokio::process::Command::new(&st)
         .args(["--config-file", config, "run"])
         .arg(format!("{url}/v1/openapi.json"))
         .args(["--max-examples", &examples, "--seed", &seed])
@@ -49,8 +50,10 @@ async fn schemathesis_finds_nothing() {
         .args(["--generation-database", "none", "--no-color"])
         .current_dir(work.path())
         .kill_on_drop(true)
-        .output()
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(20 * 60), run)
         .await
+        .expect("schemathesis did not end within 20 minutes")
         .expect("run schemathesis");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);

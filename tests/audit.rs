@@ -18,10 +18,7 @@ fn verify(s: &Stack, file: &Path, against_kafka: bool) -> (i32, Value) {
     if against_kafka {
         args.push("--against-kafka");
     }
-    let output = role(&s.broker, &s.db, &args)
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .expect("run audit verify");
+    let output = common::finish(role(&s.broker, &s.db, &args).stdout(std::process::Stdio::piped()));
     let report: Value = serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)));
     (output.status.code().unwrap_or(-1), report)
@@ -30,9 +27,7 @@ fn verify(s: &Stack, file: &Path, against_kafka: bool) -> (i32, Value) {
 fn export(s: &Stack, file: &Path, extra: &[&str]) {
     let mut args = vec!["audit", "export", "--out", file.to_str().expect("path")];
     args.extend_from_slice(extra);
-    let status = role(&s.broker, &s.db, &args)
-        .status()
-        .expect("run audit export");
+    let status = common::finish(&mut role(&s.broker, &s.db, &args)).status;
     assert!(status.success(), "audit export {extra:?}: {status}");
 }
 
@@ -178,10 +173,9 @@ async fn exports_verify_and_every_tamper_is_found_at_its_line() {
 
 /// `tasklog audit task ID --json`.
 fn audit_task(broker: &common::Broker, db: &common::Db, id: &str) -> Value {
-    let output = role(broker, db, &["audit", "task", id, "--json"])
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .expect("run audit task");
+    let output = common::finish(
+        role(broker, db, &["audit", "task", id, "--json"]).stdout(std::process::Stdio::piped()),
+    );
     assert!(output.status.success(), "audit task: {}", output.status);
     serde_json::from_slice(&output.stdout).expect("JSON")
 }

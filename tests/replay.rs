@@ -102,13 +102,12 @@ async fn verify_finds_nothing_in_a_faithful_projection_and_names_every_tamper() 
     // resumes at the end and changes nothing), and leaves the live one alone.
     let blue = Db::create().await;
     for _ in 0..2 {
-        let status = role(
+        let status = common::finish(&mut role(
             &s.broker,
             &s.db,
             &["replay", "rebuild", "--database-url", &blue.url],
-        )
-        .status()
-        .expect("run replay rebuild");
+        ))
+        .status;
         assert!(status.success(), "replay rebuild: {status}");
         assert_eq!(rows(&blue).await, rows(&s.db).await);
     }
@@ -118,13 +117,12 @@ async fn verify_finds_nothing_in_a_faithful_projection_and_names_every_tamper() 
         (0, &json!([])),
         "{report}"
     );
-    let refused = role(
+    let refused = common::finish(&mut role(
         &s.broker,
         &s.db,
         &["replay", "rebuild", "--database-url", &s.db.url],
-    )
-    .status()
-    .expect("run replay rebuild");
+    ))
+    .status;
     assert!(
         !refused.success(),
         "a rebuild into the live database is refused"
@@ -194,10 +192,7 @@ async fn verify_finds_nothing_in_a_faithful_projection_and_names_every_tamper() 
 fn replay_state(s: &Stack, args: &[&str]) -> Value {
     let mut all = vec!["replay", "state", "--json"];
     all.extend_from_slice(args);
-    let output = role(&s.broker, &s.db, &all)
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .expect("run replay state");
+    let output = common::finish(role(&s.broker, &s.db, &all).stdout(std::process::Stdio::piped()));
     assert!(
         output.status.success(),
         "replay state {args:?}: {}",

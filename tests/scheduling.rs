@@ -579,10 +579,12 @@ async fn tasklog_run_exits_with_the_task_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("task.yaml");
     std::fs::write(&spec, "shell: 'echo out; echo err >&2; exit 7'\n").unwrap();
-    let output = std::process::Command::new(common::bin())
-        .args(["run", "-f", spec.to_str().unwrap(), "--api", &c.stack.url])
-        .output()
-        .expect("tasklog run");
+    let output = common::finish(
+        std::process::Command::new(common::bin())
+            .args(["run", "-f", spec.to_str().unwrap(), "--api", &c.stack.url])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
     assert_eq!(output.status.code(), Some(7));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("out") && stdout.contains("err"), "{stdout}");

@@ -265,6 +265,38 @@ struct Shared {
     next_offsets: Mutex<HashMap<i32, i64>>,
 }
 
+impl Shared {
+    /// The projection's offsets in Postgres, read from inside a consumer callback.
+    ///
+    /// The callback runs wherever the consumer is polled or closed: on a runtime worker,
+    /// or on a thread already inside `block_on` (the consumer's close on drop). Running
+    /// `Handle::block_on` on that thread would share its parker with the outer
+    /// `block_on` and swallow the outer future's wake-ups (a rebuild once hung forever
+    /// this way, its other projections never polled again). So the query runs on a
+    /// thread of its own, and a worker hands its other tasks off while it waits.
+    fn stored_offsets(&self) -> Result<HashMap<i32, i64>, crate::store::StoreError> {
+        let query = || {
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        self.runtime
+                            .block_on(self.store.projection_offsets(&self.topic))
+                    })
+                    .join()
+                    .unwrap_or_else(|_| {
+                        Err(crate::store::StoreError::Pool(
+                            "the thread reading projection offsets panicked".into(),
+                        ))
+                    })
+            })
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(query),
+            _ => query(),
+        }
+    }
+}
+
 /// Consumer callbacks: seek to the Postgres offsets on assignment; publish lag.
 struct ProjectorContext(Arc<Shared>);
 
@@ -300,15 +332,8 @@ impl ConsumerContext for ProjectorContext {
     ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                // Kafka's group offsets are informational; Postgres holds the truth. The
-                // callback runs inside the consumer's poll on a runtime worker, so it may
-                // block that worker for one query.
-                let shared = self.0.clone();
-                let stored = tokio::task::block_in_place(|| {
-                    shared
-                        .runtime
-                        .block_on(shared.store.projection_offsets(&shared.topic))
-                });
+                // Kafka's group offsets are informational; Postgres holds the truth.
+                let stored = self.0.stored_offsets();
                 let stored = match stored {
                     Ok(s) => s,
                     Err(e) => {
@@ -648,10 +673,45 @@ pub async fn run_projection<P: Projection>(
     }
     reader.abort();
     // The reader holds the consumer too: once it is gone, the consumer closes (leaving
-    // its group) when this returns, not later, when the broker may be gone.
+    // its group) now, not later, when the broker may be gone.
     let _ = reader.await;
     consumer.unsubscribe();
+    let topic = runner.topic.clone();
+    drop(runner);
+    close_consumer(consumer, &topic).await;
     Ok(())
+}
+
+/// How long a projection waits on shutdown for its consumer to leave its group.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Closes the consumer (leaving its group) on a thread of its own, waiting at most
+/// [`CLOSE_TIMEOUT`]: librdkafka's close blocks until the group lets go — through a
+/// join in flight, for instance — and must hold up neither the runtime nor the exit
+/// (everything applied is committed in Postgres already; the group's session timeout
+/// removes a member that did not leave).
+async fn close_consumer(consumer: Arc<StreamConsumer<ProjectorContext>>, topic: &str) {
+    let (closed_tx, closed) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("projector-close".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = closed_tx.send(());
+        });
+    if spawned.is_err() {
+        tracing::warn!(
+            topic,
+            "cannot start a thread to close the consumer; leaving it"
+        );
+        return;
+    }
+    if tokio::time::timeout(CLOSE_TIMEOUT, closed).await.is_err() {
+        tracing::warn!(
+            topic,
+            timeout_s = CLOSE_TIMEOUT.as_secs(),
+            "the consumer did not leave its group in time; going on without it"
+        );
+    }
 }
 
 /// Decoded records of one batch, tagged with the reader's epoch.

@@ -846,13 +846,47 @@ pub fn role(broker: &Broker, db: &Db, args: &[&str]) -> Command {
     c
 }
 
+/// How long a CLI command run by a test may take before the test fails: a hang is a
+/// failure with a name, not a CI run that never ends.
+pub const COMMAND_BOUND: Duration = Duration::from_secs(120);
+
+/// Runs `command` to its end and returns what it printed, like [`Command::output`]
+/// (with the command's own stdio settings), failing the test — after killing the
+/// command — when it has not ended within [`COMMAND_BOUND`].
+pub fn finish(command: &mut Command) -> std::process::Output {
+    let what = format!(
+        "tasklog {}",
+        command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("start `{what}`: {e}"));
+    let pid = child.id() as i32;
+    let (done, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match ended.recv_timeout(COMMAND_BOUND) {
+        Ok(output) => output.unwrap_or_else(|e| panic!("wait for `{what}`: {e}")),
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of a child not yet reaped by its waiter thread.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!(
+                "`{what}` did not end within {} s (killed)",
+                COMMAND_BOUND.as_secs()
+            )
+        }
+    }
+}
+
 /// `tasklog replay verify --json` on this broker and database: its exit status and its
 /// report.
 pub fn replay_verify(broker: &Broker, db: &Db) -> (i32, Value) {
-    let output = role(broker, db, &["replay", "verify", "--json"])
-        .stdout(Stdio::piped())
-        .output()
-        .expect("run tasklog replay verify");
+    let output = finish(role(broker, db, &["replay", "verify", "--json"]).stdout(Stdio::piped()));
     let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
         panic!(
             "replay verify printed no JSON report ({e}): {}",
