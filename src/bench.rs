@@ -96,12 +96,49 @@ fn sample_submissions(n: usize) -> Vec<crate::events::EncodedEvent> {
                 Uuid::now_v7(),
                 1,
                 Payload::Submitted {
-                    spec: Box::new(spec),
+                    spec: std::sync::Arc::new(spec),
                 },
             )
             .encode()
         })
         .collect()
+}
+
+/// About `n` events of whole task histories — submitted, assigned, started, succeeded —
+/// as the scheduler and workers append them: what a log mostly holds.
+fn sample_lifecycles(n: usize) -> Vec<crate::events::EncodedEvent> {
+    let submissions = sample_submissions(n.div_ceil(4));
+    let mut out = Vec::with_capacity(submissions.len() * 4);
+    for (i, submitted) in submissions.into_iter().enumerate() {
+        let Ok(id) = Uuid::parse_str(&submitted.key) else {
+            continue;
+        };
+        let worker_id = format!("bench-worker-{}", i % 8);
+        out.push(submitted);
+        for (seq, payload) in [
+            Payload::Assigned {
+                worker_id: worker_id.clone(),
+                attempt: 1,
+            },
+            Payload::Started {
+                attempt: 1,
+                worker_id: Some(worker_id),
+                pid: Some(1000 + (i % 30_000) as u32),
+            },
+            Payload::Succeeded {
+                attempt: Some(1),
+                exit_code: Some(0),
+                duration_ms: Some(1_000 + (i % 5_000) as u64),
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            out.push(Event::new("tasklog://bench", id, seq as u64 + 2, payload).encode());
+        }
+    }
+    out.truncate(n);
+    out
 }
 
 /// The API (and, once started, the projections) running in this process on loopback.
@@ -858,7 +895,7 @@ fn bench_task(spec: Value, worker: Option<&str>) -> Option<crate::events::TaskSt
         id,
         1,
         Payload::Submitted {
-            spec: Box::new(spec),
+            spec: std::sync::Arc::new(spec),
         },
     );
     let task = crate::events::apply(None, &submitted).ok()?;
@@ -1123,9 +1160,14 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
 /// Arguments of `tasklog bench replay`.
 #[derive(Debug, Clone, Args)]
 pub struct ReplayBenchArgs {
-    /// Task events on the log (submissions, published straight to Kafka, then projected).
+    /// Task events on the log (published straight to Kafka, then projected).
     #[arg(long, default_value_t = 200_000)]
     pub events: usize,
+    /// What the events are: `lifecycle` (whole histories: submitted, assigned, started,
+    /// succeeded — what a log mostly holds) or `submissions` (only submissions, each
+    /// with a spec: the costliest event to fold).
+    #[arg(long, value_enum, default_value_t = ReplayMix::Lifecycle)]
+    pub mix: ReplayMix,
     /// Partitions of the benchmark's topics.
     #[arg(long, default_value_t = 12)]
     pub partitions: i32,
@@ -1134,6 +1176,15 @@ pub struct ReplayBenchArgs {
     /// Postgres server (a scratch database is created and dropped).
     #[arg(long, env = "TASKLOG_DATABASE_URL", default_value = store::DEFAULT_DATABASE_URL)]
     pub database_url: String,
+}
+
+/// The events `tasklog bench replay` puts on the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReplayMix {
+    /// Whole task histories, four events a task.
+    Lifecycle,
+    /// Submissions only.
+    Submissions,
 }
 
 /// `tasklog bench replay`: `replay verify`'s rate (read, fold, compare) beside the raw
@@ -1157,12 +1208,19 @@ async fn run_replay(args: &ReplayBenchArgs, env: &BenchEnv) -> anyhow::Result<()
     store.migrate().await?;
     let n = args.events;
     println!(
-        "tasklog bench replay: {n} events, {} partitions, broker {brokers}",
+        "tasklog bench replay: {n} events ({}), {} partitions, broker {brokers}",
+        match args.mix {
+            ReplayMix::Lifecycle => "whole task histories, 4 events a task",
+            ReplayMix::Submissions => "submissions only",
+        },
         args.partitions
     );
-    // The log: submissions as a producer would publish them.
+    // The log: events as the API, scheduler and workers (or outside producers) append them.
     let appender = Appender::new(&AppenderOptions::new(brokers))?;
-    let encoded = sample_submissions(n);
+    let encoded = match args.mix {
+        ReplayMix::Lifecycle => sample_lifecycles(n),
+        ReplayMix::Submissions => sample_submissions(n),
+    };
     let results = appender.append_all(&topics.events, &encoded).await;
     anyhow::ensure!(results.iter().all(Result::is_ok), "produce failed");
     drop(encoded);
@@ -1198,6 +1256,11 @@ async fn run_replay(args: &ReplayBenchArgs, env: &BenchEnv) -> anyhow::Result<()
         report.differences.is_empty(),
         "replay found {} differences in a fresh projection",
         report.differences.len()
+    );
+    anyhow::ensure!(
+        report.rejected == 0,
+        "the fold refused {} of the benchmark's records",
+        report.rejected
     );
     let rate = |count: u64, d: Duration| count as f64 / d.as_secs_f64().max(1e-9);
     let (verify_rate, raw_rate) = (rate(report.records, report.elapsed), rate(consumed, raw));

@@ -33,7 +33,7 @@ fn submitted(spec: Value) -> (Uuid, EncodedEvent) {
         id,
         1,
         Payload::Submitted {
-            spec: Box::new(spec),
+            spec: std::sync::Arc::new(spec),
         },
     );
     (id, event.encode())

@@ -467,7 +467,7 @@ fn payload() -> impl Strategy<Value = Payload> {
 
 fn submitted(spec: TaskSpec) -> Payload {
     Payload::Submitted {
-        spec: Box::new(spec),
+        spec: std::sync::Arc::new(spec),
     }
 }
 

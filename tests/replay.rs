@@ -266,3 +266,123 @@ async fn replay_state_at_a_moment_is_what_get_showed_then() {
     assert!(ids.contains(&id.as_str()), "{all}");
     assert!(!ids.contains(&other["id"].as_str().expect("id")), "{all}");
 }
+
+/// A rebuild SIGKILLed half way, then run again, ends with the same projection as the
+/// live one, nothing missing and nothing applied twice: it resumes from the offsets it
+/// committed with its rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_killed_half_way_resumes_to_the_same_projection() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    use tasklog::events::{Event, Payload, TaskSpec};
+
+    let broker = common::Broker::start();
+    let db = Db::create().await;
+    let _projector = common::start_projector(&broker, &db);
+    let topic = broker.events_topic();
+    let total = 30_000usize;
+    let producer = broker.producer();
+    let encoded: Vec<_> = (0..total)
+        .map(|i| {
+            let spec = TaskSpec::from_json(json!({"name": format!("r{i}"), "shell": "true"}))
+                .expect("spec");
+            Event::new(
+                "test://rebuild",
+                uuid::Uuid::now_v7(),
+                1,
+                Payload::Submitted {
+                    spec: std::sync::Arc::new(spec),
+                },
+            )
+            .encode()
+        })
+        .collect();
+    for chunk in encoded.chunks(2_000) {
+        let sends = chunk.iter().map(|e| {
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in &e.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                });
+            }
+            producer.send(
+                FutureRecord::to(&topic)
+                    .key(&e.key)
+                    .payload(&e.payload)
+                    .headers(headers),
+                std::time::Duration::from_secs(30),
+            )
+        });
+        for sent in futures::future::join_all(sends).await {
+            assert!(sent.is_ok(), "produce: {sent:?}");
+        }
+    }
+    common::wait_projected_on(&db, &topic, total as i64).await;
+
+    let blue = Db::create().await;
+    let mut rebuild = common::Proc::wrap(
+        role(
+            &broker,
+            &db,
+            &["replay", "rebuild", "--database-url", &blue.url],
+        )
+        .spawn()
+        .expect("start replay rebuild"),
+        "rebuild",
+    );
+    // Killed once it has committed some of the log, well before all of it.
+    let applied = common::eventually(
+        "the rebuild to commit part of the log",
+        std::time::Duration::from_secs(120),
+        || async {
+            let done = applied_to(&blue, &topic).await;
+            (done >= 1_000).then_some(done)
+        },
+    )
+    .await;
+    rebuild.kill();
+    let at_kill = applied_to(&blue, &topic).await;
+    assert!(
+        at_kill < total as i64,
+        "the rebuild had finished ({at_kill} of {total}) before it could be killed; first seen at {applied}"
+    );
+
+    let status = common::finish(&mut role(
+        &broker,
+        &db,
+        &["replay", "rebuild", "--database-url", &blue.url],
+    ))
+    .status;
+    assert!(status.success(), "replay rebuild after the kill: {status}");
+    assert_eq!(
+        blue.count("SELECT count(*) FROM tasks").await,
+        total as i64,
+        "every task once"
+    );
+    assert_eq!(
+        blue.count("SELECT count(*) FROM task_events").await,
+        total as i64,
+        "every event once"
+    );
+    assert_eq!(rows(&blue).await, rows(&db).await);
+    let (status, report) = replay_verify(&broker, &blue);
+    assert_eq!(
+        (status, &report["differences"]),
+        (0, &json!([])),
+        "{report}"
+    );
+}
+
+/// The records of `topic` a projection in `db` has committed (0 before its tables exist).
+async fn applied_to(db: &Db, topic: &str) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets WHERE topic = $1",
+            &[&topic],
+        )
+        .await
+        .map(|row| row.get(0))
+        .unwrap_or(0)
+}

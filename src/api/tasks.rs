@@ -82,7 +82,7 @@ fn prepare(state: &AppState, body: Value, header_key: Option<&str>) -> Result<Pr
         id,
         1,
         Payload::Submitted {
-            spec: Box::new(spec.clone()),
+            spec: std::sync::Arc::new(spec.clone()),
         },
     );
     let encoded = event.encode();
@@ -129,7 +129,7 @@ fn replay_of(state: &AppState, p: &Prepared, stored: Option<&TaskRecord>) -> Rep
         return Replay::New;
     }
     if let Some(record) = stored {
-        return if record.task.spec == p.spec {
+        return if *record.task.spec == p.spec {
             let mut v = accepted(
                 record.task.id,
                 record.task.state,

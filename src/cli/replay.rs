@@ -118,6 +118,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         let out = json!({
             "consistent": report.differences.is_empty(),
             "records": report.records,
+            "rejected": report.rejected,
             "elapsed_ms": report.elapsed.as_millis() as u64,
             "records_per_second": rate.round(),
             "differences": differences,
@@ -127,10 +128,11 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "folded {} records from offset 0 in {:.2} s ({:.0} records/s)",
+            "folded {} records from offset 0 in {:.2} s ({:.0} records/s; {} refused by the fold)",
             report.records,
             report.elapsed.as_secs_f64(),
-            rate
+            rate,
+            report.rejected
         );
         for (topic, partition, n) in &report.behind {
             println!(

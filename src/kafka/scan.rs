@@ -32,7 +32,12 @@ struct Scanning;
 
 impl ClientContext for Scanning {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        // librdkafka reports a partition's end both per partition and as a global error.
+        let end = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !end {
             tracing::warn!(error = %error, reason, "kafka scan");
         }
     }

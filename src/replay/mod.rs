@@ -9,7 +9,8 @@
 pub mod export;
 pub mod verify;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::message::Message;
@@ -52,6 +53,9 @@ pub enum ReplayError {
 pub struct VerifyReport {
     /// Records folded, all topics.
     pub records: u64,
+    /// Of those, the records the fold refused (each is in `rejected_events` too, or it
+    /// is a difference).
+    pub rejected: u64,
     /// How long reading and folding took.
     pub elapsed: Duration,
     /// Every difference, in a stable order.
@@ -91,12 +95,15 @@ pub fn planned(snapshot: &ProjectionSnapshot, topics: &Topics) -> u64 {
         .sum()
 }
 
-/// Folds `topics` from offset 0 up to the offsets of `snapshot` and compares the result
-/// with it. `progress` is called with the records folded so far, now and then.
+/// Folds `topics` from offset 0 up to the offsets of `head` (a snapshot's offsets and
+/// rejected records, read first) and compares the result with `snapshot`, the whole of
+/// that snapshot, awaited only once the log is folded (it is read meanwhile).
+/// `progress` is called with the records folded so far, now and then.
 pub async fn verify(
     brokers: &str,
     topics: &Topics,
-    snapshot: &ProjectionSnapshot,
+    head: &ProjectionSnapshot,
+    snapshot: impl Future<Output = Result<ProjectionSnapshot, ReplayError>>,
     progress: impl Fn(u64) + Send + Sync + Clone + 'static,
 ) -> Result<VerifyReport, ReplayError> {
     let started = Instant::now();
@@ -104,7 +111,7 @@ pub async fn verify(
     let mut behind = Vec::new();
     for (topic, kind) in topics_of(topics) {
         let ends = kafka::watermarks(brokers, topic).await?;
-        let stored = snapshot.offsets.get(topic).cloned().unwrap_or_default();
+        let stored = head.offsets.get(topic).cloned().unwrap_or_default();
         let mut ranges = HashMap::new();
         for (partition, (low, high)) in ends.iter().enumerate() {
             let partition = partition as i32;
@@ -121,7 +128,7 @@ pub async fn verify(
             }
             ranges.insert(partition, (0, upto));
         }
-        let refused: std::collections::HashSet<(i32, i64)> = snapshot
+        let refused: HashSet<(i32, i64)> = head
             .rejected
             .iter()
             .filter(|((t, _, _), reason)| t == topic && reason.as_str() == STORAGE_REJECTED)
@@ -129,21 +136,7 @@ pub async fn verify(
             .collect();
         let (brokers, name, report) = (brokers.to_string(), topic.to_string(), progress.clone());
         let (back, read) = tokio::task::spawn_blocking(move || {
-            let mut replayed = replayed;
-            let read = kafka::scan(&brokers, &name, &ranges, |message| {
-                let at = (name.as_str(), message.partition(), message.offset());
-                let record = kafka::raw_record(message);
-                let refused = refused.contains(&(at.1, at.2));
-                let _ = match kind {
-                    Kind::Tasks => replayed.task_record(at, &record, refused),
-                    Kind::Workers => replayed.worker_record(at, &record, refused),
-                    Kind::Services => replayed.service_record(at, &record, refused),
-                };
-                if replayed.records % 10_000 == 0 {
-                    report(replayed.records);
-                }
-            });
-            (replayed, read)
+            fold_topic(replayed, &brokers, &name, kind, &ranges, &refused, &report)
         })
         .await
         .map_err(|e| KafkaIoError::Interrupted(e.to_string()))?;
@@ -156,10 +149,13 @@ pub async fn verify(
         progress(replayed.records);
     }
     let folded = started.elapsed();
-    let differences = compare(&replayed, snapshot);
+    let snapshot = snapshot.await?;
+    let read = started.elapsed();
+    let differences = compare(&replayed, &snapshot);
     tracing::debug!(
         read_and_fold_ms = folded.as_millis() as u64,
-        compare_ms = (started.elapsed() - folded).as_millis() as u64,
+        snapshot_wait_ms = (read - folded).as_millis() as u64,
+        compare_ms = (started.elapsed() - read).as_millis() as u64,
         "replay verify"
     );
     let mut storage_rejected: Vec<Coordinates> = snapshot
@@ -169,6 +165,11 @@ pub async fn verify(
         .map(|(at, _)| at.clone())
         .collect();
     storage_rejected.sort();
+    let (records, rejected) = (replayed.records, replayed.rejected.len() as u64);
+    // Freeing a whole replay and snapshot takes a while and nobody waits for it.
+    let _ = std::thread::Builder::new()
+        .name("replay-free".into())
+        .spawn(move || drop((replayed, snapshot)));
     let m = metrics();
     m.replay_differences.set(differences.len() as i64);
     m.replay_runs
@@ -179,12 +180,93 @@ pub async fn verify(
         }])
         .inc();
     Ok(VerifyReport {
-        records: replayed.records,
+        records,
+        rejected,
         elapsed: started.elapsed(),
         differences,
         behind,
         storage_rejected,
     })
+}
+
+/// Folds the records of `topic` in `ranges` into `replayed`: its partitions split in two
+/// halves read and folded on two threads (a task's, worker's or service's records all
+/// share one partition, so the halves fold independently), then merged. Should one key
+/// turn up in both halves — a producer that chose partitions itself — the topic is
+/// folded again on one thread, in the scanner's order, as if there had been no split.
+/// Returns the replay and the records read (or why the topic could not be read).
+fn fold_topic(
+    replayed: Replayed,
+    brokers: &str,
+    topic: &str,
+    kind: Kind,
+    ranges: &HashMap<i32, (i64, i64)>,
+    refused: &HashSet<(i32, i64)>,
+    report: &(impl Fn(u64) + Sync),
+) -> (Replayed, Result<u64, KafkaIoError>) {
+    let before = replayed.records;
+    let folded = AtomicU64::new(before);
+    let fold_part = |part: &HashMap<i32, (i64, i64)>| {
+        let mut part_replay = Replayed::new();
+        let read = kafka::scan(brokers, topic, part, |message| {
+            let at = (topic, message.partition(), message.offset());
+            let record = kafka::raw_record(message);
+            let refused = refused.contains(&(at.1, at.2));
+            let _ = match kind {
+                Kind::Tasks => part_replay.task_record(at, &record, refused),
+                Kind::Workers => part_replay.worker_record(at, &record, refused),
+                Kind::Services => part_replay.service_record(at, &record, refused),
+            };
+            if part_replay.records % PROGRESS_EVERY == 0 {
+                report(folded.fetch_add(PROGRESS_EVERY, Ordering::Relaxed) + PROGRESS_EVERY);
+            }
+        });
+        (part_replay, read)
+    };
+    let [first, second] = halves(ranges);
+    let ((a, read_a), (b, read_b)) = std::thread::scope(|s| {
+        let other = s.spawn(|| fold_part(&second));
+        let here = fold_part(&first);
+        let there = other
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (here, there)
+    });
+    let read = match (read_a, read_b) {
+        (Ok(x), Ok(y)) => x + y,
+        (Err(e), _) | (_, Err(e)) => return (replayed, Err(e)),
+    };
+    let mut replayed = replayed;
+    if replayed.shares_keys(&a) || replayed.shares_keys(&b) || a.shares_keys(&b) {
+        tracing::warn!(
+            topic,
+            "a key's records sit in more than one partition; folding the topic on one thread"
+        );
+        let (whole, read) = fold_part(ranges);
+        let mut merged = replayed;
+        merged.absorb(whole);
+        return (merged, read);
+    }
+    replayed.absorb(a);
+    replayed.absorb(b);
+    (replayed, Ok(read))
+}
+
+/// How often (in records folded) progress is reported.
+const PROGRESS_EVERY: u64 = 10_000;
+
+/// `ranges` split in two, partitions dealt out largest first to the lighter half.
+fn halves(ranges: &HashMap<i32, (i64, i64)>) -> [HashMap<i32, (i64, i64)>; 2] {
+    let mut partitions: Vec<(&i32, &(i64, i64))> = ranges.iter().collect();
+    partitions.sort_by_key(|(p, (from, to))| (std::cmp::Reverse(to - from), **p));
+    let mut out = [HashMap::new(), HashMap::new()];
+    let mut load = [0i64; 2];
+    for (p, (from, to)) in partitions {
+        let lighter = usize::from(load[1] < load[0]);
+        load[lighter] += (to - from).max(0);
+        out[lighter].insert(*p, (*from, *to));
+    }
+    out
 }
 
 /// Reads the projection's snapshot from `store` and verifies it against the log.
@@ -195,13 +277,44 @@ pub async fn verify_store(
     progress: impl Fn(u64, u64) + Send + Sync + Clone + 'static,
 ) -> Result<VerifyReport, ReplayError> {
     let started = Instant::now();
-    let snapshot = store.snapshot().await?;
-    tracing::debug!(
-        snapshot_ms = started.elapsed().as_millis() as u64,
-        "replay verify"
-    );
-    let total = planned(&snapshot, topics);
-    let result = verify(brokers, topics, &snapshot, move |n| progress(n, total)).await;
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let reader = store.clone();
+    let whole = tokio::spawn(async move {
+        reader
+            .snapshot_with(move |head| {
+                let _ = head_tx.send(ProjectionSnapshot {
+                    offsets: head.offsets.clone(),
+                    rejected: head.rejected.clone(),
+                    ..ProjectionSnapshot::default()
+                });
+            })
+            .await
+    });
+    let whole = async move {
+        match whole.await {
+            Ok(snapshot) => Ok(snapshot?),
+            Err(e) => Err(ReplayError::Store(StoreError::Pool(format!(
+                "the snapshot reader stopped: {e}"
+            )))),
+        }
+    };
+    let result = match head_rx.await {
+        Ok(head) => {
+            tracing::debug!(
+                snapshot_head_ms = started.elapsed().as_millis() as u64,
+                "replay verify"
+            );
+            let total = planned(&head, topics);
+            verify(brokers, topics, &head, whole, move |n| progress(n, total)).await
+        }
+        // The reader failed before it had the offsets: its error says why.
+        Err(_) => match whole.await {
+            Err(e) => Err(e),
+            Ok(_) => Err(ReplayError::Store(StoreError::Pool(
+                "the snapshot ended without its offsets".into(),
+            ))),
+        },
+    };
     if result.is_err() {
         metrics().replay_runs.with_label_values(&["error"]).inc();
     }

@@ -11,7 +11,7 @@ use crate::events::fold::TaskFold;
 use crate::events::service::{ServiceEvent, ServiceState, apply_service};
 use crate::events::worker::{WorkerEvent, WorkerState, apply_worker};
 use crate::events::{Event, RawRecord, Rejection};
-use crate::store::snapshot::{Coordinates, ProjectionSnapshot, StoredEvent, StoredTask};
+use crate::store::snapshot::{Coordinates, ProjectionSnapshot, StoredEvent};
 
 /// The projection's reason for a record Postgres itself refused: no fold can predict it,
 /// so replay takes it from `rejected_events` (and lists every such record).
@@ -40,6 +40,37 @@ impl Replayed {
     /// An empty replay.
     pub fn new() -> Replayed {
         Replayed::default()
+    }
+
+    /// Whether `other` folded a task, `ce_id`, worker or service this one has too: the
+    /// two cannot simply be merged (their order matters).
+    pub fn shares_keys(&self, other: &Replayed) -> bool {
+        fn overlap<K: Eq + std::hash::Hash, V>(a: &HashMap<K, V>, b: &HashMap<K, V>) -> bool {
+            let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+            small.keys().any(|k| large.contains_key(k))
+        }
+        let (seen_small, seen_large) = if self.tasks.seen.len() <= other.tasks.seen.len() {
+            (&self.tasks.seen, &other.tasks.seen)
+        } else {
+            (&other.tasks.seen, &self.tasks.seen)
+        };
+        overlap(&self.tasks.states, &other.tasks.states)
+            || seen_small.iter().any(|id| seen_large.contains(id))
+            || overlap(&self.workers, &other.workers)
+            || overlap(&self.services, &other.services)
+    }
+
+    /// Takes in everything `other` folded (which shares no key with this replay: see
+    /// [`Replayed::shares_keys`]).
+    pub fn absorb(&mut self, other: Replayed) {
+        self.tasks.states.extend(other.tasks.states);
+        self.tasks.seen.extend(other.tasks.seen);
+        self.last.extend(other.last);
+        self.events.extend(other.events);
+        self.rejected.extend(other.rejected);
+        self.workers.extend(other.workers);
+        self.services.extend(other.services);
+        self.records += other.records;
     }
 
     /// Folds one record of the events topic. `storage_refused` says the projection
@@ -283,77 +314,155 @@ impl fmt::Display for Difference {
 }
 
 /// Every difference between `replayed` and `stored`, in a stable order.
+///
+/// A first pass only asks whether each task and event index row agrees, without
+/// allocating, split over two threads (it serialises every folded task); the report is
+/// then built, in key order, for the few that do not.
 pub fn compare(replayed: &Replayed, stored: &ProjectionSnapshot) -> Vec<Difference> {
+    let tasks: Vec<&Uuid> = replayed.tasks.states.keys().collect();
+    let events: Vec<&(Uuid, i64)> = replayed.events.keys().collect();
+    let (task_half, event_half) = (tasks.len().div_ceil(2), events.len().div_ceil(2));
+    let check_tasks = |ids: &[&Uuid]| -> Vec<Uuid> {
+        ids.iter()
+            .filter(|id| !task_agrees(replayed, stored, id))
+            .map(|id| **id)
+            .collect()
+    };
+    let check_events = |keys: &[&(Uuid, i64)]| -> Vec<(Uuid, i64)> {
+        keys.iter()
+            .filter(|k| replayed.events.get(**k) != stored.events.get(**k))
+            .map(|k| **k)
+            .collect()
+    };
+    let ((mut bad_tasks, mut bad_events), (more_tasks, more_events)) = std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            (
+                check_tasks(&tasks[task_half..]),
+                check_events(&events[event_half..]),
+            )
+        });
+        let here = (
+            check_tasks(&tasks[..task_half]),
+            check_events(&events[..event_half]),
+        );
+        let there = other
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (here, there)
+    });
+    bad_tasks.extend(more_tasks);
+    bad_tasks.extend(
+        stored
+            .tasks
+            .keys()
+            .filter(|id| !replayed.tasks.states.contains_key(*id)),
+    );
+    bad_tasks.sort();
+    bad_events.extend(more_events);
+    bad_events.extend(
+        stored
+            .events
+            .keys()
+            .filter(|k| !replayed.events.contains_key(*k)),
+    );
+    bad_events.sort();
+
     let mut out = Vec::new();
-    compare_tasks(replayed, &stored.tasks, &mut out);
-    compare_events(&replayed.events, &stored.events, &mut out);
-    let coordinates: BTreeSet<&Coordinates> = replayed
+    for id in &bad_tasks {
+        task_differences(replayed, stored, id, &mut out);
+    }
+    for key in &bad_events {
+        event_differences(
+            key,
+            replayed.events.get(key),
+            stored.events.get(key),
+            &mut out,
+        );
+    }
+    let mut coordinates: Vec<&Coordinates> = replayed
         .rejected
-        .keys()
-        .chain(stored.rejected.keys())
+        .iter()
+        .filter(|(at, reason)| stored.rejected.get(*at) != Some(*reason))
+        .map(|(at, _)| at)
+        .chain(
+            stored
+                .rejected
+                .keys()
+                .filter(|at| !replayed.rejected.contains_key(*at)),
+        )
         .collect();
+    coordinates.sort();
     for at in coordinates {
-        let (log, projection) = (replayed.rejected.get(at), stored.rejected.get(at));
-        if log != projection {
-            out.push(Difference::RejectionDiffers {
-                at: at.clone(),
-                log: log.cloned(),
-                projection: projection.cloned(),
-            });
-        }
+        out.push(Difference::RejectionDiffers {
+            at: at.clone(),
+            log: replayed.rejected.get(at).cloned(),
+            projection: stored.rejected.get(at).cloned(),
+        });
     }
     compare_entities("worker", &replayed.workers, &stored.workers, &mut out);
     compare_entities("service", &replayed.services, &stored.services, &mut out);
     out
 }
 
-fn compare_tasks(
+/// Whether the task row says what the fold says (no allocation beyond the doc's text).
+fn task_agrees(replayed: &Replayed, stored: &ProjectionSnapshot, id: &Uuid) -> bool {
+    let (Some(state), Some(row)) = (replayed.tasks.states.get(id), stored.tasks.get(id)) else {
+        return false;
+    };
+    let (partition, offset) = replayed.last.get(id).copied().unwrap_or((-1, -1));
+    state.state.as_str() == row.state
+        && state.seq as i64 == row.seq
+        && partition == row.partition
+        && offset == row.last_offset
+        // The projector stores exactly this encoding: equal text is an equal doc (a doc
+        // written otherwise is compared as JSON by `task_differences`).
+        && serde_json::to_string(state).is_ok_and(|text| text == row.doc)
+}
+
+/// The differences of one task that [`task_agrees`] found differing.
+fn task_differences(
     replayed: &Replayed,
-    stored: &HashMap<Uuid, StoredTask>,
+    stored: &ProjectionSnapshot,
+    id: &Uuid,
     out: &mut Vec<Difference>,
 ) {
-    let ids: BTreeSet<&Uuid> = replayed.tasks.states.keys().chain(stored.keys()).collect();
-    for id in ids {
-        let (Some(state), Some(row)) = (replayed.tasks.states.get(id), stored.get(id)) else {
-            out.push(if stored.contains_key(id) {
-                Difference::ExtraTask { id: *id }
-            } else {
-                Difference::MissingTask { id: *id }
+    let (Some(state), Some(row)) = (replayed.tasks.states.get(id), stored.tasks.get(id)) else {
+        out.push(if stored.tasks.contains_key(id) {
+            Difference::ExtraTask { id: *id }
+        } else {
+            Difference::MissingTask { id: *id }
+        });
+        return;
+    };
+    let (partition, offset) = replayed.last.get(id).copied().unwrap_or((-1, -1));
+    let mut differs = |field: &str, log: String, projection: String| {
+        if log != projection {
+            out.push(Difference::TaskDiffers {
+                id: *id,
+                field: field.to_string(),
+                log,
+                projection,
             });
-            continue;
-        };
-        let (partition, offset) = replayed.last.get(id).copied().unwrap_or((-1, -1));
-        let mut differs = |field: &str, log: String, projection: String| {
-            if log != projection {
-                out.push(Difference::TaskDiffers {
-                    id: *id,
-                    field: field.to_string(),
-                    log,
-                    projection,
-                });
-            }
-        };
-        differs("state", state.state.as_str().into(), row.state.clone());
-        differs("seq", state.seq.to_string(), row.seq.to_string());
-        differs(
-            "event_partition",
-            partition.to_string(),
-            row.partition.to_string(),
-        );
-        differs(
-            "last_offset",
-            offset.to_string(),
-            row.last_offset.to_string(),
-        );
-        match serde_json::to_value(state) {
-            // The projector stores exactly this encoding: equal text is an equal doc.
-            Ok(doc) if serde_json::to_string(&doc).is_ok_and(|text| text == row.doc) => {}
-            Ok(doc) => match serde_json::from_str::<Value>(&row.doc) {
-                Ok(stored) => compare_docs("doc", &doc, &stored, &mut differs),
-                Err(e) => differs("doc", doc.to_string(), format!("not JSON ({e})")),
-            },
-            Err(e) => differs("doc", format!("unencodable ({e})"), row.doc.clone()),
         }
+    };
+    differs("state", state.state.as_str().into(), row.state.clone());
+    differs("seq", state.seq.to_string(), row.seq.to_string());
+    differs(
+        "event_partition",
+        partition.to_string(),
+        row.partition.to_string(),
+    );
+    differs(
+        "last_offset",
+        offset.to_string(),
+        row.last_offset.to_string(),
+    );
+    match serde_json::to_value(state) {
+        Ok(doc) => match serde_json::from_str::<Value>(&row.doc) {
+            Ok(stored) => compare_docs("doc", &doc, &stored, &mut differs),
+            Err(e) => differs("doc", doc.to_string(), format!("not JSON ({e})")),
+        },
+        Err(e) => differs("doc", format!("unencodable ({e})"), row.doc.clone()),
     }
 }
 
@@ -381,46 +490,44 @@ fn compare_docs(
     }
 }
 
-fn compare_events(
-    replayed: &HashMap<(Uuid, i64), StoredEvent>,
-    stored: &HashMap<(Uuid, i64), StoredEvent>,
+/// The differences of one event index key (`log`: the fold's, `row`: the projection's).
+fn event_differences(
+    &(task, seq): &(Uuid, i64),
+    log: Option<&StoredEvent>,
+    row: Option<&StoredEvent>,
     out: &mut Vec<Difference>,
 ) {
-    let keys: BTreeSet<&(Uuid, i64)> = replayed.keys().chain(stored.keys()).collect();
-    for key in keys {
-        let (task, seq) = *key;
-        match (replayed.get(key), stored.get(key)) {
-            (Some(log), None) => out.push(Difference::MissingEvent {
-                task,
-                seq,
-                partition: log.partition,
-                offset: log.offset,
-            }),
-            (None, Some(_)) => out.push(Difference::ExtraEvent { task, seq }),
-            (Some(log), Some(row)) => {
-                for (field, a, b) in [
-                    ("ce_id", log.ce_id.clone(), row.ce_id.clone()),
-                    ("type", log.event_type.clone(), row.event_type.clone()),
-                    (
-                        "partition",
-                        log.partition.to_string(),
-                        row.partition.to_string(),
-                    ),
-                    ("offset", log.offset.to_string(), row.offset.to_string()),
-                ] {
-                    if a != b {
-                        out.push(Difference::EventDiffers {
-                            task,
-                            seq,
-                            field,
-                            log: a,
-                            projection: b,
-                        });
-                    }
+    match (log, row) {
+        (Some(log), None) => out.push(Difference::MissingEvent {
+            task,
+            seq,
+            partition: log.partition,
+            offset: log.offset,
+        }),
+        (None, Some(_)) => out.push(Difference::ExtraEvent { task, seq }),
+        (Some(log), Some(row)) => {
+            for (field, a, b) in [
+                ("ce_id", log.ce_id.clone(), row.ce_id.clone()),
+                ("type", log.event_type.clone(), row.event_type.clone()),
+                (
+                    "partition",
+                    log.partition.to_string(),
+                    row.partition.to_string(),
+                ),
+                ("offset", log.offset.to_string(), row.offset.to_string()),
+            ] {
+                if a != b {
+                    out.push(Difference::EventDiffers {
+                        task,
+                        seq,
+                        field,
+                        log: a,
+                        projection: b,
+                    });
                 }
             }
-            (None, None) => {}
         }
+        (None, None) => {}
     }
 }
 
@@ -458,6 +565,7 @@ fn compare_entities<S: serde::Serialize>(
 mod tests {
     use super::*;
     use crate::events::{Payload, TaskSpec};
+    use crate::store::snapshot::StoredTask;
 
     fn submitted(id: Uuid) -> crate::events::EncodedEvent {
         let spec = TaskSpec::from_json(serde_json::json!({"shell": "true"})).expect("spec");
@@ -466,7 +574,7 @@ mod tests {
             id,
             1,
             Payload::Submitted {
-                spec: Box::new(spec),
+                spec: std::sync::Arc::new(spec),
             },
         )
         .encode()

@@ -112,7 +112,7 @@ pub enum Action {
         /// Its id (deterministic for replicas).
         task_id: Uuid,
         /// Its spec.
-        spec: Box<TaskSpec>,
+        spec: std::sync::Arc<TaskSpec>,
     },
     /// Append this event to a service.
     Service {
@@ -699,7 +699,7 @@ async fn control_services(store: &Store) -> Result<Vec<Action>, SchedulerError> 
         actions.extend(r.tasks);
         actions.extend(r.submit.into_iter().map(|(task_id, spec)| Action::Submit {
             task_id,
-            spec: Box::new(spec),
+            spec: std::sync::Arc::new(spec),
         }));
         actions.extend(r.service.into_iter().map(|payload| Action::Service {
             name: service.name.clone(),
@@ -831,7 +831,7 @@ mod tests {
                 id,
                 1,
                 Payload::Submitted {
-                    spec: Box::new(spec),
+                    spec: std::sync::Arc::new(spec),
                 },
             ),
         )

@@ -181,7 +181,7 @@ mod tests {
                 id,
                 1,
                 Payload::Submitted {
-                    spec: Box::new(spec),
+                    spec: std::sync::Arc::new(spec),
                 },
             ),
         )

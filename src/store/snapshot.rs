@@ -61,6 +61,16 @@ impl Store {
     /// Reads the whole projection in one repeatable-read, read-only transaction, so that
     /// its rows and its offsets belong together even while a projector writes.
     pub async fn snapshot(&self) -> Result<ProjectionSnapshot, StoreError> {
+        self.snapshot_with(|_| {}).await
+    }
+
+    /// [`Store::snapshot`], handing `head` the snapshot's offsets and rejected records
+    /// as soon as they are read, before the bulk of the rows: a replay starts folding
+    /// the log up to those offsets while the rest is still being read.
+    pub async fn snapshot_with(
+        &self,
+        head: impl FnOnce(&ProjectionSnapshot),
+    ) -> Result<ProjectionSnapshot, StoreError> {
         let mut client = self.client().await?;
         let tx = client
             .build_transaction()
@@ -84,6 +94,19 @@ impl Store {
                 .or_default()
                 .insert(row.get(1), row.get(2));
         }
+        for row in tx
+            .query(
+                "SELECT topic, partition, \"offset\", reason FROM rejected_events",
+                &[],
+            )
+            .await
+            .map_err(ctx("read rejected events"))?
+        {
+            snapshot
+                .rejected
+                .insert((row.get(0), row.get(1), row.get(2)), row.get(3));
+        }
+        head(&snapshot);
         for row in tx
             .query(
                 "SELECT id, state, seq, event_partition, last_offset, doc::text FROM tasks",
@@ -120,18 +143,6 @@ impl Store {
                     offset: row.get(5),
                 },
             );
-        }
-        for row in tx
-            .query(
-                "SELECT topic, partition, \"offset\", reason FROM rejected_events",
-                &[],
-            )
-            .await
-            .map_err(ctx("read rejected events"))?
-        {
-            snapshot
-                .rejected
-                .insert((row.get(0), row.get(1), row.get(2)), row.get(3));
         }
         for (query, into) in [
             ("SELECT id, doc FROM workers", &mut snapshot.workers),

@@ -188,7 +188,7 @@ pub enum Payload {
     /// A new task.
     Submitted {
         /// The spec as submitted.
-        spec: Box<TaskSpec>,
+        spec: std::sync::Arc<TaskSpec>,
     },
     /// A request to cancel.
     CancelRequested(ReasonData),
@@ -671,7 +671,7 @@ fn data_to_payload(event_type: EventType, data: &Value) -> Result<(Uuid, u64, Pa
                 .check()
                 .map_err(|e| Rejection::SchemaViolation(format!("spec.{e}")))?;
             Payload::Submitted {
-                spec: Box::new(d.spec),
+                spec: std::sync::Arc::new(d.spec),
             }
         }
         EventType::CancelRequested => Payload::CancelRequested(typed(data)?),
@@ -850,7 +850,7 @@ mod tests {
             Uuid::now_v7(),
             1,
             Payload::Submitted {
-                spec: Box::new(spec),
+                spec: std::sync::Arc::new(spec),
             },
         )
     }

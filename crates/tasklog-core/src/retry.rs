@@ -394,7 +394,7 @@ mod tests {
             uuid::Uuid::now_v7(),
             1,
             Payload::Submitted {
-                spec: Box::new(spec),
+                spec: std::sync::Arc::new(spec),
             },
         );
         crate::apply(None, &e).unwrap()

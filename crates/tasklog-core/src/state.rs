@@ -91,8 +91,9 @@ pub struct TaskState {
     pub state: TaskStatus,
     /// Sequence number of the last applied event.
     pub seq: u64,
-    /// The spec as submitted.
-    pub spec: TaskSpec,
+    /// The spec as submitted (shared with the submission event: states are cloned on
+    /// every event, the spec never changes).
+    pub spec: std::sync::Arc<TaskSpec>,
     /// `ce_source` of the submission.
     pub submitted_by: String,
     /// `ce_time` of the submission.
@@ -351,7 +352,7 @@ pub fn apply(state: Option<&TaskState>, event: &Event) -> Result<TaskState, Reje
                 next_attempt_at: None,
                 ready: false,
                 seq: 1,
-                spec: (**spec).clone(),
+                spec: spec.clone(),
                 submitted_by: event.envelope.source.clone(),
                 submitted_at: time,
                 updated_at: time,
@@ -373,7 +374,7 @@ pub fn apply(state: Option<&TaskState>, event: &Event) -> Result<TaskState, Reje
     };
 
     if let Payload::Submitted { spec } = &event.payload {
-        return Err(if **spec == current.spec {
+        return Err(if *spec == current.spec {
             Rejection::DuplicateSubmission(current.id)
         } else {
             Rejection::IdempotencyConflict(current.id)
@@ -634,7 +635,7 @@ mod tests {
             id,
             1,
             Payload::Submitted {
-                spec: Box::new(spec),
+                spec: std::sync::Arc::new(spec),
             },
         )
     }
@@ -651,7 +652,7 @@ mod tests {
     fn payload_of(event_type: EventType, attempt: u32) -> Payload {
         match event_type {
             EventType::Submitted => Payload::Submitted {
-                spec: Box::new(spec()),
+                spec: std::sync::Arc::new(spec()),
             },
             EventType::CancelRequested => Payload::CancelRequested(ReasonData::default()),
             EventType::Cancelled => Payload::Cancelled(Default::default()),
@@ -761,7 +762,7 @@ mod tests {
             id,
             2,
             Payload::Submitted {
-                spec: Box::new(spec()),
+                spec: std::sync::Arc::new(spec()),
             },
         );
         assert_eq!(apply(None, &e).unwrap_err().code(), "seq_conflict");
@@ -941,17 +942,17 @@ mod tests {
         assert_eq!((next.state, next.retries), (TaskStatus::Pending, 1));
         assert!(next.first_failure_at.is_some() && next.next_attempt_at.is_some());
         assert_eq!(next.attempts.len(), t.attempts.len());
-        t.spec.retry = None;
+        std::sync::Arc::make_mut(&mut t.spec).retry = None;
         assert_eq!(
             apply(Some(&t), &retry(&t)).unwrap_err().code(),
             "retry_not_allowed"
         );
-        t.spec.retry = Some(serde_json::json!({"max_attempts": 1}));
+        std::sync::Arc::make_mut(&mut t.spec).retry = Some(serde_json::json!({"max_attempts": 1}));
         assert_eq!(
             apply(Some(&t), &retry(&t)).unwrap_err().code(),
             "retry_not_allowed"
         );
-        t.spec.retry = Some(serde_json::json!(true));
+        std::sync::Arc::make_mut(&mut t.spec).retry = Some(serde_json::json!(true));
         t.cancel_requested = true;
         assert_eq!(
             apply(Some(&t), &retry(&t)).unwrap_err().code(),
