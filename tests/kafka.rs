@@ -91,20 +91,6 @@ async fn indexed_lines(db: &Db, id: Uuid) -> i64 {
         .get(0)
 }
 
-/// The sum of a projection's next offsets over the partitions of `topic` (None until
-/// the projector has created its tables).
-async fn applied_offsets(db: &Db, topic: &str) -> Option<i64> {
-    db.client()
-        .await
-        .query_one(
-            "SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets WHERE topic = $1",
-            &[&topic],
-        )
-        .await
-        .ok()
-        .map(|r| r.get(0))
-}
-
 /// tasklog creates its topics as documented: events kept forever, workers compacted,
 /// logs with the configured retention. With small segments and a short retention on a
 /// test's logs topic, old lines are really deleted: a cursor into them is 410
@@ -269,7 +255,7 @@ async fn a_rebuild_after_compaction_knows_every_worker_and_its_last_state() {
     eventually(
         "the workers projection to reach the end of the topic",
         Duration::from_secs(60),
-        || async move { (applied_offsets(db, topic).await? >= high).then_some(()) },
+        || async move { (common::applied_offsets(db, topic).await? >= high).then_some(()) },
     )
     .await;
     let before = snapshot(&c.stack.db).await;
@@ -295,7 +281,7 @@ async fn a_rebuild_after_compaction_knows_every_worker_and_its_last_state() {
     eventually(
         "the rebuilt workers projection",
         Duration::from_secs(60),
-        || async move { (applied_offsets(fresh_ref, topic).await? >= high).then_some(()) },
+        || async move { (common::applied_offsets(fresh_ref, topic).await? >= high).then_some(()) },
     )
     .await;
     let after = snapshot(&fresh).await;

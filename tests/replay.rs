@@ -336,13 +336,13 @@ async fn a_rebuild_killed_half_way_resumes_to_the_same_projection() {
         "the rebuild to commit part of the log",
         std::time::Duration::from_secs(120),
         || async {
-            let done = applied_to(&blue, &topic).await;
+            let done = common::applied_offsets(&blue, &topic).await.unwrap_or(0);
             (done >= 1_000).then_some(done)
         },
     )
     .await;
     rebuild.kill();
-    let at_kill = applied_to(&blue, &topic).await;
+    let at_kill = common::applied_offsets(&blue, &topic).await.unwrap_or(0);
     assert!(
         at_kill < total as i64,
         "the rebuild had finished ({at_kill} of {total}) before it could be killed; first seen at {applied}"
@@ -372,17 +372,4 @@ async fn a_rebuild_killed_half_way_resumes_to_the_same_projection() {
         (0, &json!([])),
         "{report}"
     );
-}
-
-/// The records of `topic` a projection in `db` has committed (0 before its tables exist).
-async fn applied_to(db: &Db, topic: &str) -> i64 {
-    db.client()
-        .await
-        .query_one(
-            "SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets WHERE topic = $1",
-            &[&topic],
-        )
-        .await
-        .map(|row| row.get(0))
-        .unwrap_or(0)
 }

@@ -1103,21 +1103,23 @@ pub async fn wait_projected_on(db: &Db, topic: &str, n: i64) {
     eventually(
         &format!("{n} records of {topic} projected"),
         Duration::from_secs(180),
-        || async move {
-            let done: i64 = db
-                .client()
-                .await
-                .query_one(
-                    "SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets WHERE topic = $1",
-                    &[&topic],
-                )
-                .await
-                .ok()?
-                .get(0);
-            (done >= n).then_some(())
-        },
+        || async move { (applied_offsets(db, topic).await? >= n).then_some(()) },
     )
     .await;
+}
+
+/// The sum of a projection's next offsets over the partitions of `topic` (None until
+/// the projector has created its tables).
+pub async fn applied_offsets(db: &Db, topic: &str) -> Option<i64> {
+    db.client()
+        .await
+        .query_one(
+            "SELECT coalesce(sum(next_offset), 0)::bigint FROM projection_offsets WHERE topic = $1",
+            &[&topic],
+        )
+        .await
+        .ok()
+        .map(|r| r.get(0))
 }
 
 /// CloudEvents binary-mode headers for a hand-made event.
