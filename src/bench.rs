@@ -89,32 +89,32 @@ fn peak_rss_mib() -> Option<f64> {
 /// `n` submitted events of [`sample_spec`]s, encoded as a producer publishes them.
 fn sample_submissions(n: usize) -> Vec<crate::events::EncodedEvent> {
     (0..n)
-        .map(|i| {
-            let spec: TaskSpec = serde_json::from_value(sample_spec(i)).unwrap_or_default();
-            Event::new(
-                "tasklog://bench",
-                Uuid::now_v7(),
-                1,
-                Payload::Submitted {
-                    spec: std::sync::Arc::new(spec),
-                },
-            )
-            .encode()
-        })
+        .map(|i| sample_submission(i, Uuid::now_v7()))
         .collect()
+}
+
+/// Task `id`'s submitted event, with spec [`sample_spec`]`(i)`.
+fn sample_submission(i: usize, id: Uuid) -> crate::events::EncodedEvent {
+    let spec: TaskSpec = serde_json::from_value(sample_spec(i)).unwrap_or_default();
+    Event::new(
+        "tasklog://bench",
+        id,
+        1,
+        Payload::Submitted {
+            spec: std::sync::Arc::new(spec),
+        },
+    )
+    .encode()
 }
 
 /// About `n` events of whole task histories — submitted, assigned, started, succeeded —
 /// as the scheduler and workers append them: what a log mostly holds.
 fn sample_lifecycles(n: usize) -> Vec<crate::events::EncodedEvent> {
-    let submissions = sample_submissions(n.div_ceil(4));
-    let mut out = Vec::with_capacity(submissions.len() * 4);
-    for (i, submitted) in submissions.into_iter().enumerate() {
-        let Ok(id) = Uuid::parse_str(&submitted.key) else {
-            continue;
-        };
+    let mut out = Vec::with_capacity(n.div_ceil(4) * 4);
+    for i in 0..n.div_ceil(4) {
+        let id = Uuid::now_v7();
         let worker_id = format!("bench-worker-{}", i % 8);
-        out.push(submitted);
+        out.push(sample_submission(i, id));
         for (seq, payload) in [
             Payload::Assigned {
                 worker_id: worker_id.clone(),

@@ -273,9 +273,10 @@ impl Shared {
     /// `Handle::block_on` on that thread would share its parker with the outer
     /// `block_on` and swallow the outer future's wake-ups (a rebuild once hung forever
     /// this way, its other projections never polled again). So the query runs on a
-    /// thread of its own, and a worker hands its other tasks off while it waits.
+    /// thread of its own, and a worker hands its other tasks off while it waits
+    /// (`block_in_place`; outside the runtime, on the closing thread, it just runs).
     fn stored_offsets(&self) -> Result<HashMap<i32, i64>, crate::store::StoreError> {
-        let query = || {
+        tokio::task::block_in_place(|| {
             std::thread::scope(|scope| {
                 scope
                     .spawn(|| {
@@ -289,11 +290,7 @@ impl Shared {
                         ))
                     })
             })
-        };
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(query),
-            _ => query(),
-        }
+        })
     }
 }
 

@@ -243,9 +243,8 @@ fn fold_topic(
             "a key's records sit in more than one partition; folding the topic on one thread"
         );
         let (whole, read) = fold_part(ranges);
-        let mut merged = replayed;
-        merged.absorb(whole);
-        return (merged, read);
+        replayed.absorb(whole);
+        return (replayed, read);
     }
     replayed.absorb(a);
     replayed.absorb(b);

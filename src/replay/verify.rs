@@ -351,21 +351,9 @@ pub fn compare(replayed: &Replayed, stored: &ProjectionSnapshot) -> Vec<Differen
         (here, there)
     });
     bad_tasks.extend(more_tasks);
-    bad_tasks.extend(
-        stored
-            .tasks
-            .keys()
-            .filter(|id| !replayed.tasks.states.contains_key(*id)),
-    );
-    bad_tasks.sort();
+    let bad_tasks = with_extra_keys(bad_tasks, &replayed.tasks.states, &stored.tasks);
     bad_events.extend(more_events);
-    bad_events.extend(
-        stored
-            .events
-            .keys()
-            .filter(|k| !replayed.events.contains_key(*k)),
-    );
-    bad_events.sort();
+    let bad_events = with_extra_keys(bad_events, &replayed.events, &stored.events);
 
     let mut out = Vec::new();
     for id in &bad_tasks {
@@ -379,29 +367,34 @@ pub fn compare(replayed: &Replayed, stored: &ProjectionSnapshot) -> Vec<Differen
             &mut out,
         );
     }
-    let mut coordinates: Vec<&Coordinates> = replayed
+    let differing: Vec<Coordinates> = replayed
         .rejected
         .iter()
         .filter(|(at, reason)| stored.rejected.get(*at) != Some(*reason))
-        .map(|(at, _)| at)
-        .chain(
-            stored
-                .rejected
-                .keys()
-                .filter(|at| !replayed.rejected.contains_key(*at)),
-        )
+        .map(|(at, _)| at.clone())
         .collect();
-    coordinates.sort();
-    for at in coordinates {
+    for at in with_extra_keys(differing, &replayed.rejected, &stored.rejected) {
         out.push(Difference::RejectionDiffers {
-            at: at.clone(),
-            log: replayed.rejected.get(at).cloned(),
-            projection: stored.rejected.get(at).cloned(),
+            log: replayed.rejected.get(&at).cloned(),
+            projection: stored.rejected.get(&at).cloned(),
+            at,
         });
     }
     compare_entities("worker", &replayed.workers, &stored.workers, &mut out);
     compare_entities("service", &replayed.services, &stored.services, &mut out);
     out
+}
+
+/// `differing` (keys of the fold whose row disagrees) with the keys only the projection
+/// has, in key order.
+fn with_extra_keys<K: Ord + Clone + std::hash::Hash, A, B>(
+    mut differing: Vec<K>,
+    folded: &HashMap<K, A>,
+    stored: &HashMap<K, B>,
+) -> Vec<K> {
+    differing.extend(stored.keys().filter(|k| !folded.contains_key(*k)).cloned());
+    differing.sort();
+    differing
 }
 
 /// Whether the task row says what the fold says (no allocation beyond the doc's text).
