@@ -1,6 +1,7 @@
 //! schemathesis against a live server (API and projector on a real broker and Postgres),
 //! over every operation of `GET /v1/openapi.json`, with the description's links for
-//! stateful sequences (submit, then read, cancel, page the logs, ...). Every check is on
+//! stateful sequences (submit, then read, cancel, page the logs, ...), with an admin
+//! token. Every check is on
 //! but those `tests/schemathesis.toml` turns off, with its reasons: no 5xx, every
 //! response conforms to the description (status, content type, headers, schema), bad
 //! input is refused, good input accepted.
@@ -14,7 +15,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Broker, Db, start_projector, start_server};
+use common::{Broker, Db, create_token, start_projector, start_server};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn schemathesis_finds_nothing() {
@@ -32,8 +33,16 @@ async fn schemathesis_finds_nothing() {
     let db = Db::create().await;
     // Long-polls of at most 1 s, so that generated `wait_ms` values keep the run short
     // (the served description says so).
-    let (_server, url) = start_server(&broker, &db, &[("TASKLOG_MAX_WAIT_MS", "1000")]).await;
     let _projector = start_projector(&broker, &db);
+    let (_server, url) = start_server(
+        &broker,
+        &db,
+        &[("TASKLOG_MAX_WAIT_MS", "1000"), ("TASKLOG_AUTH", "tokens")],
+    )
+    .await;
+    // With an admin token, so every operation can succeed; schemathesis also checks
+    // that each one refuses a request without it (`ignored_auth`).
+    let token = create_token(&broker, &db, "fuzz-admin-7f3c9d", "admin", &[]);
     let work = tempfile::tempdir().expect("work dir");
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/schemathesis.toml");
     let started = Instant::now();
@@ -42,6 +51,7 @@ async fn schemathesis_finds_nothing() {
         .args(["--config-file", config, "run"])
         .arg(format!("{url}/v1/openapi.json"))
         .args(["--max-examples", &examples, "--seed", &seed])
+        .args(["--header", &format!("Authorization: Bearer {token}")])
         // One worker: with two, schemathesis generates in two threads, and hypothesis
         // describes strategies with `ast.parse`, which CPython 3.11 does not make safe
         // across threads ("SystemError: AST constructor recursion depth mismatch", a

@@ -294,8 +294,8 @@ async fn start_up(
 
 /// Submits to `up` a task and a one-replica service that run until stopped; returns
 /// the two task ids once both run.
-async fn run_forever_on(url: &str) -> [String; 2] {
-    let http = reqwest::Client::new();
+async fn run_forever_on(url: &str, state_dir: &std::path::Path) -> [String; 2] {
+    let http = common::client_with_token(&common::up_token(state_dir));
     let post = |path: &str, body: Value| {
         let r = http.post(format!("{url}{path}")).json(&body).send();
         async move {
@@ -349,7 +349,7 @@ async fn tasklog_up_interrupts_what_outlives_its_drain_timeout() {
     let db = Db::create().await;
     let state_dir = tempfile::tempdir().unwrap();
     let (mut up, url) = start_up(&broker, &db, state_dir.path(), &[]).await;
-    let ids = run_forever_on(&url).await;
+    let ids = run_forever_on(&url, state_dir.path()).await;
 
     let (took, code, stderr) = stop(&mut up, "-INT").await;
     assert_eq!(code, Some(0), "stderr:\n{stderr}");
@@ -364,7 +364,7 @@ async fn tasklog_up_interrupts_what_outlives_its_drain_timeout() {
 
     // Back up, it runs them again (attempt 2) on its worker.
     let (_up, url) = start_up(&broker, &db, state_dir.path(), &[]).await;
-    let http = reqwest::Client::new();
+    let http = common::client_with_token(&common::up_token(state_dir.path()));
     for id in &ids {
         let task_url = format!("{url}/v1/tasks/{id}");
         let http = &http;
@@ -396,7 +396,7 @@ async fn tasklog_up_on_its_embedded_broker_exits_in_silence() {
         &["--dev-broker", "--dev-broker-addr", &embedded],
     )
     .await;
-    run_forever_on(&url).await;
+    run_forever_on(&url, state_dir.path()).await;
     let (took, code, stderr) = stop(&mut up, "-TERM").await;
     assert_eq!(code, Some(0), "stderr:\n{stderr}");
     assert!(

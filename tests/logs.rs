@@ -285,8 +285,8 @@ async fn follow_receives_lines_written_after_it_started_and_ends_when_the_task_d
     let s = Stack::start().await;
     let id = submit(&s, json!({"shell": "true"})).await;
     let url = s.url.clone();
+    let http = s.http.clone();
     let follower = tokio::spawn(async move {
-        let http = reqwest::Client::new();
         let mut got = Vec::new();
         let mut cursor: Option<String> = None;
         loop {

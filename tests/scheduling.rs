@@ -582,6 +582,7 @@ async fn tasklog_run_exits_with_the_task_exit_code() {
     let output = common::finish(
         std::process::Command::new(common::bin())
             .args(["run", "-f", spec.to_str().unwrap(), "--api", &c.stack.url])
+            .env("TASKLOG_TOKEN", &c.stack.token)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped()),
     );

@@ -79,8 +79,8 @@ async fn a_restarted_up_keeps_every_task_event_and_log_line() {
     let broker = Broker::start();
     let db = Db::create().await;
     let state_dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
     let (mut up, url) = start_up(&broker, &db, state_dir.path()).await;
+    let http = common::client_with_token(&common::up_token(state_dir.path()));
 
     let spec = json!({"name": "kept", "shell": "for i in 1 2 3; do echo line-$i; done"});
     let (id, done) = run_to_success(&http, &url, spec).await;

@@ -39,6 +39,16 @@ impl ApiError {
         ApiError::new(StatusCode::CONFLICT, code, message)
     }
 
+    /// A 401 with `code`: answered with `WWW-Authenticate: Bearer`.
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    /// A 403 `forbidden`.
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
     /// Any status.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
@@ -66,7 +76,26 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            // RFC 6750: which scheme, and (when one was sent) that the token is bad.
+            let challenge = if self.code == "invalid_token" {
+                r#"Bearer realm="tasklog", error="invalid_token""#
+            } else {
+                r#"Bearer realm="tasklog""#
+            };
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static(challenge),
+            );
+        }
+        response
+    }
+}
+
+impl From<tasklog_core::auth::Denied> for ApiError {
+    fn from(e: tasklog_core::auth::Denied) -> ApiError {
+        ApiError::forbidden(e.0)
     }
 }
 

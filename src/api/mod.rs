@@ -7,6 +7,7 @@
 //! own writes through every server, and a 404 means "not on the log".
 
 mod audit;
+pub mod auth;
 mod body;
 mod error;
 mod limits;
@@ -15,6 +16,7 @@ pub mod openapi;
 pub mod routes;
 mod services;
 mod tasks;
+pub mod tokens;
 mod transition;
 mod workers;
 
@@ -68,6 +70,11 @@ pub struct ApiOptions {
     pub cancel_wait: Duration,
     /// Longest `wait_ms` a reader may ask for.
     pub max_wait: Duration,
+    /// Whether requests need a token.
+    pub auth: auth::AuthMode,
+    /// Whether `/metrics` answers without a token (default: yes; the API listens on
+    /// loopback unless told otherwise).
+    pub metrics_open: bool,
 }
 
 impl ApiOptions {
@@ -87,6 +94,8 @@ impl ApiOptions {
             source: format!("tasklog://api/{host}"),
             cancel_wait: Duration::from_secs(5),
             max_wait: Duration::from_secs(60),
+            auth: auth::AuthMode::Tokens,
+            metrics_open: true,
         }
     }
 }
@@ -111,6 +120,10 @@ pub struct AppState {
     pub log_reader: Arc<LogReader>,
     /// Appends log lines posted by outside producers.
     pub log_writer: LogWriter,
+    /// The tokens that authenticate callers.
+    pub credentials: Arc<auth::Credentials>,
+    /// Issues and revokes tokens.
+    pub tokens: tokens::TokenDesk,
     /// Submissions with an idempotency key this process appended recently, so that a
     /// quick retry is recognised before the projection has caught up.
     recent_keys: Mutex<RecentKeys>,
@@ -143,9 +156,21 @@ impl AppState {
             appender.clone(),
             LogWriterOptions::new(&options.topics.logs),
         );
+        let token_projections = Projections::follow(store.clone(), &[crate::store::TOKENS_CHANNEL]);
+        let credentials = auth::Credentials::start(store.clone(), &token_projections);
+        let tokens = tokens::TokenDesk {
+            store: store.clone(),
+            appender: appender.clone(),
+            projections: token_projections,
+            topic: options.topics.auth.clone(),
+            source: options.source.clone(),
+            wait: options.cancel_wait,
+        };
         Ok(Arc::new(AppState {
             store,
             appender,
+            credentials,
+            tokens,
             options,
             projection,
             projections,
@@ -264,6 +289,10 @@ impl RecentKeys {
 /// The router with every route (the table of [`routes`]).
 pub fn router(state: Arc<AppState>) -> Router {
     routes::add_all(Router::new())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

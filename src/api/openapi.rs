@@ -103,6 +103,14 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         "events/dev.tasklog.service.failed.v1.json",
         include_str!("../../schemas/events/dev.tasklog.service.failed.v1.json"),
     ),
+    (
+        "events/dev.tasklog.auth.token_created.v1.json",
+        include_str!("../../schemas/events/dev.tasklog.auth.token_created.v1.json"),
+    ),
+    (
+        "events/dev.tasklog.auth.token_revoked.v1.json",
+        include_str!("../../schemas/events/dev.tasklog.auth.token_revoked.v1.json"),
+    ),
 ];
 
 /// Why the description could not be bundled (a broken file or reference; the unit tests

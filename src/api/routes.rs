@@ -9,8 +9,9 @@ use axum::handler::Handler;
 use axum::routing::{MethodFilter, MethodRouter, on};
 
 use super::{
-    AppState, audit, healthz, logs, metrics_text, openapi, readyz, services, tasks, workers,
+    AppState, audit, healthz, logs, metrics_text, openapi, readyz, services, tasks, tokens, workers,
 };
+use crate::events::auth::Access;
 
 /// An HTTP method the API routes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,15 +43,16 @@ impl Verb {
     }
 }
 
-/// One row of the table: method, path (axum's `{param}` syntax, as OpenAPI writes it)
-/// and what answers it.
+/// One row of the table: method, path (axum's `{param}` syntax, as OpenAPI writes it),
+/// what it needs of the caller, and what answers it.
 struct Route {
     verb: Verb,
     path: &'static str,
+    access: Access,
     service: MethodRouter<Arc<AppState>>,
 }
 
-fn at<H, T>(verb: Verb, path: &'static str, handler: H) -> Route
+fn at<H, T>(verb: Verb, path: &'static str, access: Access, handler: H) -> Route
 where
     H: Handler<T, Arc<AppState>>,
     T: 'static,
@@ -58,38 +60,63 @@ where
     Route {
         verb,
         path,
+        access,
         service: on(verb.filter(), handler),
     }
 }
 
 /// The table.
 fn table() -> Vec<Route> {
+    use Access::{Admin, Open, Read, Report, Write};
     use Verb::{Get, Patch, Post};
     vec![
-        at(Post, "/v1/tasks", tasks::submit),
-        at(Get, "/v1/tasks", tasks::list),
-        at(Post, "/v1/tasks/batch", tasks::submit_batch),
-        at(Get, "/v1/tasks/{id}", tasks::get_task),
-        at(Get, "/v1/tasks/{id}/events", tasks::events),
-        at(Get, "/v1/tasks/{id}/audit", audit::task_audit),
-        at(Post, "/v1/tasks/{id}/cancel", tasks::cancel),
-        at(Post, "/v1/tasks/{id}/attempts/{n}/start", workers::start),
-        at(Post, "/v1/tasks/{id}/attempts/{n}/finish", workers::finish),
-        at(Post, "/v1/tasks/{id}/attempts/{n}/ready", services::ready),
-        at(Post, "/v1/services", services::create),
-        at(Get, "/v1/services", services::list),
-        at(Get, "/v1/services/{name}", services::get_service),
-        at(Patch, "/v1/services/{name}", services::scale),
-        at(Post, "/v1/services/{name}/stop", services::stop),
-        at(Get, "/v1/workers", workers::list),
-        at(Get, "/v1/workers/{id}", workers::get_worker),
-        at(Get, "/v1/workers/{id}/assignments", workers::assignments),
-        at(Get, "/v1/tasks/{id}/logs", logs::get_logs),
-        at(Post, "/v1/tasks/{id}/logs", logs::post_logs),
-        at(Get, "/healthz", healthz),
-        at(Get, "/readyz", readyz),
-        at(Get, "/metrics", metrics_text),
-        at(Get, "/v1/openapi.json", openapi::serve),
+        at(Post, "/v1/tasks", Write, tasks::submit),
+        at(Get, "/v1/tasks", Read, tasks::list),
+        at(Post, "/v1/tasks/batch", Write, tasks::submit_batch),
+        at(Get, "/v1/tasks/{id}", Read, tasks::get_task),
+        at(Get, "/v1/tasks/{id}/events", Read, tasks::events),
+        at(Get, "/v1/tasks/{id}/audit", Read, audit::task_audit),
+        at(Post, "/v1/tasks/{id}/cancel", Write, tasks::cancel),
+        at(
+            Post,
+            "/v1/tasks/{id}/attempts/{n}/start",
+            Report,
+            workers::start,
+        ),
+        at(
+            Post,
+            "/v1/tasks/{id}/attempts/{n}/finish",
+            Report,
+            workers::finish,
+        ),
+        at(
+            Post,
+            "/v1/tasks/{id}/attempts/{n}/ready",
+            Report,
+            services::ready,
+        ),
+        at(Post, "/v1/services", Write, services::create),
+        at(Get, "/v1/services", Read, services::list),
+        at(Get, "/v1/services/{name}", Read, services::get_service),
+        at(Patch, "/v1/services/{name}", Write, services::scale),
+        at(Post, "/v1/services/{name}/stop", Write, services::stop),
+        at(Get, "/v1/workers", Read, workers::list),
+        at(Get, "/v1/workers/{id}", Read, workers::get_worker),
+        at(
+            Get,
+            "/v1/workers/{id}/assignments",
+            Report,
+            workers::assignments,
+        ),
+        at(Get, "/v1/tasks/{id}/logs", Read, logs::get_logs),
+        at(Post, "/v1/tasks/{id}/logs", Write, logs::post_logs),
+        at(Post, "/v1/tokens", Admin, tokens::create),
+        at(Get, "/v1/tokens", Admin, tokens::list),
+        at(Post, "/v1/tokens/{name}/revoke", Admin, tokens::revoke),
+        at(Get, "/healthz", Open, healthz),
+        at(Get, "/readyz", Open, readyz),
+        at(Get, "/metrics", Open, metrics_text),
+        at(Get, "/v1/openapi.json", Open, openapi::serve),
     ]
 }
 
@@ -98,6 +125,36 @@ pub(super) fn add_all(router: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
     table()
         .into_iter()
         .fold(router, |router, r| router.route(r.path, r.service))
+}
+
+/// What the route at (`method`, `path`, as matched) needs of the caller.
+pub fn access(method: &axum::http::Method, path: &str) -> Option<Access> {
+    static ACCESS: std::sync::OnceLock<Vec<(Verb, &'static str, Access)>> =
+        std::sync::OnceLock::new();
+    let verb = match *method {
+        axum::http::Method::GET | axum::http::Method::HEAD => Verb::Get,
+        axum::http::Method::POST => Verb::Post,
+        axum::http::Method::PATCH => Verb::Patch,
+        _ => return None,
+    };
+    ACCESS
+        .get_or_init(|| {
+            table()
+                .into_iter()
+                .map(|r| (r.verb, r.path, r.access))
+                .collect()
+        })
+        .iter()
+        .find(|(v, p, _)| *v == verb && *p == path)
+        .map(|(_, _, a)| *a)
+}
+
+/// Every route with what it needs of the caller.
+pub fn all_with_access() -> Vec<(Verb, &'static str, Access)> {
+    table()
+        .into_iter()
+        .map(|r| (r.verb, r.path, r.access))
+        .collect()
 }
 
 /// Every (method, path) the router answers, as the table lists them.

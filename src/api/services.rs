@@ -11,8 +11,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::auth::Caller;
 use super::transition::{Confirmation, Decision, append_and_confirm, transition};
 use super::{ApiError, AppState, JsonBody};
+use crate::events::auth::Principal;
 use crate::events::service::{
     MAX_REPLICAS, ServiceEvent, ServiceLifecycle, ServicePayload, ServiceSpec, ServiceState,
     ServiceStatus, derive_status, latest_replicas, replica_ready, valid_service_name,
@@ -84,10 +86,13 @@ fn check_template(spec: &ServiceSpec) -> Result<(), ApiError> {
 /// response (202) says where it is on the log.
 async fn append_service(
     state: &Arc<AppState>,
+    caller: &Principal,
     name: &str,
     payload: ServicePayload,
 ) -> Result<Option<Response>, ApiError> {
-    let event = ServiceEvent::new(&state.options.source, name, payload).encode();
+    let event = ServiceEvent::new(&state.options.source, name, payload)
+        .encode()
+        .with_principal(&caller.name);
     let topic = &state.options.topics.services;
     match append_and_confirm(state, topic, std::slice::from_ref(&event)).await? {
         Confirmation::Pending(at) => Ok(Some(
@@ -181,6 +186,7 @@ fn view_of(service: &ServiceState, replicas: &[TaskRecord]) -> Value {
 /// `POST /v1/services` `{name, replicas, template, retry, probe}`
 pub async fn create(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let body: CreateBody =
@@ -203,8 +209,13 @@ pub async fn create(
             format!("service {} is {}", body.name, existing.lifecycle.as_str()),
         ));
     }
-    if let Some(pending) =
-        append_service(&state, &body.name, ServicePayload::Created(Box::new(spec))).await?
+    if let Some(pending) = append_service(
+        &state,
+        &caller,
+        &body.name,
+        ServicePayload::Created(Box::new(spec)),
+    )
+    .await?
     {
         return Ok(pending);
     }
@@ -261,6 +272,7 @@ pub async fn get_service(
 /// highest indexes are cancelled with reason `scaled_down`).
 pub async fn scale(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path(name): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
@@ -278,8 +290,13 @@ pub async fn scale(
             format!("service {name} is {}", service.lifecycle.as_str()),
         ));
     }
-    if let Some(pending) =
-        append_service(&state, &service.name, ServicePayload::Scaled { replicas }).await?
+    if let Some(pending) = append_service(
+        &state,
+        &caller,
+        &service.name,
+        ServicePayload::Scaled { replicas },
+    )
+    .await?
     {
         return Ok(pending);
     }
@@ -290,6 +307,7 @@ pub async fn scale(
 /// `POST /v1/services/{name}/stop`: cancels every replica (reason `service_stopped`).
 pub async fn stop(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let service = load_current(&state, &name).await?;
@@ -299,8 +317,13 @@ pub async fn stop(
             format!("service {name} is {}", service.lifecycle.as_str()),
         ));
     }
-    if let Some(pending) =
-        append_service(&state, &service.name, ServicePayload::StopRequested).await?
+    if let Some(pending) = append_service(
+        &state,
+        &caller,
+        &service.name,
+        ServicePayload::StopRequested,
+    )
+    .await?
     {
         return Ok(pending);
     }
@@ -315,11 +338,13 @@ pub async fn stop(
 /// `POST /v1/tasks/{id}/attempts/{n}/ready`: the worker's probe passed.
 pub async fn ready(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path((id, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let attempt = parse_attempt(&n)?;
-    transition(&state, id, |task| {
+    transition(&state, &caller, id, |task| {
+        super::workers::reporter_may_report(&caller, task)?;
         if task.state != TaskStatus::Running || task.attempt != attempt {
             return Err(ApiError::conflict(
                 "attempt_not_current",

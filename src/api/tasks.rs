@@ -15,9 +15,11 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::auth::Caller;
 use super::transition::{Decision, Outcome, transition};
 use super::{ApiError, AppState, JsonBody};
 use crate::consistency::Targets;
+use crate::events::auth::Principal;
 use crate::events::{
     EncodedEvent, Event, EventType, Payload, ReasonData, TaskSpec, TaskStatus, idempotency,
 };
@@ -41,7 +43,12 @@ struct Prepared {
     initial_state: TaskStatus,
 }
 
-fn prepare(state: &AppState, body: Value, header_key: Option<&str>) -> Result<Prepared, ApiError> {
+fn prepare(
+    state: &AppState,
+    caller: &Principal,
+    body: Value,
+    header_key: Option<&str>,
+) -> Result<Prepared, ApiError> {
     let Value::Object(mut object) = body else {
         return Err(ApiError::bad_request(
             "invalid_spec",
@@ -85,7 +92,7 @@ fn prepare(state: &AppState, body: Value, header_key: Option<&str>) -> Result<Pr
             spec: std::sync::Arc::new(spec.clone()),
         },
     );
-    let encoded = event.encode();
+    let encoded = event.encode().with_principal(&caller.name);
     if encoded.payload.len() > MAX_EVENT_BYTES {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -181,6 +188,7 @@ fn remember(state: &AppState, p: &Prepared, response: &Value) {
 /// `POST /v1/tasks`
 pub async fn submit(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
@@ -193,7 +201,7 @@ pub async fn submit(
             )
         })?),
     };
-    let prepared = prepare(&state, body, header_key)?;
+    let prepared = prepare(&state, &caller, body, header_key)?;
     let stored = if prepared.keyed {
         state.store.task(prepared.id).await?
     } else {
@@ -228,6 +236,7 @@ pub async fn submit(
 /// `POST /v1/tasks/batch` with `{"tasks": [...]}`: one result per item, in order.
 pub async fn submit_batch(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let items = match body {
@@ -256,7 +265,7 @@ pub async fn submit_batch(
 
     let prepared: Vec<Result<Prepared, ApiError>> = items
         .into_iter()
-        .map(|item| prepare(&state, item, None))
+        .map(|item| prepare(&state, &caller, item, None))
         .collect();
     let keyed_ids: Vec<Uuid> = prepared
         .iter()
@@ -716,6 +725,7 @@ pub async fn events(
 /// [`transition`]).
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
@@ -725,7 +735,7 @@ pub async fn cancel(
         reason: reason.reason.or_else(|| Some("user_requested".into())),
         message: reason.message,
     };
-    let outcome = transition(&state, id, |task| {
+    let outcome = transition(&state, &caller, id, |task| {
         if task.state.is_terminal() {
             return Err(ApiError::conflict(
                 "task_terminal",

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::ApiError;
 use crate::consistency::append_and_wait;
+use crate::events::auth::Principal;
 use crate::events::{EncodedEvent, Event, Payload, TaskState};
 use crate::kafka::Appended;
 use crate::store::{EventOutcome, TaskRecord};
@@ -42,10 +43,11 @@ pub enum Outcome {
     },
 }
 
-/// Runs a command on task `id`: `decide` sees the current state and says what to
-/// append (or refuses with an error). Retries when the append loses a seq race.
+/// Runs a command of `caller` (recorded on every event it appends) on task `id`:
+/// `decide` sees the current state and says what to append (or refuses with an error). Retries when the append loses a seq race.
 pub async fn transition(
     state: &Arc<AppState>,
+    caller: &Principal,
     id: Uuid,
     mut decide: impl FnMut(&TaskState) -> Result<Decision, ApiError>,
 ) -> Result<Outcome, ApiError> {
@@ -65,7 +67,11 @@ pub async fn transition(
         let to_append: Vec<_> = payloads
             .into_iter()
             .enumerate()
-            .map(|(i, p)| Event::new(source, id, record.task.seq + 1 + i as u64, p).encode())
+            .map(|(i, p)| {
+                Event::new(source, id, record.task.seq + 1 + i as u64, p)
+                    .encode()
+                    .with_principal(&caller.name)
+            })
             .collect();
         if to_append.is_empty() {
             return Ok(Outcome::Applied(Box::new(record)));

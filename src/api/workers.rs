@@ -14,8 +14,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use super::auth::Caller;
 use super::transition::{Decision, Outcome, transition};
 use super::{ApiError, AppState, JsonBody};
+use crate::events::auth::{Principal, Role};
 use crate::events::worker::WorkerState;
 use crate::events::{Payload, TaskState, TaskStatus};
 use crate::scheduler::plan::Capacity;
@@ -49,7 +51,7 @@ fn worker_view(worker: &WorkerState, tasks: &[TaskRecord]) -> Value {
 }
 
 fn checked_worker_id(id: &str) -> Result<&str, ApiError> {
-    if crate::worker::valid_worker_id(id) {
+    if crate::events::worker::valid_worker_id(id) {
         Ok(id)
     } else {
         Err(ApiError::bad_request(
@@ -106,10 +108,12 @@ fn assignment(task: &TaskState) -> Value {
 /// notifications) up to `wait_ms` for something to change.
 pub async fn assignments(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let id = checked_worker_id(&id)?.to_string();
+    caller.may_act_as_worker(&id)?;
     let pairs = query_pairs(&query, &["wait_ms", "known"])?;
     let wait = wait_param(&state, &pairs, Duration::ZERO)?;
     let known = single(&pairs, "known")?.map(str::to_string);
@@ -205,6 +209,17 @@ fn not_current(task: &TaskState, attempt: u32) -> ApiError {
     )
 }
 
+/// A worker token reports only attempts assigned to its worker (an admin, any).
+pub(super) fn reporter_may_report(caller: &Principal, task: &TaskState) -> Result<(), ApiError> {
+    if caller.role != Role::Worker || task.worker_id.as_deref() == Some(caller.name.as_str()) {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(format!(
+        "task {} is not assigned to worker {:?}; a worker token reports only its own attempts",
+        task.id, caller.name
+    )))
+}
+
 fn respond(outcome: Outcome) -> Response {
     match outcome {
         Outcome::Applied(record) => {
@@ -222,6 +237,7 @@ fn respond(outcome: Outcome) -> Response {
 /// the attempt's process. 409 `attempt_not_current` tells the worker to stop it.
 pub async fn start(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path((id, n)): Path<(String, String)>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
@@ -229,7 +245,9 @@ pub async fn start(
     let attempt = parse_attempt(&n)?;
     let report: StartReport = parse_body(body)?;
     checked_worker_id(&report.worker_id)?;
-    let outcome = transition(&state, id, |task| {
+    caller.may_act_as_worker(&report.worker_id)?;
+    let outcome = transition(&state, &caller, id, |task| {
+        reporter_may_report(&caller, task)?;
         let ours = task.attempt == attempt && task.worker_id.as_deref() == Some(&report.worker_id);
         match task.state {
             TaskStatus::Assigned if ours => Ok(Decision::Append(vec![Payload::Started {
@@ -251,6 +269,7 @@ pub async fn start(
 /// again answers 200.
 pub async fn finish(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path((id, n)): Path<(String, String)>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
@@ -258,7 +277,8 @@ pub async fn finish(
     let attempt = parse_attempt(&n)?;
     let report: FinishReport = parse_body(body)?;
     super::tasks::check_reason(report.reason.as_deref(), report.message.as_deref())?;
-    let outcome = transition(&state, id, |task| {
+    let outcome = transition(&state, &caller, id, |task| {
+        reporter_may_report(&caller, task)?;
         if task.attempt != attempt {
             return Err(not_current(task, attempt));
         }

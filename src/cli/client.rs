@@ -13,16 +13,25 @@ use super::{
 /// A thin JSON client for the API.
 pub struct ApiClient {
     base: String,
-    http: reqwest::Client,
+    /// The HTTP client, with the token in its default headers.
+    pub http: reqwest::Client,
 }
 
 impl ApiClient {
     /// A client for the API at `args.url`.
     pub fn new(args: &ApiArgs) -> anyhow::Result<ApiClient> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = super::tokens::client_token(args) {
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                super::tokens::bearer(&token)?,
+            );
+        }
         Ok(ApiClient {
             base: args.url.trim_end_matches('/').to_string(),
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(120))
+                .default_headers(headers)
                 .build()?,
         })
     }
@@ -49,7 +58,8 @@ impl ApiClient {
         }
     }
 
-    fn url(&self, path: &str) -> String {
+    /// The URL of `path` on the API.
+    pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 }

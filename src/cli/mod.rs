@@ -6,6 +6,7 @@ mod audit;
 mod client;
 mod replay;
 mod servers;
+mod tokens;
 
 pub use client::parse_spec_text;
 
@@ -73,6 +74,10 @@ enum Command {
     /// Audit the log: tamper-evident exports and their verification.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// API tokens: create (the bootstrap, on a host with the database and broker
+    /// settings and no token), list, revoke.
+    #[command(subcommand)]
+    Token(tokens::TokenCommand),
 }
 
 /// Kafka settings shared by the server roles.
@@ -116,6 +121,14 @@ pub struct HttpArgs {
     /// Longest `wait_ms` a reader may ask for (long-polls, read-your-writes waits).
     #[arg(long, env = "TASKLOG_MAX_WAIT_MS", default_value_t = 60_000)]
     pub max_wait_ms: u64,
+    /// `tokens`: every request needs a bearer token. `off`: none does (local
+    /// experiments only; refused on anything but loopback).
+    #[arg(long, env = "TASKLOG_AUTH", default_value = "tokens", value_parser = ["tokens", "off"])]
+    pub auth: String,
+    /// Whether /metrics needs a token: `open` (default on loopback), `token`, or
+    /// `auto` (open on loopback, token otherwise).
+    #[arg(long, env = "TASKLOG_METRICS_AUTH", default_value = "auto", value_parser = ["auto", "open", "token"])]
+    pub metrics_auth: String,
 }
 
 #[derive(Debug, Args)]
@@ -360,6 +373,9 @@ pub struct ApiArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub url: String,
+    /// Bearer token (default: the one `tasklog up` keeps in the state directory).
+    #[arg(long, env = "TASKLOG_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -496,6 +512,7 @@ pub async fn run() -> i32 {
         Command::Logs(a) => client::logs(a).await,
         Command::Replay(c) => replay::run(c).await,
         Command::Audit(c) => audit::run(c).await,
+        Command::Token(c) => tokens::run(c).await,
         Command::Bench(BenchCommand::Submit(a)) => crate::bench::submit(a).await,
         Command::Bench(BenchCommand::Logs(a)) => crate::bench::logs(a).await,
         Command::Bench(BenchCommand::Schedule(a)) => crate::bench::schedule(a).await,

@@ -12,6 +12,7 @@ use super::{
     DbArgs, DevBrokerArgs, HttpArgs, ProjectorArgs, SchedulerArgs, SchedulingArgs, ServerArgs,
     Signals, UpArgs, WorkerArgs, WorkerResourceArgs, shutdown_signal,
 };
+use crate::api::auth::AuthMode;
 use crate::api::{self, ApiOptions, AppState};
 use crate::kafka::dev_broker::{DevBroker, DevBrokerOptions};
 use crate::kafka::{self, Appender, AppenderOptions, Topics};
@@ -93,7 +94,32 @@ pub(crate) async fn build_api(
     options.max_wait = Duration::from_millis(http.max_wait_ms);
     options.service_partitions = partitions_of(&options.topics.services).unwrap_or(partitions);
     options.worker_partitions = partitions_of(&options.topics.workers).unwrap_or(partitions);
+    options.auth = auth_mode(http)?;
+    options.metrics_open = match http.metrics_auth.as_str() {
+        "open" => true,
+        "token" => false,
+        _ => http.http_addr.ip().is_loopback(),
+    };
     Ok(AppState::new(store, appender, options, cursor_key)?)
+}
+
+/// The API's auth mode; `off` is refused on anything but loopback, and said loudly.
+fn auth_mode(http: &HttpArgs) -> anyhow::Result<AuthMode> {
+    if http.auth != "off" {
+        return Ok(AuthMode::Tokens);
+    }
+    anyhow::ensure!(
+        http.http_addr.ip().is_loopback(),
+        "--auth off on {}: an API without authentication listens on loopback only \
+         (anyone who reaches it could submit, cancel and read everything)",
+        http.http_addr
+    );
+    eprintln!(
+        "tasklog: WARNING: authentication is OFF (--auth off): anyone who reaches {} may do \
+         anything, as `anonymous`. For local experiments only.",
+        http.http_addr
+    );
+    Ok(AuthMode::Off)
 }
 
 pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -135,6 +161,10 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
             )
         })?;
     let state = build_api(&brokers, topics.clone(), store.clone(), &args.http).await?;
+    let mut desk = state.tokens.clone();
+    // A first start waits for its own projector to apply the admin token.
+    desk.wait = Duration::from_secs(30);
+    let auth = state.options.auth;
     let listener = api::bind(args.http.http_addr)
         .await
         .with_context(|| format!("listening on {}", args.http.http_addr))?;
@@ -154,6 +184,27 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
         Appender::new(&AppenderOptions::new(&brokers))?,
         stopped(stop_rx.clone()),
     ));
+    let mut projector = tokio::spawn(projector::run_all(
+        ProjectorOptions::new(&brokers, topics.clone()),
+        store.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    // The admin token of this machine (made on the first start, once the projector
+    // runs to apply it), which the local CLI and worker use.
+    let local_token = match auth {
+        AuthMode::Off => None,
+        AuthMode::Tokens => {
+            let dir = args
+                .worker
+                .state_dir
+                .clone()
+                .unwrap_or_else(super::tokens::state_dir);
+            let made = super::tokens::ensure_local_admin(&desk, &dir).await?;
+            Some(made)
+        }
+    };
+    // Its Kafka producer must not outlive the embedded broker.
+    drop(desk);
     let drain_timeout = args.worker.drain_timeout;
     let worker_task = if args.no_worker {
         None
@@ -161,7 +212,8 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
         // Named `local` unless told otherwise (and its ledger file with it).
         let mut resources = args.worker.clone();
         resources.name.get_or_insert_with(|| "local".into());
-        let options = worker_options(&format!("http://{addr}"), topics.clone(), &resources)?;
+        let mut options = worker_options(&format!("http://{addr}"), topics.clone(), &resources)?;
+        options.token = local_token.as_ref().map(|(t, _, _)| t.clone());
         let appender = Appender::new(&AppenderOptions::new(&brokers))?;
         Some((
             options.name.clone(),
@@ -173,11 +225,6 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
             )),
         ))
     };
-    let mut projector = tokio::spawn(projector::run_all(
-        ProjectorOptions::new(&brokers, topics.clone()),
-        store,
-        stopped(stop_rx.clone()),
-    ));
     // Its own task: it must go on accepting connections while the worker drains
     // through it.
     let mut server = tokio::spawn(api::serve(listener, state, stopped(stop_rx)));
@@ -190,6 +237,19 @@ pub(super) async fn up(args: UpArgs) -> anyhow::Result<()> {
         topics.events, topics.workers, topics.services, topics.logs, topics.dlq
     );
     println!("  postgres: {}", redact(&args.db.database_url));
+    match &local_token {
+        Some((_, path, created)) => println!(
+            "  token:    {} ({}; an admin token, mode 0600: the CLI on this machine uses it, \
+             TASKLOG_TOKEN overrides; `tasklog token create` makes others)",
+            path.display(),
+            if *created {
+                "created now"
+            } else {
+                "kept from an earlier start"
+            }
+        ),
+        None => println!("  token:    none needed: authentication is OFF (--auth off)"),
+    }
     match &worker_task {
         Some((name, _)) => {
             println!("  worker:   {name} (this process; `tasklog workers` lists all)")
@@ -493,7 +553,8 @@ pub(super) async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
 
 pub(super) async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let topics = topics_for(&args.kafka.topic_prefix)?;
-    let options = worker_options(&args.api.url, topics, &args.resources)?;
+    let mut options = worker_options(&args.api.url, topics, &args.resources)?;
+    options.token = super::tokens::client_token(&args.api);
     serve_metrics(args.metrics_addr).await?;
     let appender = Appender::new(&AppenderOptions::new(&args.kafka.brokers))?;
     let signals = Signals::listen().context("listening for signals")?;

@@ -57,6 +57,9 @@ pub struct Topics {
     pub workers: String,
     /// Service events (created, scaled, stop_requested, stopped, failed), keyed by name.
     pub services: String,
+    /// Auth events (token created, revoked), keyed by token name. Kept forever, not
+    /// compacted: a revocation alone does not describe the token it ends.
+    pub auth: String,
     /// Dead letters: records the projector could not apply, with the reason in headers.
     pub dlq: String,
     /// Task log lines, one record per line.
@@ -75,13 +78,14 @@ pub struct Topics {
 pub const DEFAULT_LOGS_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
 impl Topics {
-    /// Topics named `<prefix>.events`, `<prefix>.workers`, `<prefix>.dlq` and `<prefix>.logs`.
+    /// Topics named `<prefix>.events`, `.workers`, `.services`, `.auth`, `.dlq` and `.logs`.
     pub fn with_prefix(prefix: &str) -> Topics {
         Topics {
             prefix: prefix.to_string(),
             events: format!("{prefix}.events"),
             workers: format!("{prefix}.workers"),
             services: format!("{prefix}.services"),
+            auth: format!("{prefix}.auth"),
             dlq: format!("{prefix}.dlq"),
             logs: format!("{prefix}.logs"),
             logs_retention_ms: DEFAULT_LOGS_RETENTION_MS,
@@ -107,6 +111,7 @@ impl Topics {
             spec(&self.events, -1, false),
             spec(&self.workers, -1, true),
             spec(&self.services, -1, false),
+            spec(&self.auth, -1, false),
             spec(&self.dlq, -1, false),
             spec(&self.logs, self.logs_retention_ms, false),
         ]
@@ -741,6 +746,7 @@ mod tests {
         assert_eq!(t.dlq, "t42.dlq");
         assert_eq!(t.logs, "t42.logs");
         assert_eq!(t.workers, "t42.workers");
-        assert_eq!(t.all().len(), 5);
+        assert_eq!(t.auth, "t42.auth");
+        assert_eq!(t.all().len(), 6);
     }
 }

@@ -20,6 +20,7 @@
 pub mod keyed;
 pub mod services;
 pub mod tasks;
+pub mod tokens;
 pub mod workers;
 
 use std::collections::{HashMap, HashSet};
@@ -182,6 +183,11 @@ impl ProjectorOptions {
     /// The same settings for the services projection (topic `services`; its own group).
     pub fn for_services(&self) -> ProjectorOptions {
         self.derived(&self.topics.services, services::DEFAULT_GROUP, "services")
+    }
+
+    /// The same settings for the tokens projection (topic `auth`; its own group).
+    pub fn for_tokens(&self) -> ProjectorOptions {
+        self.derived(&self.topics.auth, tokens::DEFAULT_GROUP, "tokens")
     }
 
     /// These settings for another projection over `topic`: its group is
@@ -477,7 +483,8 @@ pub async fn run_all(
     let logs = options.for_logs();
     let worker_options = options.for_workers();
     let service_options = options.for_services();
-    let all = futures::future::try_join4(
+    let token_options = options.for_tokens();
+    let all = futures::future::try_join5(
         run_projection(
             options,
             store.clone(),
@@ -494,6 +501,12 @@ pub async fn run_all(
             service_options,
             store.clone(),
             services::ServiceProjection::new(),
+            stopped(stop_rx.clone()),
+        ),
+        run_projection(
+            token_options,
+            store.clone(),
+            tokens::TokenProjection::new(),
             stopped(stop_rx.clone()),
         ),
         run_projection(

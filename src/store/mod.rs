@@ -6,6 +6,9 @@
 pub mod progress;
 pub mod projection;
 pub mod snapshot;
+mod tokens;
+
+pub use tokens::Credential;
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -34,6 +37,8 @@ pub const PROJECTION_CHANNEL: &str = "tasklog_projection";
 pub const WORKERS_CHANNEL: &str = "tasklog_workers";
 /// The channel the services projection notifies after every committed batch.
 pub const SERVICES_CHANNEL: &str = "tasklog_services";
+/// The channel the tokens projection notifies after every committed batch.
+pub const TOKENS_CHANNEL: &str = "tasklog_tokens";
 /// The channel the log indexer notifies after every committed batch.
 pub const LOG_INDEX_CHANNEL: &str = "tasklog_log_index";
 
@@ -43,6 +48,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("migrations/0002_log_index.sql")),
     (3, include_str!("migrations/0003_workers.sql")),
     (4, include_str!("migrations/0004_services.sql")),
+    (5, include_str!("migrations/0005_auth.sql")),
 ];
 
 /// Errors from the store, with context.
@@ -151,6 +157,9 @@ pub struct EventRecord {
     pub offset: i64,
     /// The event data.
     pub data: Value,
+    /// Who caused it (`ce_tasklogprincipal`), when it says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
 }
 
 /// What became of an event, looked up by `ce_id`.
@@ -373,7 +382,7 @@ impl Store {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT type, seq, time, source, ce_id, partition, \"offset\", data
+                "SELECT type, seq, time, source, ce_id, partition, \"offset\", data, principal
                  FROM task_events WHERE task_id = $1 ORDER BY seq",
                 &[&id],
             )
@@ -390,6 +399,7 @@ impl Store {
                 partition: r.get(5),
                 offset: r.get(6),
                 data: r.get(7),
+                principal: r.get(8),
             })
             .collect())
     }
@@ -530,9 +540,9 @@ impl Store {
             .batch_execute(
                 &format!(
                     "TRUNCATE tasks, task_events, rejected_events, projection_offsets, task_state_counts,
-                              log_index, log_checkpoints, workers, services;
+                              log_index, log_checkpoints, workers, services, tokens;
                      {}",
-                    [PROJECTION_CHANNEL, WORKERS_CHANNEL, SERVICES_CHANNEL, LOG_INDEX_CHANNEL]
+                    [PROJECTION_CHANNEL, WORKERS_CHANNEL, SERVICES_CHANNEL, TOKENS_CHANNEL, LOG_INDEX_CHANNEL]
                         .iter()
                         .map(|c| format!("NOTIFY {c}, '{}';", progress::RESET_PAYLOAD))
                         .collect::<String>()
@@ -777,15 +787,20 @@ impl Store {
 }
 
 fn service_doc(doc: Value) -> Result<ServiceState, StoreError> {
-    serde_json::from_value(doc).map_err(|e| StoreError::Corrupt {
-        context: "services.doc",
-        message: e.to_string(),
-    })
+    from_doc(doc, "services.doc")
 }
 
 fn worker_doc(doc: Value) -> Result<WorkerState, StoreError> {
+    from_doc(doc, "workers.doc")
+}
+
+/// A JSON document of column `context`, parsed.
+fn from_doc<T: serde::de::DeserializeOwned>(
+    doc: Value,
+    context: &'static str,
+) -> Result<T, StoreError> {
     serde_json::from_value(doc).map_err(|e| StoreError::Corrupt {
-        context: "workers.doc",
+        context,
         message: e.to_string(),
     })
 }

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::{StoreError, ctx};
 use crate::events::TaskState;
+use crate::events::auth::TokenState;
 use crate::events::service::ServiceState;
 use crate::events::worker::WorkerState;
 
@@ -47,6 +48,8 @@ pub struct AppliedEvent {
     pub time: DateTime<Utc>,
     /// `ce_source`.
     pub source: String,
+    /// `ce_tasklogprincipal`.
+    pub principal: Option<String>,
     /// Kafka partition.
     pub partition: i32,
     /// Kafka offset.
@@ -65,6 +68,7 @@ impl AppliedEvent {
             event_type: event.envelope.event_type.as_str(),
             time: event.envelope.time,
             source: event.envelope.source.clone(),
+            principal: event.envelope.principal.clone(),
             partition,
             offset,
             data,
@@ -216,6 +220,20 @@ pub async fn load_services(
     .await
 }
 
+/// The tokens of these names, for the fold.
+pub async fn load_tokens(
+    tx: &Transaction<'_>,
+    names: &[String],
+) -> Result<HashMap<String, TokenState>, StoreError> {
+    load_docs(
+        tx,
+        "SELECT name, doc FROM tokens WHERE name = ANY($1)",
+        names,
+        "tokens.doc",
+    )
+    .await
+}
+
 /// The `(key, doc)` rows `sql` selects for `keys` (its `$1`), with each doc parsed.
 async fn load_docs<K, T>(
     tx: &Transaction<'_>,
@@ -308,6 +326,36 @@ pub async fn write_services(
     )
     .await
     .map_err(ctx("upsert services"))?;
+    Ok(())
+}
+
+/// Upserts folded tokens.
+pub async fn write_tokens(tx: &Transaction<'_>, tokens: &[&TokenState]) -> Result<(), StoreError> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = tokens.iter().map(|t| t.name.as_str()).collect();
+    let ids: Vec<Uuid> = tokens.iter().map(|t| t.token_id).collect();
+    let roles: Vec<&str> = tokens.iter().map(|t| t.role.as_str()).collect();
+    let revoked: Vec<bool> = tokens.iter().map(|t| t.revoked_at.is_some()).collect();
+    let updated: Vec<DateTime<Utc>> = tokens
+        .iter()
+        .map(|t| t.revoked_at.unwrap_or(t.created_at))
+        .collect();
+    let docs: Vec<Value> = tokens
+        .iter()
+        .map(|t| to_doc(t, "tokens.doc"))
+        .collect::<Result<_, _>>()?;
+    tx.execute(
+        "INSERT INTO tokens (name, token_id, role, revoked, updated_at, doc)
+         SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bool[],
+                              $5::timestamptz[], $6::json[])
+         ON CONFLICT (name) DO UPDATE SET token_id = EXCLUDED.token_id, role = EXCLUDED.role,
+             revoked = EXCLUDED.revoked, updated_at = EXCLUDED.updated_at, doc = EXCLUDED.doc",
+        &[&names, &ids, &roles, &revoked, &updated, &docs],
+    )
+    .await
+    .map_err(ctx("upsert tokens"))?;
     Ok(())
 }
 
@@ -563,7 +611,8 @@ async fn update_tasks(tx: &Transaction<'_>, rows: &[&TaskRow]) -> Result<(), Sto
 async fn copy_events(tx: &Transaction<'_>, events: &[AppliedEvent]) -> Result<(), StoreError> {
     let sink = tx
         .copy_in::<_, Bytes>(
-            "COPY task_events (ce_id, task_id, seq, type, time, source, partition, \"offset\", data)
+            "COPY task_events (ce_id, task_id, seq, type, time, source, partition, \"offset\", data,
+                               principal)
              FROM STDIN (FORMAT binary)",
         )
         .await
@@ -578,12 +627,13 @@ async fn copy_events(tx: &Transaction<'_>, events: &[AppliedEvent]) -> Result<()
         Type::INT4,
         Type::INT8,
         Type::JSON,
+        Type::TEXT,
     ];
     let writer = BinaryCopyInWriter::new(sink, &types);
     let mut writer = std::pin::pin!(writer);
     for e in events {
         let data = RawJson(&e.data);
-        let values: [&(dyn ToSql + Sync); 9] = [
+        let values: [&(dyn ToSql + Sync); 10] = [
             &e.ce_id,
             &e.task_id,
             &e.seq,
@@ -593,6 +643,7 @@ async fn copy_events(tx: &Transaction<'_>, events: &[AppliedEvent]) -> Result<()
             &e.partition,
             &e.offset,
             &data,
+            &e.principal,
         ];
         writer
             .as_mut()

@@ -46,13 +46,9 @@ impl Ledger {
     /// The default place: `<state dir>/worker-<name>.attempts`, with the state dir
     /// `$XDG_STATE_HOME/tasklog` or `$HOME/.local/state/tasklog` (or the temp dir).
     pub fn default_path(name: &str) -> PathBuf {
-        let base = std::env::var_os("XDG_STATE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("state"))
-            })
-            .unwrap_or_else(std::env::temp_dir);
-        base.join("tasklog").join(format!("worker-{name}.attempts"))
+        state_base()
+            .join("tasklog")
+            .join(format!("worker-{name}.attempts"))
     }
 
     /// Kills the process groups a previous incarnation recorded and that still run
@@ -125,6 +121,14 @@ pub(crate) fn runs_task(pid: i32, task: &Uuid) -> bool {
     std::fs::read(format!("/proc/{pid}/environ"))
         .map(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
         .unwrap_or(false)
+}
+
+/// Where per-user state lives: `$XDG_STATE_HOME`, `$HOME/.local/state`, or the temp dir.
+pub fn state_base() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local").join("state")))
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 #[cfg(test)]

@@ -77,6 +77,8 @@ pub struct WorkerOptions {
     /// stops the attempts if the worker dies without stopping them; `None`: no
     /// watchdog (then only a restart stops such leftovers).
     pub watchdog: Option<std::path::PathBuf>,
+    /// Bearer token for the API (a worker token named after this worker, or an admin's).
+    pub token: Option<String>,
 }
 
 impl WorkerOptions {
@@ -104,6 +106,7 @@ impl WorkerOptions {
             source: format!("tasklog://{host}/worker"),
             ledger: None,
             watchdog: None,
+            token: None,
         }
     }
 }
@@ -140,13 +143,18 @@ pub fn machine_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Whether `name` can be a worker id (letters, digits and `._:@-`, up to 256).
-pub fn valid_worker_id(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 256
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+pub use crate::events::worker::valid_worker_id;
+
+/// The headers that carry the worker's token to the API (none without one).
+fn authorization(token: Option<&str>) -> anyhow::Result<reqwest::header::HeaderMap> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("the worker's token holds characters a header cannot")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(headers)
 }
 
 /// One entry of the assignments answer.
@@ -258,6 +266,7 @@ pub async fn run_until(
         appender,
         http: reqwest::Client::builder()
             .timeout(options.poll_wait + Duration::from_secs(15))
+            .default_headers(authorization(options.token.as_deref())?)
             .build()?,
         incarnation: Mutex::new(new_incarnation()),
         running: Mutex::new(HashMap::new()),

@@ -837,6 +837,7 @@ pub fn role(broker: &Broker, db: &Db, args: &[&str]) -> Command {
         .env("TASKLOG_KAFKA_BROKERS", &broker.addr)
         .env("TASKLOG_TOPIC_PREFIX", &broker.prefix)
         .env("TASKLOG_DATABASE_URL", &db.url)
+        .env_remove("TASKLOG_TOKEN")
         .env(
             "RUST_LOG",
             std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -904,7 +905,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// `tasklog server` on a free port.
+/// `tasklog server` on a free port. Without `TASKLOG_AUTH` in `extra_env` it runs with
+/// `--auth off` (for tests about something else that call it with clients of their
+/// own); [`Stack`] runs its server with tokens.
 pub async fn start_server(broker: &Broker, db: &Db, extra_env: &[(&str, &str)]) -> (Proc, String) {
     let port = free_port();
     let mut cmd = role(
@@ -912,6 +915,7 @@ pub async fn start_server(broker: &Broker, db: &Db, extra_env: &[(&str, &str)]) 
         db,
         &["server", "--http-addr", &format!("127.0.0.1:{port}")],
     );
+    cmd.env("TASKLOG_AUTH", "off");
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
@@ -967,7 +971,56 @@ pub async fn exits_within(p: &mut Proc, timeout: Duration) -> bool {
     false
 }
 
-/// Broker, database, API server and projector, all for one test.
+/// Creates a token with `tasklog token create --direct` (the operator's bootstrap) on
+/// this broker and database; a projector must run to apply it. Returns the token.
+pub fn create_token(
+    broker: &Broker,
+    db: &Db,
+    name: &str,
+    role_name: &str,
+    extra: &[&str],
+) -> String {
+    let mut args = vec![
+        "token", "create", "--direct", "--json", "--name", name, "--role", role_name,
+    ];
+    args.extend_from_slice(extra);
+    let output = finish(
+        role(broker, db, &args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    assert!(
+        output.status.success(),
+        "token create {name}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let issued: Value = serde_json::from_slice(&output.stdout).expect("token create prints JSON");
+    issued["token"].as_str().expect("a token").to_string()
+}
+
+/// A client that sends `token` on every request.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
+}
+
+/// The admin token `tasklog up` made in `state_dir` on its first start.
+pub fn up_token(state_dir: &std::path::Path) -> String {
+    std::fs::read_to_string(state_dir.join("admin.token"))
+        .expect("tasklog up keeps its admin token in the state directory")
+        .trim()
+        .to_string()
+}
+
+/// Broker, database, API server (with tokens) and projector, all for one test, and an
+/// admin token (`harness`) its client sends.
 /// Fields drop in order: the roles stop before the broker and the database go.
 pub struct Stack {
     pub server: Proc,
@@ -976,6 +1029,8 @@ pub struct Stack {
     pub db: Db,
     pub url: String,
     pub http: reqwest::Client,
+    /// The admin token `http` sends.
+    pub token: String,
 }
 
 impl Stack {
@@ -986,16 +1041,26 @@ impl Stack {
     /// A stack on the given broker, with a fresh database.
     pub async fn start_on(broker: Broker) -> Stack {
         let db = Db::create().await;
-        let (server, url) = start_server(&broker, &db, &[]).await;
         let projector = start_projector(&broker, &db);
+        let (server, url) = start_server(&broker, &db, &[("TASKLOG_AUTH", "tokens")]).await;
+        let token = create_token(&broker, &db, "harness", "admin", &[]);
         Stack {
             server,
             projector,
             broker,
             db,
             url,
-            http: reqwest::Client::new(),
+            http: client_with_token(&token),
+            token,
         }
+    }
+
+    /// A tasklog command pointed at this stack's API with its admin token.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut c = role(&self.broker, &self.db, args);
+        c.env("TASKLOG_API_URL", &self.url)
+            .env("TASKLOG_TOKEN", &self.token);
+        c
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
@@ -1227,7 +1292,9 @@ impl Cluster {
         let state_dir = self.state_dir.path().to_str().expect("UTF-8 temp dir");
         all.extend_from_slice(&["--state-dir", state_dir]);
         all.extend_from_slice(args);
-        role(&self.stack.broker, &self.stack.db, &all)
+        let mut c = role(&self.stack.broker, &self.stack.db, &all);
+        c.env("TASKLOG_TOKEN", &self.stack.token);
+        c
     }
 
     /// Starts a worker and waits until the projection lists it as active.

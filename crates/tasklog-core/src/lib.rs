@@ -13,6 +13,7 @@
 //! task id. See `README.md` for a worked example with `kcat`.
 
 pub mod audit;
+pub mod auth;
 pub mod fold;
 pub mod idempotency;
 pub mod probe;
@@ -53,6 +54,10 @@ pub mod header {
     pub const SUBJECT: &str = "ce_subject";
     /// `content-type`: `application/json`.
     pub const CONTENT_TYPE: &str = "content-type";
+    /// `ce_tasklogprincipal`: who caused the event (the API token's name), a
+    /// CloudEvents extension attribute. Optional: events from the scheduler, or from
+    /// producers writing to Kafka directly, may carry none.
+    pub const PRINCIPAL: &str = "ce_tasklogprincipal";
 }
 
 /// Every event type tasklog understands.
@@ -136,6 +141,8 @@ pub struct Envelope {
     pub time: DateTime<Utc>,
     /// `ce_subject`: the task id.
     pub subject: Uuid,
+    /// `ce_tasklogprincipal`: who caused it, when known.
+    pub principal: Option<String>,
 }
 
 /// Reason and free-text message carried by cancel and queue events.
@@ -331,6 +338,14 @@ pub struct EncodedEvent {
 }
 
 impl EncodedEvent {
+    /// The same event, recording who caused it (`ce_tasklogprincipal`).
+    pub fn with_principal(mut self, principal: &str) -> EncodedEvent {
+        self.headers.retain(|(name, _)| *name != header::PRINCIPAL);
+        self.headers
+            .push((header::PRINCIPAL, principal.to_string()));
+        self
+    }
+
     /// The record as a consumer would read it back.
     pub fn as_record(&self) -> RawRecord<'_> {
         RawRecord {
@@ -442,6 +457,7 @@ impl Event {
                 event_type: payload.event_type(),
                 time: Utc::now(),
                 subject: task_id,
+                principal: None,
             },
             task_id,
             seq,
@@ -452,7 +468,7 @@ impl Event {
 
     /// Encodes the event for Kafka in CloudEvents binary mode.
     pub fn encode(&self) -> EncodedEvent {
-        EncodedEvent {
+        let encoded = EncodedEvent {
             key: self.task_id.to_string(),
             headers: headers_for(
                 &self.envelope.id,
@@ -464,6 +480,10 @@ impl Event {
             payload: serde_json::to_vec(&self.data).unwrap_or_default(),
             ce_id: self.envelope.id.clone(),
             event_type: self.envelope.event_type.as_str(),
+        };
+        match &self.envelope.principal {
+            Some(p) => encoded.with_principal(p),
+            None => encoded,
         }
     }
 
@@ -479,7 +499,12 @@ impl Event {
                 attributes.subject
             ))
         })?;
-        let (id, source, time) = (attributes.id, attributes.source, attributes.time);
+        let (id, source, time, principal) = (
+            attributes.id,
+            attributes.source,
+            attributes.time,
+            attributes.principal,
+        );
         let data = json_value(record)?;
         schema::validate_event_data(event_type, &data).map_err(Rejection::SchemaViolation)?;
         let (task_id, seq, payload) = data_to_payload(event_type, &data)?;
@@ -508,6 +533,7 @@ impl Event {
                 event_type,
                 time,
                 subject,
+                principal,
             },
             task_id,
             seq,
@@ -525,6 +551,7 @@ pub(crate) struct Attributes {
     pub(crate) type_name: String,
     pub(crate) time: DateTime<Utc>,
     pub(crate) subject: String,
+    pub(crate) principal: Option<String>,
 }
 
 impl Attributes {
@@ -560,12 +587,27 @@ impl Attributes {
                 )));
             }
         }
+        // A principal is a claim, checked only for form: whoever may write to the
+        // topic directly may claim any (the broker's ACLs decide who that is).
+        let principal = match record.header(header::PRINCIPAL) {
+            None => None,
+            Some(p) if !p.is_empty() && p.len() <= 256 && !p.chars().any(char::is_control) => {
+                Some(p.to_string())
+            }
+            Some(p) => {
+                return Err(envelope_error(format!(
+                    "{} {p:?} is empty, longer than 256 or holds control characters",
+                    header::PRINCIPAL
+                )));
+            }
+        };
         Ok(Attributes {
             id,
             source,
             type_name,
             time,
             subject,
+            principal,
         })
     }
 }

@@ -10,6 +10,7 @@ use jsonschema::{Registry, Validator};
 use serde_json::Value;
 
 use super::EventType;
+use super::auth::TokenEventType;
 use super::service::ServiceEventType;
 use super::worker::WorkerEventType;
 
@@ -91,11 +92,24 @@ fn service_schema_source(event_type: ServiceEventType) -> &'static str {
     }
 }
 
+/// The schema of each auth event type.
+fn token_schema_source(event_type: TokenEventType) -> &'static str {
+    match event_type {
+        TokenEventType::Created => {
+            include_str!("../../../schemas/events/dev.tasklog.auth.token_created.v1.json")
+        }
+        TokenEventType::Revoked => {
+            include_str!("../../../schemas/events/dev.tasklog.auth.token_revoked.v1.json")
+        }
+    }
+}
+
 struct Compiled {
     task_spec: Validator,
     events: HashMap<EventType, Validator>,
     workers: HashMap<WorkerEventType, Validator>,
     services: HashMap<ServiceEventType, Validator>,
+    tokens: HashMap<TokenEventType, Validator>,
 }
 
 fn compiled() -> &'static Compiled {
@@ -139,11 +153,20 @@ fn compiled() -> &'static Compiled {
                 (*t, build(&schema))
             })
             .collect();
+        let tokens = TokenEventType::ALL
+            .iter()
+            .map(|t| {
+                let schema: Value =
+                    serde_json::from_str(token_schema_source(*t)).expect("event schema is JSON");
+                (*t, build(&schema))
+            })
+            .collect();
         Compiled {
             task_spec: build(&spec),
             events,
             workers,
             services,
+            tokens,
         }
     })
 }
@@ -176,6 +199,11 @@ pub fn validate_service_event_data(
     first_error(&compiled().services[&event_type], data)
 }
 
+/// Validates the data of an auth event against its type's schema.
+pub fn validate_token_event_data(event_type: TokenEventType, data: &Value) -> Result<(), String> {
+    first_error(&compiled().tokens[&event_type], data)
+}
+
 fn first_error(validator: &Validator, instance: &Value) -> Result<(), String> {
     match validator.iter_errors(instance).next() {
         None => Ok(()),
@@ -206,6 +234,9 @@ mod tests {
         }
         for t in ServiceEventType::ALL {
             let _ = validate_service_event_data(*t, &json!({}));
+        }
+        for t in TokenEventType::ALL {
+            let _ = validate_token_event_data(*t, &json!({}));
         }
         assert!(validate_task_spec(&json!({"shell": "true"})).is_ok());
     }

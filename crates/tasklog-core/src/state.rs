@@ -285,6 +285,12 @@ pub enum Rejection {
     /// The service event is not allowed in the service's state.
     #[error("{0}")]
     IllegalServiceTransition(String),
+    /// A revocation of a token that was never created.
+    #[error("token {0:?} was never created")]
+    UnknownToken(String),
+    /// The auth event is not allowed in the token's state.
+    #[error("{0}")]
+    IllegalTokenTransition(String),
     /// A worker event about a worker that never registered.
     #[error("worker {0:?} never registered")]
     UnknownWorker(String),
@@ -327,6 +333,8 @@ impl Rejection {
             Rejection::UnknownService(_) => "unknown_service",
             Rejection::IllegalServiceTransition(_) => "illegal_transition",
             Rejection::IllegalWorkerTransition { .. } => "illegal_transition",
+            Rejection::UnknownToken(_) => "unknown_token",
+            Rejection::IllegalTokenTransition(_) => "illegal_transition",
         }
     }
 }

@@ -455,6 +455,15 @@ impl WorkerState {
     }
 }
 
+/// Whether `name` can be a worker id (letters, digits and `._:@-`, up to 256).
+pub fn valid_worker_id(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
