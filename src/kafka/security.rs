@@ -137,8 +137,8 @@ impl fmt::Display for SecurityProtocol {
     }
 }
 
-/// `sasl.mechanism`: the SASL mechanisms this build supports (GSSAPI/Kerberos and
-/// OAUTHBEARER are not built in).
+/// `sasl.mechanism`: the SASL mechanisms tasklog supports (GSSAPI/Kerberos is not built
+/// into librdkafka; OAUTHBEARER would need a token provider tasklog does not have).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SaslMechanism {
     /// `PLAIN`: the password itself goes to the broker (use it over TLS only).
@@ -342,7 +342,7 @@ impl KafkaSecurity {
                 KafkaSecurityError::UnknownValue {
                     variable: ENV_SASL_MECHANISM,
                     value: v,
-                    expected: "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (GSSAPI and OAUTHBEARER are not built in)",
+                    expected: "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (GSSAPI is not built in; OAUTHBEARER needs a token provider tasklog does not have)",
                 },
             )?),
         };
