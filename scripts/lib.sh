@@ -22,7 +22,8 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
 }
 
-# The Rust toolchain and what librdkafka's bundled C build needs.
+# The Rust toolchain and what librdkafka's bundled C build needs (with OpenSSL, for TLS
+# and SASL/SCRAM; postgres-openssl links it too).
 ensure_toolchain() {
     if ! command -v cargo >/dev/null 2>&1; then
         [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
@@ -37,6 +38,7 @@ ensure_toolchain() {
     command -v perl >/dev/null 2>&1 || missing+=(perl)
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
     dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
+    dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
     if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 

@@ -349,11 +349,11 @@ pub async fn submit(args: SubmitBenchArgs) -> anyhow::Result<()> {
 }
 
 async fn drop_database(admin_url: &str, name: &str) {
-    let Ok(mut config) = admin_url.parse::<tokio_postgres::Config>() else {
+    let Ok(mut target) = store::tls::parse(admin_url) else {
         return;
     };
-    config.dbname("postgres");
-    if let Ok((client, conn)) = config.connect(tokio_postgres::NoTls).await {
+    target.config.dbname("postgres");
+    if let Ok((client, conn)) = target.connect().await {
         tokio::spawn(conn);
         let _ = client
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

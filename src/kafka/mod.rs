@@ -6,8 +6,10 @@
 
 pub mod dev_broker;
 pub mod scan;
+pub mod security;
 
 pub use scan::{raw_record, scan};
+pub use security::{KafkaSecurity, KafkaSecurityError};
 
 /// Headers added to a dead letter, beside the original record's own headers.
 pub mod dlq_header {
@@ -166,6 +168,16 @@ pub enum KafkaIoError {
         /// The underlying error.
         source: KafkaError,
     },
+    /// The brokers refused the connection: wrong credentials or TLS settings.
+    #[error(
+        "the Kafka brokers at {brokers} refused the connection: {reason} (check the TASKLOG_KAFKA_* security settings)"
+    )]
+    Refused {
+        /// The broker list.
+        brokers: String,
+        /// What librdkafka said (authentication or TLS handshake failure; no secret).
+        reason: String,
+    },
     /// A blocking Kafka call did not finish (its thread panicked or the runtime shut down).
     #[error("a Kafka metadata call was interrupted: {0}")]
     Interrupted(String),
@@ -179,8 +191,32 @@ pub enum KafkaIoError {
     },
 }
 
-/// Base client settings shared by producers and consumers.
+/// Base client settings shared by producers and consumers, with the security settings
+/// of the `TASKLOG_KAFKA_*` variables ([`KafkaSecurity::global`]) applied. Should those
+/// be invalid (`tasklog` refuses to start then), the config is made unusable rather than
+/// falling back to plaintext: creating a client from it fails.
 pub fn client_config(brokers: &str) -> ClientConfig {
+    let mut config = base_client_config(brokers);
+    match KafkaSecurity::global() {
+        Ok(security) => security.apply(&mut config),
+        Err(_) => {
+            config.set(
+                "security.protocol",
+                "invalid-TASKLOG_KAFKA-security-settings",
+            );
+        }
+    }
+    config
+}
+
+/// [`client_config`] with the given security settings instead of the environment's.
+pub fn client_config_with(brokers: &str, security: &KafkaSecurity) -> ClientConfig {
+    let mut config = base_client_config(brokers);
+    security.apply(&mut config);
+    config
+}
+
+fn base_client_config(brokers: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", brokers)
@@ -556,12 +592,25 @@ pub async fn delete_topics(brokers: &str, names: &[String]) -> Result<(), KafkaI
 pub async fn list_topics(brokers: &str) -> Result<Vec<(String, i32)>, KafkaIoError> {
     let brokers = brokers.to_string();
     blocking(move || {
-        let consumer: BaseConsumer = client(&brokers)?;
-        let metadata = consumer
-            .fetch_metadata(None, Duration::from_secs(5))
-            .map_err(|source| KafkaIoError::Unreachable {
+        // Every role's first call to the brokers: a refused password or certificate is
+        // reported as such (librdkafka says so only in its log).
+        let consumer: BaseConsumer<security::RefusalRecorder> = client_config(&brokers)
+            .create_with_context(security::RefusalRecorder::default())
+            .map_err(|source| KafkaIoError::Client {
                 brokers: brokers.clone(),
                 source,
+            })?;
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(5))
+            .map_err(|source| match refusal(&consumer) {
+                Some(reason) => KafkaIoError::Refused {
+                    brokers: brokers.clone(),
+                    reason,
+                },
+                None => KafkaIoError::Unreachable {
+                    brokers: brokers.clone(),
+                    source,
+                },
             })?;
         Ok(metadata
             .topics()
@@ -570,6 +619,22 @@ pub async fn list_topics(brokers: &str) -> Result<Vec<(String, i32)>, KafkaIoErr
             .collect())
     })
     .await
+}
+
+/// Why the brokers refused `consumer`'s connection, if they did: its log and error events
+/// are served (they wait on its queue) for up to a second until one says so.
+fn refusal(consumer: &BaseConsumer<security::RefusalRecorder>) -> Option<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        if let Some(reason) = consumer.context().refusal() {
+            return Some(reason);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        // No subscription: polling only serves the client's events.
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
 }
 
 /// Low and high watermarks of every partition of `topic`, indexed by partition.

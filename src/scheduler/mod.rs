@@ -22,7 +22,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use crate::consistency::{Projections, Targets, count_append};
@@ -568,8 +567,8 @@ async fn become_leader(url: &str, poll: Duration) -> Leadership {
     }
 }
 
-async fn try_lock(url: &str) -> Result<Option<Leadership>, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+async fn try_lock(url: &str) -> Result<Option<Leadership>, crate::store::tls::PgConnectError> {
+    let (client, connection) = crate::store::tls::connect(url).await?;
     let connection = tokio::spawn(async move {
         let _ = connection.await;
     });

@@ -6,12 +6,12 @@
 pub mod progress;
 pub mod projection;
 pub mod snapshot;
+pub mod tls;
 mod tokens;
 
 pub use tokens::Credential;
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -20,7 +20,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use uuid::Uuid;
 
 use crate::events::service::ServiceState;
@@ -213,11 +213,11 @@ pub struct TaskFilter {
 impl Store {
     /// Connects a pool of at most `max_size` connections (lazily) to `url`.
     pub fn connect(url: &str, max_size: usize) -> Result<Store, StoreError> {
-        let config =
-            tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
+        // TLS as the URL's sslmode and sslrootcert say (see [`tls`]).
+        let target = tls::parse(url).map_err(|e| StoreError::Url(e.to_string()))?;
         let manager = Manager::from_config(
-            config,
-            NoTls,
+            target.config,
+            target.tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -810,8 +810,8 @@ async fn listen_once(
     statement: &str,
     tx: &watch::Sender<u64>,
     known: &KnownOffsets,
-) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+) -> Result<(), tls::PgConnectError> {
+    let (client, mut connection) = tls::connect(url).await?;
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
     {
         // The connection must be driven while LISTEN runs.
@@ -820,7 +820,7 @@ async fn listen_once(
             tokio::select! {
                 result = &mut listen => { result?; break; }
                 message = messages.next() => match message {
-                    Some(Err(e)) => return Err(e),
+                    Some(Err(e)) => return Err(e.into()),
                     None => return Ok(()),
                     Some(Ok(_)) => {}
                 }
@@ -858,17 +858,14 @@ fn task_record(row: &tokio_postgres::Row) -> Result<TaskRecord, StoreError> {
 /// Creates the database named in `url` when it does not exist, connecting to the
 /// server's `postgres` database with the same credentials.
 pub async fn ensure_database(url: &str) -> Result<(), StoreError> {
-    let mut config =
-        tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
+    let mut target = tls::parse(url).map_err(|e| StoreError::Url(e.to_string()))?;
+    let config = &mut target.config;
     let name = config
         .get_dbname()
         .map(str::to_string)
         .ok_or_else(|| StoreError::Url("the URL names no database".into()))?;
     config.dbname("postgres");
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(ctx("connect to postgres"))?;
+    let (client, connection) = target.connect().await.map_err(ctx("connect to postgres"))?;
     let driver = tokio::spawn(connection);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])

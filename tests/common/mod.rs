@@ -16,7 +16,6 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -266,10 +265,10 @@ impl Broker {
     /// would create it with its own.
     pub fn create_topic(&self, name: &str, partitions: i32, settings: &[(&str, &str)]) {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.addr)
-            .create()
-            .expect("admin client");
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            tasklog::kafka::client_config(&self.addr)
+                .create()
+                .expect("admin client");
         let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(-1));
         for (k, v) in settings {
             topic = topic.set(k, v);
@@ -411,8 +410,7 @@ impl Broker {
 
     /// A plain idempotent producer, as an outside producer would use.
     pub fn producer(&self) -> FutureProducer {
-        ClientConfig::new()
-            .set("bootstrap.servers", &self.addr)
+        tasklog::kafka::client_config(&self.addr)
             .set("enable.idempotence", "true")
             .set("partitioner", "murmur2_random")
             .create()
@@ -472,10 +470,10 @@ impl Broker {
     /// retention would): its low watermark moves to its end.
     pub fn delete_all_records(&self, topic: &str, partition: i32) {
         use rdkafka::admin::{AdminClient, AdminOptions};
-        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.addr)
-            .create()
-            .expect("admin client");
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            tasklog::kafka::client_config(&self.addr)
+                .create()
+                .expect("admin client");
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::End)
             .expect("tpl");
@@ -503,8 +501,7 @@ impl Broker {
 
     /// Every record of `topic` from offset 0 to the current end: (partition, offset, headers, value).
     pub fn read_all(&self, topic: &str) -> Vec<Record> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.addr)
+        let consumer: BaseConsumer = tasklog::kafka::client_config(&self.addr)
             .set("group.id", unique("reader"))
             .set("enable.auto.commit", "false")
             .create()
