@@ -561,6 +561,35 @@ async fn a_revocation_reaches_a_second_api_server_within_the_bound() {
         "the second server refused the revoked token only after {took:?}"
     );
     eprintln!("revocation reached the second server in {took:?}");
+
+    // An admin cannot revoke its own token by accident; the operator on the host can.
+    let (status, body) = s.post("/v1/tokens/harness/revoke", &json!({})).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "revoking_yourself", "{body}");
+    let output = finish(
+        role(
+            &s.broker,
+            &s.db,
+            &["token", "revoke", "--direct", "harness"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped()),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eventually(
+        "the second server to refuse the admin",
+        Duration::from_secs(20),
+        || async {
+            let (status, _, _) =
+                call(&s.http, Method::GET, &format!("{second}/v1/tasks"), None).await;
+            (status == 401).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

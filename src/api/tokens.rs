@@ -249,7 +249,7 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Api
     Ok(Json(json!({ "tokens": state.store.tokens().await? })))
 }
 
-/// `POST /v1/tokens/{name}/revoke`
+/// `POST /v1/tokens/{name}/revoke` (not the caller's own token: `409 revoking_yourself`)
 pub async fn revoke(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
@@ -257,6 +257,17 @@ pub async fn revoke(
 ) -> Result<Json<Value>, ApiError> {
     if !valid_token_name(&name) {
         return Err(bad(format!("{name:?} is not a token name")));
+    }
+    if name == caller.name {
+        // An admin cannot lock itself out by accident; another admin (or the
+        // operator's `tasklog token revoke --direct` on the host) can.
+        return Err(ApiError::conflict(
+            "revoking_yourself",
+            format!(
+                "{name:?} is the token of this request; revoke it with another admin token, \
+                 or with `tasklog token revoke --direct` on a host with the database and broker settings"
+            ),
+        ));
     }
     Ok(Json(json!(state.tokens.revoke(&caller.name, &name).await?)))
 }

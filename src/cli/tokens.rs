@@ -45,8 +45,16 @@ pub enum TokenCommand {
     Revoke {
         /// The token's name.
         name: String,
+        /// Revoke it directly with the database and broker settings of this host (the
+        /// operator's way, e.g. for the last admin token).
+        #[arg(long)]
+        direct: bool,
         #[command(flatten)]
         api: ApiArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        db: DbArgs,
     },
 }
 
@@ -249,10 +257,25 @@ pub async fn run(command: TokenCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        TokenCommand::Revoke { name, api } => {
-            let client = ApiClient::new(&api)?;
-            let path = format!("/v1/tokens/{name}/revoke");
-            let body = client.call(client.http.post(client.url(&path))).await?;
+        TokenCommand::Revoke {
+            name,
+            direct,
+            api,
+            kafka,
+            db,
+        } => {
+            let body = if direct || client_token(&api).is_none() {
+                let desk = direct_desk(&kafka, &db).await?;
+                let state = desk
+                    .revoke(&operator_principal(), &name)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
+                json!(state)
+            } else {
+                let client = ApiClient::new(&api)?;
+                let path = format!("/v1/tokens/{name}/revoke");
+                client.call(client.http.post(client.url(&path))).await?
+            };
             println!(
                 "token {} revoked at {}",
                 body["name"],
