@@ -1000,6 +1000,7 @@ fn pass_figures(queued: usize, worker_count: usize) {
                 total: crate::scheduler::capacity_of(w),
                 used: used.get(w.id.as_str()).copied().unwrap_or_default(),
                 labels: Default::default(),
+                projects: Vec::new(),
                 accepting: true,
             })
             .collect();

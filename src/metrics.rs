@@ -230,8 +230,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
         )?,
         attempts: counter(
             "tasklog_attempts_total",
-            "Attempts that ended, by outcome and reason.",
-            &["outcome", "reason"],
+            "Attempts that ended, by outcome, reason and project (at most PROJECT_LABEL_BUDGET projects; the rest as `other`).",
+            &["outcome", "reason", "project"],
         )?,
         workers: gauge("tasklog_workers", "Workers by state.", &["state"])?,
         capacity: float_gauge(
@@ -299,9 +299,47 @@ pub fn render() -> String {
     String::from_utf8(buffer).unwrap_or_default()
 }
 
+/// Most distinct `project` label values one process gives its metrics: past them a
+/// project is counted as `other`, so that the series stay bounded however many
+/// projects there are.
+pub const PROJECT_LABEL_BUDGET: usize = 50;
+
+/// The `project` label value for `project`: itself while the budget lasts (and for
+/// every project that already has one), `other` after.
+pub fn project_label(project: &str) -> String {
+    static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    let mut seen = SEEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if seen.contains(project) {
+        return project.to_string();
+    }
+    if seen.len() < PROJECT_LABEL_BUDGET {
+        seen.insert(project.to_string());
+        return project.to_string();
+    }
+    "other".to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn project_labels_stay_within_the_budget() {
+        let labels: Vec<String> = (0..PROJECT_LABEL_BUDGET + 10)
+            .map(|i| project_label(&format!("budget-{i}")))
+            .collect();
+        assert!(labels.iter().filter(|l| *l == "other").count() >= 10);
+        assert!(labels.iter().filter(|l| *l != "other").count() <= PROJECT_LABEL_BUDGET);
+        // A project that has a label keeps it.
+        let first = labels.iter().find(|l| *l != "other").cloned();
+        if let Some(first) = first {
+            assert_eq!(project_label(&first), first);
+        }
+    }
 
     #[test]
     fn metrics_register_and_render() {

@@ -29,6 +29,7 @@ enum Who {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Needs {
     Nothing,
+    AnyToken,
     Read,
     Write,
     Report,
@@ -38,7 +39,7 @@ enum Needs {
 impl Needs {
     fn allows(self, who: Who) -> bool {
         match self {
-            Needs::Nothing => true,
+            Needs::Nothing | Needs::AnyToken => true,
             Needs::Read => who != Who::Worker,
             Needs::Write => matches!(who, Who::Admin | Who::Submitter),
             Needs::Report => matches!(who, Who::Admin | Who::Worker),
@@ -50,6 +51,7 @@ impl Needs {
 fn needs(method: &str, path: &str) -> Needs {
     match (method, path) {
         (_, "/healthz" | "/readyz" | "/metrics" | "/v1/openapi.json") => Needs::Nothing,
+        (_, "/v1/whoami") => Needs::AnyToken,
         (_, p) if p.starts_with("/v1/tokens") => Needs::Tokens,
         (_, p) if p.contains("/attempts/") || p.ends_with("/assignments") => Needs::Report,
         ("GET", _) => Needs::Read,
@@ -276,6 +278,7 @@ async fn request_for(
             &[201],
         ),
         ("GET", "/v1/tokens") => (get, at(path.into()), None, &[200]),
+        ("GET", "/v1/whoami") => (get, at(path.into()), None, &[200]),
         ("POST", "/v1/tokens/{name}/revoke") => {
             let name = format!("doomed-{n}");
             create_token(&s.broker, &s.db, &name, "reader", &[]);
@@ -354,7 +357,7 @@ async fn every_route_answers_every_role_and_refuses_every_bad_token() {
         }
     }
     assert_eq!(n, routes.len() * 4, "every route was called by every role");
-    assert!(routes.len() >= 27, "the route table shrank: {routes:?}");
+    assert!(routes.len() >= 28, "the route table shrank: {routes:?}");
     // The agent polled with its own token all along; it is still active.
     assert!(agent.running(), "the worker agent exited");
 
@@ -842,4 +845,184 @@ async fn the_defaults_are_safe() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn projects_fence_every_route_and_the_scheduler() {
+    let mut c = common::Cluster::start(&[]).await;
+    let (broker, db) = (&c.stack.broker, &c.stack.db);
+    let ml_submitter = client_with_token(&create_token(
+        broker,
+        db,
+        "ml-sub",
+        "submitter",
+        &["--project", "ml"],
+    ));
+    let default_submitter =
+        client_with_token(&create_token(broker, db, "def-sub", "submitter", &[]));
+    let ml_reader = client_with_token(&create_token(
+        broker,
+        db,
+        "ml-read",
+        "reader",
+        &["--project", "ml"],
+    ));
+    let default_reader = client_with_token(&create_token(broker, db, "def-read", "reader", &[]));
+    let base = c.stack.url.clone();
+    let url = |p: &str| format!("{base}{p}");
+
+    // Workers: one with a worker token of project ml (it serves what its token
+    // reaches), one told to serve `default` only.
+    let wml_token = create_token(broker, db, "wml", "worker", &["--project", "ml"]);
+    let child = c
+        .worker_command("wml", &[])
+        .env("TASKLOG_TOKEN", &wml_token)
+        .spawn()
+        .expect("spawn worker");
+    c.workers
+        .push(("wml".into(), common::Proc::wrap(child, "worker")));
+    c.wait_worker("wml", "active").await;
+    c.add_worker("wdef", &["--project", "default"]).await;
+    let (_, wml) = c.stack.get("/v1/workers/wml").await;
+    assert_eq!(wml["projects"], json!(["ml"]), "{wml}");
+
+    // Submitting: only into a project the token reaches.
+    let submit = |client: &reqwest::Client, spec: Value| {
+        let client = client.clone();
+        let u = url("/v1/tasks");
+        async move { call(&client, Method::POST, &u, Some(&spec)).await }
+    };
+    let (status, body, _) =
+        submit(&ml_submitter, json!({"shell": "echo ml", "project": "ml"})).await;
+    assert_eq!(status, 202, "{body}");
+    let ml_task = body["id"].as_str().expect("id").to_string();
+    let (status, body, _) = submit(&ml_submitter, json!({"shell": "true"})).await;
+    assert_eq!(status, 403, "an ml token submitting into default: {body}");
+    let (status, body, _) = submit(&default_submitter, json!({"shell": "echo default"})).await;
+    assert_eq!(status, 202, "{body}");
+    let default_task = body["id"].as_str().expect("id").to_string();
+
+    // The scheduler places each on a worker of its project.
+    let done = c
+        .wait_state(&ml_task, "succeeded", Duration::from_secs(60))
+        .await;
+    assert_eq!(done["worker_id"], "wml", "{done}");
+    let done = c
+        .wait_state(&default_task, "succeeded", Duration::from_secs(60))
+        .await;
+    assert_eq!(done["worker_id"], "wdef", "{done}");
+
+    // Reading: another project's task is refused on every route, and left out of lists.
+    for path in [
+        format!("/v1/tasks/{ml_task}"),
+        format!("/v1/tasks/{ml_task}/events"),
+        format!("/v1/tasks/{ml_task}/audit"),
+        format!("/v1/tasks/{ml_task}/logs"),
+        "/v1/tasks?project=ml".to_string(),
+    ] {
+        let (status, body, _) = call(&default_reader, Method::GET, &url(&path), None).await;
+        assert_eq!(status, 403, "default reader, {path}: {body}");
+        let (status, body, _) = call(&ml_reader, Method::GET, &url(&path), None).await;
+        assert_eq!(status, 200, "ml reader, {path}: {body}");
+    }
+    let listed = |client: &reqwest::Client, path: &str| {
+        let client = client.clone();
+        let u = url(path);
+        async move {
+            let (status, body, _) = call(&client, Method::GET, &u, None).await;
+            assert_eq!(status, 200, "{body}");
+            body
+        }
+    };
+    let ids = |body: &Value, key: &str, field: &str| -> Vec<String> {
+        body[key]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|t| t[field].as_str().map(str::to_string))
+            .collect()
+    };
+    let seen = ids(&listed(&default_reader, "/v1/tasks").await, "tasks", "id");
+    assert!(
+        seen.contains(&default_task) && !seen.contains(&ml_task),
+        "{seen:?}"
+    );
+    let seen = ids(&listed(&ml_reader, "/v1/tasks").await, "tasks", "id");
+    assert!(
+        seen.contains(&ml_task) && !seen.contains(&default_task),
+        "{seen:?}"
+    );
+    let workers = ids(
+        &listed(&default_reader, "/v1/workers").await,
+        "workers",
+        "id",
+    );
+    assert!(
+        workers.contains(&"wdef".to_string()) && !workers.contains(&"wml".to_string()),
+        "{workers:?}"
+    );
+    let (status, _, _) = call(&default_reader, Method::GET, &url("/v1/workers/wml"), None).await;
+    assert_eq!(status, 403);
+
+    // Writing: cancel, post log lines, services, all fenced by project.
+    let (status, body, _) = call(
+        &ml_submitter,
+        Method::POST,
+        &url("/v1/tasks"),
+        Some(&json!({"shell": "sleep 60", "project": "ml", "selector": {"nowhere": "x"}})),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let parked = body["id"].as_str().expect("id").to_string();
+    let cancel = url(&format!("/v1/tasks/{parked}/cancel"));
+    let (status, body, _) = call(&default_submitter, Method::POST, &cancel, Some(&json!({}))).await;
+    assert_eq!(status, 403, "{body}");
+    let logs = url(&format!("/v1/tasks/{parked}/logs?attempt=1"));
+    let line = json!([{"stream": "stdout", "text": "x"}]);
+    let (status, body, _) = call(&default_submitter, Method::POST, &logs, Some(&line)).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body, _) = call(&ml_submitter, Method::POST, &cancel, Some(&json!({}))).await;
+    assert_eq!(status, 202, "{body}");
+    let service =
+        json!({"name": "ml-svc", "replicas": 0, "template": {"shell": "true", "project": "ml"}});
+    let (status, body, _) = call(
+        &default_submitter,
+        Method::POST,
+        &url("/v1/services"),
+        Some(&service),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body, _) = call(
+        &ml_submitter,
+        Method::POST,
+        &url("/v1/services"),
+        Some(&service),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    for (method, path, body) in [
+        (Method::GET, "/v1/services/ml-svc", None),
+        (
+            Method::PATCH,
+            "/v1/services/ml-svc",
+            Some(json!({"replicas": 0})),
+        ),
+        (Method::POST, "/v1/services/ml-svc/stop", None),
+    ] {
+        let (status, answer, _) = call(&default_submitter, method, &url(path), body.as_ref()).await;
+        assert_eq!(status, 403, "{path}: {answer}");
+    }
+    let names = ids(
+        &listed(&default_reader, "/v1/services").await,
+        "services",
+        "name",
+    );
+    assert!(!names.contains(&"ml-svc".to_string()), "{names:?}");
+    let names = ids(
+        &listed(&ml_reader, "/v1/services").await,
+        "services",
+        "name",
+    );
+    assert!(names.contains(&"ml-svc".to_string()), "{names:?}");
 }

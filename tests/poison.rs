@@ -252,6 +252,7 @@ async fn workers_services_and_the_log_index_go_on_past_refused_records() {
             gpu: 0,
         },
         labels: BTreeMap::new(),
+        projects: Vec::new(),
         hostname: Some("poison-test".into()),
         pid: None,
         incarnation: None,

@@ -603,12 +603,16 @@ fn worker_info() -> impl Strategy<Value = WorkerInfo> {
         prop::collection::btree_map("[a-z]{1,8}", "[a-z0-9]{0,8}", 0..3),
         prop::option::of("[a-z0-9.-]{1,64}"),
         any::<Option<u32>>(),
-        prop::option::of("[a-f0-9]{12}"),
+        (
+            prop::option::of("[a-f0-9]{12}"),
+            prop::collection::vec("[a-z][a-z0-9-]{0,8}|\\*", 0..3),
+        ),
     )
         .prop_map(
-            |((cpu, memory, gpu), labels, hostname, pid, incarnation)| WorkerInfo {
+            |((cpu, memory, gpu), labels, hostname, pid, (incarnation, projects))| WorkerInfo {
                 capacity: WorkerCapacity { cpu, memory, gpu },
                 labels,
+                projects,
                 hostname,
                 pid,
                 incarnation,

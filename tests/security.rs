@@ -220,6 +220,8 @@ async fn tasklog_runs_a_task_through_scram_only_and_a_wrong_password_stops_it_cl
         }
     })
     .await;
+    // Its admin token, made on this first start.
+    let http = common::client_with_token(&common::up_token(state_dir.path()));
 
     let r = http
         .post(format!("{url}/v1/tasks"))

@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 
+use super::auth::Caller;
 use super::tasks::{parse_id, query_pairs, single};
 use super::{ApiError, AppState};
 use crate::audit::TaskAudit;
@@ -14,10 +15,12 @@ use crate::audit::TaskAudit;
 /// `GET /v1/tasks/{id}/audit?scan=true|false`
 pub async fn task_audit(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<TaskAudit>, ApiError> {
     let id = parse_id(&id)?;
+    state.reach_task(&caller, id).await?;
     let pairs = query_pairs(&query, &["scan"])?;
     let scan = match single(&pairs, "scan")? {
         None | Some("false") => false,

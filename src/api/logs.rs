@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::auth::Caller;
 use super::tasks::{eventual, parse_id, parse_number, query_pairs, single, wait_param};
 use super::{ApiError, AppState};
 use crate::kafka::partition_for_key;
@@ -484,11 +485,13 @@ fn page_out<'a>(state: &AppState, page: &'a Page) -> PageOut<'a> {
 /// `GET /v1/tasks/{id}/logs`
 pub async fn get_logs(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let task_id = parse_id(&id)?;
+    state.reach_task(&caller, task_id).await?;
     let q = parse_query(&state, task_id, &raw, &headers)?;
     if !q.eventual {
         state.read_task_waiting(task_id, q.wait).await?;
@@ -599,11 +602,13 @@ struct PostedLine {
 /// `{stream, text, time?}`: appended in order; 202 after every delivery report.
 pub async fn post_logs(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let task_id = parse_id(&id)?;
+    state.reach_task(&caller, task_id).await?;
     let pairs = query_pairs(&raw, &["attempt"])?;
     let attempt = single(&pairs, "attempt")?
         .map(|v| parse_number("attempt", v, 1, i32::MAX as i64))

@@ -244,6 +244,24 @@ impl AppState {
         self.read_task_waiting(id, Duration::ZERO).await
     }
 
+    /// 403 unless `caller` reaches the project of task `id`. A caller limited to some
+    /// projects reads its own writes first, so a task just submitted is checked too;
+    /// a task not on the log passes (the handler answers 404 for it).
+    pub async fn reach_task(
+        &self,
+        caller: &crate::events::auth::Principal,
+        id: uuid::Uuid,
+    ) -> Result<(), ApiError> {
+        if caller.reaches_all() {
+            return Ok(());
+        }
+        self.read_task(id).await?;
+        if let Some(record) = self.store.task(id).await? {
+            caller.may_reach(record.task.spec.project())?;
+        }
+        Ok(())
+    }
+
     /// [`AppState::read_task`], waiting at least `at_least` (a reader's `wait_ms`).
     pub async fn read_task_waiting(
         &self,

@@ -67,7 +67,7 @@ where
 
 /// The table.
 fn table() -> Vec<Route> {
-    use Access::{Admin, Open, Read, Report, Write};
+    use Access::{Admin, Anyone, Open, Read, Report, Write};
     use Verb::{Get, Patch, Post};
     vec![
         at(Post, "/v1/tasks", Write, tasks::submit),
@@ -110,6 +110,7 @@ fn table() -> Vec<Route> {
         ),
         at(Get, "/v1/tasks/{id}/logs", Read, logs::get_logs),
         at(Post, "/v1/tasks/{id}/logs", Write, logs::post_logs),
+        at(Get, "/v1/whoami", Anyone, tokens::whoami),
         at(Post, "/v1/tokens", Admin, tokens::create),
         at(Get, "/v1/tokens", Admin, tokens::list),
         at(Post, "/v1/tokens/{name}/revoke", Admin, tokens::revoke),

@@ -200,6 +200,7 @@ pub async fn create(
         probe: body.probe,
     };
     check_template(&spec)?;
+    caller.may_reach(spec.project())?;
     state.read_service(&body.name).await?;
     if let Some(existing) = state.store.service(&body.name).await?
         && !existing.lifecycle.is_terminal()
@@ -231,9 +232,13 @@ pub async fn create(
         .into_response())
 }
 
-/// `GET /v1/services`
-pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    let services = state.store.services().await?;
+/// `GET /v1/services`: those of the projects the caller reaches.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<Value>, ApiError> {
+    let mut services = state.store.services().await?;
+    services.retain(|s| caller.reaches(s.spec.project()));
     let mut replicas = state.store.replicas_of(&services).await?;
     let out: Vec<Value> = services
         .iter()
@@ -244,10 +249,16 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Api
 
 /// The service `name` as the log has it: read-your-writes first (see
 /// [`AppState::read_your_writes`]), then the projection.
-async fn load_current(state: &AppState, name: &str) -> Result<ServiceState, ApiError> {
+async fn load_current(
+    state: &AppState,
+    caller: &Principal,
+    name: &str,
+) -> Result<ServiceState, ApiError> {
     let name = checked_name(name)?;
     state.read_service(name).await?;
-    load(state, name).await
+    let service = load(state, name).await?;
+    caller.may_reach(service.spec.project())?;
+    Ok(service)
 }
 
 async fn load(state: &AppState, name: &str) -> Result<ServiceState, ApiError> {
@@ -262,9 +273,10 @@ async fn load(state: &AppState, name: &str) -> Result<ServiceState, ApiError> {
 /// `GET /v1/services/{name}`
 pub async fn get_service(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let service = load_current(&state, &name).await?;
+    let service = load_current(&state, &caller, &name).await?;
     Ok(Json(service_view(&state, &service).await?))
 }
 
@@ -283,7 +295,7 @@ pub async fn scale(
     }
     let body: ScaleBody = super::body::from_object(body, "{replicas}")?;
     let replicas = checked_replicas(body.replicas)?;
-    let service = load_current(&state, &name).await?;
+    let service = load_current(&state, &caller, &name).await?;
     if service.lifecycle != ServiceLifecycle::Active {
         return Err(ApiError::conflict(
             "service_not_active",
@@ -310,7 +322,7 @@ pub async fn stop(
     Caller(caller): Caller,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let service = load_current(&state, &name).await?;
+    let service = load_current(&state, &caller, &name).await?;
     if service.lifecycle != ServiceLifecycle::Active {
         return Err(ApiError::conflict(
             "service_not_active",

@@ -75,6 +75,7 @@ fn prepare(
     }
     let spec = TaskSpec::from_json(Value::Object(object))
         .map_err(|m| ApiError::bad_request("invalid_spec", m))?;
+    caller.may_reach(spec.project())?;
     let (id, keyed) = match &spec.idempotency_key {
         Some(key) => (idempotency::task_id_for_key(key), true),
         None => (Uuid::now_v7(), false),
@@ -555,6 +556,7 @@ pub(super) fn eventual(pairs: &[(String, String)]) -> Result<bool, ApiError> {
 /// `GET /v1/tasks/{id}?min_offset=[P:]O&wait_ms=N`
 pub async fn get_task(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<TaskRecord>, ApiError> {
@@ -582,6 +584,9 @@ pub async fn get_task(
     })
     .await?
     .flatten();
+    if let Some(record) = &found {
+        caller.may_reach(record.task.spec.project())?;
+    }
     found
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("task {id} is not on the log")))
@@ -644,11 +649,16 @@ fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
 /// `GET /v1/tasks?state=&type=&label=k=v&limit=&cursor=`
 pub async fn list(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let pairs = query_pairs(&query, &["state", "type", "label", "limit", "cursor"])?;
+    let pairs = query_pairs(
+        &query,
+        &["state", "type", "label", "project", "limit", "cursor"],
+    )?;
     let mut filter = TaskFilter {
         limit: 100,
+        projects: projects_param(&caller, &pairs)?,
         ..Default::default()
     };
     if let Some(s) = single(&pairs, "state")? {
@@ -700,13 +710,41 @@ pub async fn list(
     Ok(Json(json!({"tasks": tasks, "next_cursor": next_cursor})))
 }
 
+/// The projects a listing covers: the `project` query values (each must be within the
+/// caller's reach: 403 otherwise), else everything the caller reaches (`None`: all).
+pub(super) fn projects_param(
+    caller: &Principal,
+    pairs: &[(String, String)],
+) -> Result<Option<Vec<String>>, ApiError> {
+    let asked: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| k == "project")
+        .map(|(_, v)| v.clone())
+        .collect();
+    for p in &asked {
+        if !crate::events::auth::valid_project(p) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("project {p:?} is not a project name"),
+            ));
+        }
+        caller.may_reach(p)?;
+    }
+    if !asked.is_empty() {
+        return Ok(Some(asked));
+    }
+    Ok(caller.visible_projects().map(<[String]>::to_vec))
+}
+
 /// `GET /v1/tasks/{id}/events?consistency=`
 pub async fn events(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
+    state.reach_task(&caller, id).await?;
     let pairs = query_pairs(&query, &["consistency"])?;
     if !eventual(&pairs)? {
         state.read_task(id).await?;
@@ -736,6 +774,7 @@ pub async fn cancel(
         message: reason.message,
     };
     let outcome = transition(&state, &caller, id, |task| {
+        caller.may_reach(task.spec.project())?;
         if task.state.is_terminal() {
             return Err(ApiError::conflict(
                 "task_terminal",

@@ -244,6 +244,16 @@ pub async fn create(
     Ok(response)
 }
 
+/// `GET /v1/whoami`: the caller's token name, role and projects (what a worker agent
+/// serves when told no projects).
+pub async fn whoami(Caller(caller): Caller) -> Json<Value> {
+    Json(json!({
+        "name": caller.name,
+        "role": caller.role,
+        "projects": caller.projects,
+    }))
+}
+
 /// `GET /v1/tokens`: every token, revoked ones too (no secrets, no hashes).
 pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "tokens": state.store.tokens().await? })))

@@ -61,12 +61,24 @@ fn checked_worker_id(id: &str) -> Result<&str, ApiError> {
     }
 }
 
-/// `GET /v1/workers`
-pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+/// Whether `caller` sees `worker`: it serves a project the caller reaches.
+fn sees(caller: &Principal, worker: &WorkerState) -> bool {
+    match caller.visible_projects() {
+        None => true,
+        Some(projects) => projects.iter().any(|p| worker.info.serves(p)),
+    }
+}
+
+/// `GET /v1/workers`: the workers serving a project the caller reaches.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<Value>, ApiError> {
     let (workers, mut placed) =
         tokio::try_join!(state.store.workers(), state.store.tasks_by_worker())?;
     let out: Vec<Value> = workers
         .iter()
+        .filter(|w| sees(&caller, w))
         .map(|w| worker_view(w, &placed.remove(&w.id).unwrap_or_default()))
         .collect();
     Ok(Json(json!({ "workers": out })))
@@ -75,6 +87,7 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Value>, Api
 /// `GET /v1/workers/{id}`
 pub async fn get_worker(
     State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = checked_worker_id(&id)?;
@@ -84,6 +97,12 @@ pub async fn get_worker(
             "worker {id:?} is not on the log"
         )));
     };
+    if !sees(&caller, &worker) {
+        return Err(ApiError::forbidden(format!(
+            "worker {id:?} serves no project the token {:?} reaches",
+            caller.name
+        )));
+    }
     let tasks = state.store.tasks_on_worker(id).await?;
     Ok(Json(worker_view(&worker, &tasks)))
 }
@@ -211,6 +230,7 @@ fn not_current(task: &TaskState, attempt: u32) -> ApiError {
 
 /// A worker token reports only attempts assigned to its worker (an admin, any).
 pub(super) fn reporter_may_report(caller: &Principal, task: &TaskState) -> Result<(), ApiError> {
+    caller.may_reach(task.spec.project())?;
     if caller.role != Role::Worker || task.worker_id.as_deref() == Some(caller.name.as_str()) {
         return Ok(());
     }

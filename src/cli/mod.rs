@@ -195,6 +195,10 @@ pub struct WorkerResourceArgs {
     /// A label tasks can require (k=v); repeatable.
     #[arg(long = "label")]
     pub labels: Vec<String>,
+    /// A project whose tasks it runs (repeatable; `*` for all). Default: the projects
+    /// its token reaches (every project without authentication, or in `tasklog up`).
+    #[arg(long = "project")]
+    pub projects: Vec<String>,
     /// Interval between heartbeats.
     #[arg(long, env = "TASKLOG_HEARTBEAT", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat: std::time::Duration,

@@ -528,6 +528,13 @@ fn worker_options(
             .with_context(|| format!("--label {label:?} is not k=v"))?;
         options.labels.insert(k.to_string(), v.to_string());
     }
+    for p in &args.projects {
+        anyhow::ensure!(
+            crate::events::auth::valid_grant_project(p),
+            "--project {p:?} is not a project (lowercase letters, digits, - and _; or *)"
+        );
+    }
+    options.projects = args.projects.clone();
     options.heartbeat = args.heartbeat;
     options.kill_grace = args.kill_grace;
     options.drain_timeout = args.drain_timeout;
@@ -555,6 +562,10 @@ pub(super) async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let topics = topics_for(&args.kafka.topic_prefix)?;
     let mut options = worker_options(&args.api.url, topics, &args.resources)?;
     options.token = super::tokens::client_token(&args.api);
+    if let Some(token) = &options.token {
+        options.projects =
+            worker::projects_for_token(&args.api.url, token, &options.projects).await?;
+    }
     serve_metrics(args.metrics_addr).await?;
     let appender = Appender::new(&AppenderOptions::new(&args.kafka.brokers))?;
     let signals = Signals::listen().context("listening for signals")?;

@@ -129,6 +129,9 @@ fn observe_attempt(before: Option<events::TaskStatus>, after: &events::TaskState
             ) => r,
             Some(_) => "other",
         };
-        m.attempts.with_label_values(&[outcome, reason]).inc();
+        let project = crate::metrics::project_label(after.spec.project());
+        m.attempts
+            .with_label_values(&[outcome, reason, &project])
+            .inc();
     }
 }

@@ -233,6 +233,7 @@ fn queued_task(task: &TaskState) -> QueuedTask {
         submitted_at_ms: task.submitted_at.timestamp_millis(),
         need: need_of(&task.spec),
         labels: task.spec.required_labels(),
+        project: task.spec.project().to_string(),
     }
 }
 
@@ -341,6 +342,7 @@ pub fn decide(
             total: capacity_of(w),
             used: used.get(w.id.as_str()).copied().unwrap_or_default(),
             labels: w.info.labels.clone(),
+            projects: w.info.projects.clone(),
             accepting: w.state == WorkerStatus::Active && !gone.contains(w.id.as_str()),
         })
         .collect();
@@ -368,7 +370,7 @@ pub fn decide(
                 let (need, labels) = (need_of(&t.spec), t.spec.required_labels());
                 views
                     .iter()
-                    .any(|v| plan::fits_when_empty(need, &labels, v))
+                    .any(|v| plan::fits_when_empty(need, &labels, t.spec.project(), v))
             };
             if at <= now || fits_now {
                 pass.actions.push(Action::Task {

@@ -147,6 +147,8 @@ pub struct WorkerView {
     pub used: Capacity,
     /// Labels the worker offers.
     pub labels: BTreeMap<String, String>,
+    /// Projects whose tasks it runs; empty (or holding `*`) for every project.
+    pub projects: Vec<String>,
     /// False when draining or lost: never placed on, and never counts as able
     /// to run a task.
     pub accepting: bool,
@@ -167,6 +169,8 @@ pub struct QueuedTask {
     pub need: Capacity,
     /// Required worker labels: all must be present with equal values.
     pub labels: BTreeMap<String, String>,
+    /// Its project: only workers that serve it may run the task.
+    pub project: String,
 }
 
 /// Tunables of the planner.
@@ -362,9 +366,9 @@ struct LabelGroup {
 struct Planner<'a> {
     /// Accepting workers, sorted by id.
     slots: Vec<Slot<'a>>,
-    /// Label groups; index 0 is the group for "no labels required".
+    /// Groups of the workers that can run tasks of one (labels, project) requirement.
     groups: Vec<LabelGroup>,
-    group_by_labels: HashMap<&'a BTreeMap<String, String>, usize>,
+    group_by_labels: HashMap<(&'a BTreeMap<String, String>, &'a str), usize>,
     /// Dimension-wise maximum free capacity over unreserved slots.
     max_unreserved_free: Capacity,
     unreserved_count: usize,
@@ -390,8 +394,6 @@ impl<'a> Planner<'a> {
             group_by_labels: HashMap::new(),
             max_unreserved_free: Capacity::ZERO,
         };
-        let everyone = planner.build_group(&BTreeMap::new());
-        planner.groups.push(everyone);
         planner.refresh_max_unreserved_free();
         planner
     }
@@ -400,12 +402,12 @@ impl<'a> Planner<'a> {
         &self.slots[slot].worker.id
     }
 
-    fn build_group(&self, required: &BTreeMap<String, String>) -> LabelGroup {
+    fn build_group(&self, required: &BTreeMap<String, String>, project: &str) -> LabelGroup {
         let members: Vec<usize> = self
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, slot)| has_labels(slot.worker, required))
+            .filter(|(_, slot)| runs(slot.worker, required, project))
             .map(|(index, _)| index)
             .collect();
         let max_total = members.iter().fold(Capacity::ZERO, |acc, &index| {
@@ -419,17 +421,14 @@ impl<'a> Planner<'a> {
         }
     }
 
-    fn group_for(&mut self, required: &'a BTreeMap<String, String>) -> usize {
-        if required.is_empty() {
-            return 0;
-        }
-        if let Some(&index) = self.group_by_labels.get(required) {
+    fn group_for(&mut self, required: &'a BTreeMap<String, String>, project: &'a str) -> usize {
+        if let Some(&index) = self.group_by_labels.get(&(required, project)) {
             return index;
         }
-        let group = self.build_group(required);
+        let group = self.build_group(required, project);
         self.groups.push(group);
         let index = self.groups.len() - 1;
-        self.group_by_labels.insert(required, index);
+        self.group_by_labels.insert((required, project), index);
         index
     }
 
@@ -442,7 +441,7 @@ impl<'a> Planner<'a> {
     }
 
     fn place(&mut self, task: &'a QueuedTask) -> Outcome {
-        let group_index = self.group_for(&task.labels);
+        let group_index = self.group_for(&task.labels, &task.project);
         let need = task.need;
         if !self.could_ever_fit(group_index, need) {
             return Outcome::Unfit;
@@ -530,21 +529,28 @@ impl<'a> Planner<'a> {
     }
 }
 
-/// Whether an accepting `worker` could run a task needing `need` and carrying
-/// `labels` when it is empty (its total capacity, not what is free now).
+/// Whether an accepting `worker` could run a task of `project` needing `need` and
+/// carrying `labels` when it is empty (its total capacity, not what is free now).
 pub fn fits_when_empty(
     need: Capacity,
     labels: &BTreeMap<String, String>,
+    project: &str,
     worker: &WorkerView,
 ) -> bool {
-    worker.accepting && need.fits_in(worker.total) && has_labels(worker, labels)
+    worker.accepting && need.fits_in(worker.total) && runs(worker, labels, project)
 }
 
-/// Every required label is on the worker with the same value.
-fn has_labels(worker: &WorkerView, required: &BTreeMap<String, String>) -> bool {
-    required
-        .iter()
-        .all(|(key, value)| worker.labels.get(key) == Some(value))
+/// The worker serves `project` and has every required label with the same value.
+fn runs(worker: &WorkerView, required: &BTreeMap<String, String>, project: &str) -> bool {
+    serves(worker, project)
+        && required
+            .iter()
+            .all(|(key, value)| worker.labels.get(key) == Some(value))
+}
+
+/// The worker runs tasks of `project`.
+fn serves(worker: &WorkerView, project: &str) -> bool {
+    worker.projects.is_empty() || worker.projects.iter().any(|p| p == "*" || p == project)
 }
 
 /// Free capacity as (gpu, cpu, memory), with dimensions the task does not
@@ -589,6 +595,7 @@ mod tests {
             total,
             used: Capacity::ZERO,
             labels: BTreeMap::new(),
+            projects: Vec::new(),
             accepting: true,
         }
     }
@@ -601,6 +608,7 @@ mod tests {
             submitted_at_ms: T0 + n as i64,
             need,
             labels: BTreeMap::new(),
+            project: "default".into(),
         }
     }
 
@@ -770,6 +778,30 @@ mod tests {
     }
 
     #[test]
+    fn a_task_runs_only_on_a_worker_of_its_project() {
+        let need = capacity(1000, GIB, 0);
+        let mut ml = task(1, 90, need);
+        ml.project = "ml".into();
+        let plain = task(2, 50, need);
+        let queue = queue_of(0.0, vec![ml, plain]);
+        let mut web_only = worker("a-web", capacity(64_000, 64 * GIB, 0));
+        web_only.projects = vec!["web".into()];
+        let mut ml_only = worker("b-ml", capacity(8000, 8 * GIB, 0));
+        ml_only.projects = vec!["ml".into()];
+        let result = plan(&queue, &[web_only.clone(), ml_only]);
+        assert_eq!(result.assignments, vec![assignment(1, "b-ml")]);
+        // No worker serves `default`: the plain task could never run there.
+        assert_eq!(result.unfit, vec![Uuid::from_u128(2)]);
+        let mut every = worker("c-all", capacity(8000, 8 * GIB, 0));
+        every.projects = vec!["*".into()];
+        let result = plan(&queue, &[web_only, every]);
+        assert_eq!(
+            result.assignments,
+            vec![assignment(1, "c-all"), assignment(2, "c-all")]
+        );
+    }
+
+    #[test]
     fn blocked_head_reserves_and_smaller_tasks_backfill_elsewhere() {
         let mut gpu_worker = worker("gpu", capacity(16_000, 64 * GIB, 2));
         gpu_worker.used = capacity(4000, 8 * GIB, 1);
@@ -936,7 +968,7 @@ mod tests {
         let mut result = Plan::default();
         for task in tasks {
             let runs_on =
-                |worker: &WorkerView| worker.accepting && has_labels(worker, &task.labels);
+                |worker: &WorkerView| worker.accepting && runs(worker, &task.labels, &task.project);
             if !state
                 .iter()
                 .any(|(worker, _, _)| runs_on(worker) && task.need.fits_in(worker.total))
@@ -1013,6 +1045,12 @@ mod tests {
             labels(&[("zone", "b")]),
             labels(&[("zone", "a"), ("disk", "ssd")]),
         ];
+        let project_sets: [Vec<String>; 4] = [
+            vec![],
+            vec!["ml".into()],
+            vec!["default".into()],
+            vec!["*".into()],
+        ];
         let mut totals = [0usize; 3];
         for case in 0..2_000 {
             let workers: Vec<WorkerView> = (0..random.below(6))
@@ -1032,6 +1070,7 @@ mod tests {
                         total,
                         used,
                         labels: label_sets[random.pick(&[0, 1, 2, 3])].clone(),
+                        projects: project_sets[random.pick(&[0, 0, 1, 2, 3])].clone(),
                         accepting: random.below(5) > 0,
                     }
                 })
@@ -1053,6 +1092,7 @@ mod tests {
                         .into_iter()
                         .chain((index % 7 == 6).then(|| ("rare".to_string(), "x".to_string())))
                         .collect(),
+                    project: random.pick(&["default", "default", "ml"]).to_string(),
                 })
                 .collect();
             let queue = queue_of(aging, tasks);
@@ -1099,6 +1139,7 @@ mod tests {
                 submitted_at_ms: T0 + n as i64,
                 need,
                 labels: BTreeMap::new(),
+                project: "default".into(),
             }
         });
         (queue_of(1.0, tasks.collect()), workers)

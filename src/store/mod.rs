@@ -42,6 +42,9 @@ pub const TOKENS_CHANNEL: &str = "tasklog_tokens";
 /// The channel the log indexer notifies after every committed batch.
 pub const LOG_INDEX_CHANNEL: &str = "tasklog_log_index";
 
+/// A task row's project, as SQL (the expression `tasks_by_project` indexes).
+const TASK_PROJECT: &str = "COALESCE(doc->'spec'->>'project', 'default')";
+
 /// Migrations, applied in order at start. Never edit one that has shipped: add a new one.
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/0001_projection.sql")),
@@ -49,6 +52,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("migrations/0003_workers.sql")),
     (4, include_str!("migrations/0004_services.sql")),
     (5, include_str!("migrations/0005_auth.sql")),
+    (6, include_str!("migrations/0006_projects.sql")),
 ];
 
 /// Errors from the store, with context.
@@ -204,6 +208,8 @@ pub struct TaskFilter {
     pub task_type: Option<String>,
     /// Only tasks carrying all these labels.
     pub labels: Vec<(String, String)>,
+    /// Only tasks of these projects (`None`: every project).
+    pub projects: Option<Vec<String>>,
     /// Continue after this (submitted_at, id).
     pub after: Option<(DateTime<Utc>, Uuid)>,
     /// Page size.
@@ -359,6 +365,13 @@ impl Store {
                 &mut sql,
                 " AND labels @> ?",
                 Box::new(Value::Object(labels)),
+            );
+        }
+        if let Some(projects) = &filter.projects {
+            push(
+                &mut sql,
+                &format!(" AND {TASK_PROJECT} = ANY(?)"),
+                Box::new(projects.clone()),
             );
         }
         if let Some((at, id)) = filter.after {

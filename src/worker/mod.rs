@@ -79,6 +79,8 @@ pub struct WorkerOptions {
     pub watchdog: Option<std::path::PathBuf>,
     /// Bearer token for the API (a worker token named after this worker, or an admin's).
     pub token: Option<String>,
+    /// Projects whose tasks it runs (empty: every project).
+    pub projects: Vec<String>,
 }
 
 impl WorkerOptions {
@@ -107,6 +109,7 @@ impl WorkerOptions {
             ledger: None,
             watchdog: None,
             token: None,
+            projects: Vec::new(),
         }
     }
 }
@@ -144,6 +147,66 @@ pub fn machine_memory() -> Option<u64> {
 }
 
 pub use crate::events::worker::valid_worker_id;
+
+/// The projects a worker with `token` serves: `asked` (each of which the token must
+/// reach), or when none are asked the token's own (none, meaning every project, for
+/// a token that reaches them all). Asks the API who the token is, waiting up to a
+/// minute for the API to answer.
+pub async fn projects_for_token(
+    api_url: &str,
+    token: &str,
+    asked: &[String],
+) -> anyhow::Result<Vec<String>> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .default_headers(authorization(Some(token))?)
+        .build()?;
+    let url = format!("{}/v1/whoami", api_url.trim_end_matches('/'));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let me: Value = loop {
+        match http.get(&url).send().await {
+            Ok(r) if r.status().is_success() => break r.json().await?,
+            Ok(r) => {
+                let status = r.status();
+                let body: Value = r.json().await.unwrap_or(Value::Null);
+                anyhow::bail!(
+                    "the API refused the worker's token ({status}): {}",
+                    body["error"]["message"]
+                        .as_str()
+                        .unwrap_or("no reason given")
+                );
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::info!(error = %e, "worker: waiting for the API to say who its token is");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e).context(format!("asking {url} who the worker's token is")),
+        }
+    };
+    let reach: Vec<String> = me["projects"]
+        .as_array()
+        .map(|p| {
+            p.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let all = me["role"] == "admin" || reach.iter().any(|p| p == "*");
+    for p in asked {
+        anyhow::ensure!(
+            all || reach.contains(p),
+            "--project {p:?}: the worker's token {} does not reach it (it reaches {})",
+            me["name"],
+            reach.join(", ")
+        );
+    }
+    Ok(match (asked.is_empty(), all) {
+        (false, _) => asked.to_vec(),
+        (true, true) => Vec::new(),
+        (true, false) => reach,
+    })
+}
 
 /// The headers that carry the worker's token to the API (none without one).
 fn authorization(token: Option<&str>) -> anyhow::Result<reqwest::header::HeaderMap> {
@@ -468,6 +531,7 @@ impl Agent {
         WorkerInfo {
             capacity: self.options.capacity.clone(),
             labels: self.options.labels.clone(),
+            projects: self.options.projects.clone(),
             hostname: hostname::get()
                 .ok()
                 .map(|h| h.to_string_lossy().into_owned()),

@@ -75,6 +75,8 @@ impl std::fmt::Display for Role {
 pub enum Access {
     /// Nothing: health, readiness, the API description.
     Open,
+    /// Any valid token, whatever its role (who am I).
+    Anyone,
     /// Reading tasks, services, workers, logs and events.
     Read,
     /// Changing them: submit, cancel, services, posting log lines.
@@ -114,7 +116,7 @@ impl Principal {
     /// Whether the role allows this kind of route at all.
     pub fn allows(&self, access: Access) -> Result<(), Denied> {
         let allowed = match access {
-            Access::Open => true,
+            Access::Open | Access::Anyone => true,
             Access::Read => self.role != Role::Worker,
             Access::Write => matches!(self.role, Role::Admin | Role::Submitter),
             Access::Report => matches!(self.role, Role::Admin | Role::Worker),
@@ -127,7 +129,7 @@ impl Principal {
                 "a {} token may not {}",
                 self.role,
                 match access {
-                    Access::Open | Access::Read => "read",
+                    Access::Open | Access::Anyone | Access::Read => "read",
                     Access::Write => "submit, cancel or change anything",
                     Access::Report => "act as a worker",
                     Access::Admin => "manage tokens",
@@ -155,11 +157,29 @@ impl Principal {
 
     /// Whether it reaches `project`.
     pub fn reaches(&self, project: &str) -> bool {
-        self.role == Role::Admin
-            || self
-                .projects
-                .iter()
-                .any(|p| p == ALL_PROJECTS || p == project)
+        self.reaches_all() || self.projects.iter().any(|p| p == project)
+    }
+
+    /// Whether it reaches every project (an admin, or a grant of `*`).
+    pub fn reaches_all(&self) -> bool {
+        self.role == Role::Admin || self.projects.iter().any(|p| p == ALL_PROJECTS)
+    }
+
+    /// [`Principal::reaches`], as the 403 to answer when it does not.
+    pub fn may_reach(&self, project: &str) -> Result<(), Denied> {
+        if self.reaches(project) {
+            return Ok(());
+        }
+        Err(Denied(format!(
+            "the token {:?} does not reach project {project:?} (it reaches {})",
+            self.name,
+            self.projects.join(", ")
+        )))
+    }
+
+    /// The projects a listing shows it: `None` for all of them.
+    pub fn visible_projects(&self) -> Option<&[String]> {
+        (!self.reaches_all()).then_some(self.projects.as_slice())
     }
 }
 

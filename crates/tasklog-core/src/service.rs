@@ -84,6 +84,15 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
+    /// The project of the service and its replicas: its template's (default
+    /// [`crate::auth::DEFAULT_PROJECT`]).
+    pub fn project(&self) -> &str {
+        self.template
+            .get("project")
+            .and_then(Value::as_str)
+            .unwrap_or(crate::auth::DEFAULT_PROJECT)
+    }
+
     /// The template with the service's `retry` and `probe` put in (they override the
     /// template's own): what every replica's spec starts from.
     pub fn template_with_policies(&self) -> Value {

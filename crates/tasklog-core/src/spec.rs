@@ -25,6 +25,9 @@ pub struct TaskSpec {
     /// Human-readable name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The project it belongs to (default [`crate::auth::DEFAULT_PROJECT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
     /// Free-form kind: train, infer, evaluate, batch, service, ...
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub task_type: Option<String>,
@@ -120,6 +123,13 @@ impl SpecError {
 }
 
 impl TaskSpec {
+    /// The project, defaulting to [`crate::auth::DEFAULT_PROJECT`].
+    pub fn project(&self) -> &str {
+        self.project
+            .as_deref()
+            .unwrap_or(crate::auth::DEFAULT_PROJECT)
+    }
+
     /// The task type, defaulting to [`DEFAULT_TYPE`].
     pub fn task_type(&self) -> &str {
         self.task_type.as_deref().unwrap_or(DEFAULT_TYPE)

@@ -84,6 +84,9 @@ pub struct WorkerInfo {
     /// Labels tasks can require.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Projects whose tasks it runs; none (or `*`) for every project.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub projects: Vec<String>,
     /// Host the agent runs on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
@@ -93,6 +96,17 @@ pub struct WorkerInfo {
     /// Identifies one run of the agent: a restarted agent registers with a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incarnation: Option<String>,
+}
+
+impl WorkerInfo {
+    /// Whether it runs tasks of `project`.
+    pub fn serves(&self, project: &str) -> bool {
+        self.projects.is_empty()
+            || self
+                .projects
+                .iter()
+                .any(|p| p == crate::auth::ALL_PROJECTS || p == project)
+    }
 }
 
 /// What `draining` and `lost` carry of the worker, so that after compaction (which
@@ -476,6 +490,7 @@ mod tests {
                 gpu: 1,
             },
             labels: [("zone".to_string(), "a".to_string())].into(),
+            projects: vec!["ml".into()],
             hostname: Some("h".into()),
             pid: Some(7),
             incarnation: Some(incarnation.into()),
