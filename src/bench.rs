@@ -145,6 +145,8 @@ fn sample_lifecycles(n: usize) -> Vec<crate::events::EncodedEvent> {
 struct InProcess {
     state: Arc<AppState>,
     base: String,
+    /// An admin token: the benchmark's requests are authenticated as every caller's.
+    token: String,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -169,6 +171,7 @@ impl InProcess {
         let mut this = InProcess {
             state,
             base,
+            token: String::new(),
             stop,
             tasks: Vec::new(),
         };
@@ -176,7 +179,40 @@ impl InProcess {
         this.tasks.push(tokio::spawn(async move {
             let _ = api::serve(listener, state, stopped).await;
         }));
+        // The tokens projection, so that an admin token can be issued the real way.
+        let (store, stopped) = (this.state.store.clone(), this.stopped());
+        let options = ProjectorOptions::new(brokers, topics.clone()).for_tokens();
+        this.tasks.push(tokio::spawn(async move {
+            let tokens = projector::tokens::TokenProjection::new();
+            if let Err(e) = projector::run_projection(options, store, tokens, stopped).await {
+                tracing::error!(error = %e, "tokens projection stopped");
+            }
+        }));
+        let mut desk = this.state.tokens.clone();
+        desk.wait = Duration::from_secs(60);
+        let request = crate::api::tokens::TokenRequest {
+            name: "bench".into(),
+            role: crate::events::auth::Role::Admin,
+            projects: None,
+            expires_in: None,
+        };
+        this.token = desk
+            .issue("bench", &request)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("issuing the benchmark's token: {}: {}", e.code, e.message)
+            })?
+            .token;
         Ok(this)
+    }
+
+    /// An HTTP client built by `builder` that sends the admin token.
+    fn client(&self, builder: reqwest::ClientBuilder) -> anyhow::Result<reqwest::Client> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", self.token))?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        Ok(builder.default_headers(headers).build()?)
     }
 
     /// Starts projections: every one (`all`), or only the task projection (what
@@ -388,9 +424,7 @@ async fn run_all(args: &SubmitBenchArgs, env: &BenchEnv) -> anyhow::Result<()> {
     let mut system =
         InProcess::start_api(&store, &appender, brokers, topics, args.partitions).await?;
     let base = system.base.clone();
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()?;
+    let http = system.client(reqwest::Client::builder().pool_max_idle_per_host(64))?;
 
     // Batch submission.
     let batches: Vec<Vec<Value>> = (0..n)
@@ -668,7 +702,7 @@ async fn run_logs(
     let mut system = InProcess::start_api(&store, &appender, brokers, topics, 12).await?;
     system.start_projections(brokers, topics, true);
     let (state, base) = (system.state.clone(), system.base.clone());
-    let http = reqwest::Client::new();
+    let http = system.client(reqwest::Client::builder())?;
     let task: Value = http
         .post(format!("{base}/v1/tasks"))
         .json(&json!({"shell": "python3 train.py"}))
@@ -1061,6 +1095,7 @@ async fn submit_to_running(args: &ScheduleBenchArgs, env: &BenchEnv) -> anyhow::
     }));
     let mut worker_options = crate::worker::WorkerOptions::new(&running.base, env.topics.clone());
     worker_options.name = "bench-worker".into();
+    worker_options.token = Some(running.token.clone());
     let ledger_dir = tempfile_dir()?;
     worker_options.ledger = Some(ledger_dir.join("bench-worker.attempts"));
     worker_options.capacity = WorkerCapacity {
@@ -1079,7 +1114,7 @@ async fn submit_to_running(args: &ScheduleBenchArgs, env: &BenchEnv) -> anyhow::
             tracing::error!(error = %e, "bench worker stopped");
         }
     });
-    let http = reqwest::Client::new();
+    let http = running.client(reqwest::Client::builder())?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while store.worker("bench-worker").await?.is_none() {
         anyhow::ensure!(Instant::now() < deadline, "the worker did not register");

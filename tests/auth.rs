@@ -48,6 +48,22 @@ impl Needs {
     }
 }
 
+/// Whether the route is about one project's entity (or makes one): refused (403) for a
+/// token that does not reach that project. Lists are filtered instead; tokens, who am
+/// I, a worker's own assignments and the open routes know no project.
+fn project_scoped(method: &str, path: &str) -> bool {
+    !matches!(
+        needs(method, path),
+        Needs::Nothing | Needs::AnyToken | Needs::Tokens
+    ) && !matches!(
+        (method, path),
+        (
+            "GET",
+            "/v1/tasks" | "/v1/services" | "/v1/workers" | "/v1/workers/{id}/assignments"
+        )
+    )
+}
+
 fn needs(method: &str, path: &str) -> Needs {
     match (method, path) {
         (_, "/healthz" | "/readyz" | "/metrics" | "/v1/openapi.json") => Needs::Nothing,
@@ -103,18 +119,21 @@ async fn call(
     )
 }
 
-/// Submits a task as admin; returns its id once projected.
-async fn task(s: &Stack) -> String {
-    let (status, body) = s.post("/v1/tasks", &json!({"shell": "true"})).await;
+/// Submits a task of `project` as admin; returns its id once projected.
+async fn task(s: &Stack, project: &str) -> String {
+    let (status, body) = s
+        .post("/v1/tasks", &json!({"shell": "true", "project": project}))
+        .await;
     assert_eq!(status, 202, "{body}");
     let id = body["id"].as_str().expect("id").to_string();
     s.task(&id).await;
     id
 }
 
-/// A task assigned to `worker` (attempt 1), as a scheduler would have appended it.
-async fn assigned(s: &Stack, worker: &str) -> String {
-    let id = task(s).await;
+/// A task of `project` assigned to `worker` (attempt 1), as a scheduler would have
+/// appended it.
+async fn assigned(s: &Stack, worker: &str, project: &str) -> String {
+    let id = task(s, project).await;
     let data = json!({"task_id": id, "seq": 2, "worker_id": worker, "attempt": 1});
     kcat_event(
         &s.broker,
@@ -137,8 +156,8 @@ async fn assigned(s: &Stack, worker: &str) -> String {
 }
 
 /// A task whose attempt 1 runs on `worker` (started by the admin on its behalf).
-async fn running(s: &Stack, worker: &str) -> String {
-    let id = assigned(s, worker).await;
+async fn running(s: &Stack, worker: &str, project: &str) -> String {
+    let id = assigned(s, worker, project).await;
     let (status, body) = s
         .post(
             &format!("/v1/tasks/{id}/attempts/1/start"),
@@ -150,15 +169,17 @@ async fn running(s: &Stack, worker: &str) -> String {
 }
 
 /// A service (no scheduler runs, so it has no replicas; that changes nothing here).
-async fn service(s: &Stack, name: &str) -> String {
-    let body = json!({"name": name, "replicas": 1, "template": {"shell": "sleep 1"}});
+async fn service(s: &Stack, name: &str, project: &str) -> String {
+    let body = json!({"name": name, "replicas": 1,
+                      "template": {"shell": "sleep 1", "project": project}});
     let (status, answer) = s.post("/v1/services", &body).await;
     assert_eq!(status, 201, "{answer}");
     name.to_string()
 }
 
-/// Fixtures shared by the read routes.
+/// Fixtures of one project, shared by the read routes.
 struct Fixtures {
+    project: &'static str,
     task: String,
     service: String,
     worker: String,
@@ -180,14 +201,14 @@ async fn request_for(
         ("POST", "/v1/tasks") => (
             post,
             at(path.into()),
-            Some(json!({"shell": "true"})),
+            Some(json!({"shell": "true", "project": f.project})),
             &[202],
         ),
         ("GET", "/v1/tasks") => (get, at(path.into()), None, &[200]),
         ("POST", "/v1/tasks/batch") => (
             post,
             at(path.into()),
-            Some(json!({"tasks": [{"shell": "true"}]})),
+            Some(json!({"tasks": [{"shell": "true", "project": f.project}]})),
             &[200, 202, 207],
         ),
         ("GET", "/v1/tasks/{id}") => (get, at(format!("/v1/tasks/{}", f.task)), None, &[200]),
@@ -201,7 +222,7 @@ async fn request_for(
             (get, at(format!("/v1/tasks/{}/audit", f.task)), None, &[200])
         }
         ("POST", "/v1/tasks/{id}/cancel") => {
-            let id = task(s).await;
+            let id = task(s, f.project).await;
             (
                 post,
                 at(format!("/v1/tasks/{id}/cancel")),
@@ -210,7 +231,7 @@ async fn request_for(
             )
         }
         ("POST", "/v1/tasks/{id}/attempts/{n}/start") => {
-            let id = assigned(s, "w1").await;
+            let id = assigned(s, "w1", f.project).await;
             let body = json!({"worker_id": "w1", "pid": 4242});
             (
                 post,
@@ -220,7 +241,7 @@ async fn request_for(
             )
         }
         ("POST", "/v1/tasks/{id}/attempts/{n}/finish") => {
-            let id = running(s, "w1").await;
+            let id = running(s, "w1", f.project).await;
             let body = json!({"outcome": "succeeded", "exit_code": 0});
             (
                 post,
@@ -230,7 +251,7 @@ async fn request_for(
             )
         }
         ("POST", "/v1/tasks/{id}/attempts/{n}/ready") => {
-            let id = running(s, "w1").await;
+            let id = running(s, "w1", f.project).await;
             (
                 post,
                 at(format!("/v1/tasks/{id}/attempts/1/ready")),
@@ -239,8 +260,8 @@ async fn request_for(
             )
         }
         ("POST", "/v1/services") => {
-            let body =
-                json!({"name": format!("made-{n}"), "replicas": 0, "template": {"shell": "true"}});
+            let body = json!({"name": format!("made-{n}"), "replicas": 0,
+                              "template": {"shell": "true", "project": f.project}});
             (post, at(path.into()), Some(body), &[201])
         }
         ("GET", "/v1/services") => (get, at(path.into()), None, &[200]),
@@ -254,7 +275,7 @@ async fn request_for(
             &[200],
         ),
         ("POST", "/v1/services/{name}/stop") => {
-            let name = service(s, &format!("stopped-{n}")).await;
+            let name = service(s, &format!("stopped-{n}"), f.project).await;
             (post, at(format!("/v1/services/{name}/stop")), None, &[202])
         }
         ("GET", "/v1/workers") => (get, at(path.into()), None, &[200]),
@@ -330,10 +351,48 @@ async fn every_route_answers_every_role_and_refuses_every_bad_token() {
         (status == 200 && w["state"] == "active").then_some(())
     })
     .await;
+    // And one that serves only project ml, for the other project's fixtures.
+    let ml_token = create_token(&s.broker, &s.db, "agent-ml", "worker", &["--project", "ml"]);
+    let ml_dir = tempfile::tempdir().expect("state dir");
+    let _ml_agent = common::Proc::wrap(
+        role(
+            &s.broker,
+            &s.db,
+            &[
+                "worker",
+                "--name",
+                "agent-ml",
+                "--api",
+                &s.url,
+                "--heartbeat",
+                "500ms",
+                "--state-dir",
+                ml_dir.path().to_str().expect("UTF-8"),
+            ],
+        )
+        .env("TASKLOG_TOKEN", &ml_token)
+        .spawn()
+        .expect("spawn worker"),
+        "worker",
+    );
+    eventually("the ml agent active", Duration::from_secs(60), || async {
+        let (status, w) = s.get("/v1/workers/agent-ml").await;
+        (status == 200 && w["state"] == "active").then_some(())
+    })
+    .await;
+    // The tokens but the admin's reach project `default` only: its entities are their
+    // own, those of `ml` another project's.
     let fixtures = Fixtures {
-        task: task(&s).await,
-        service: service(&s, "shared").await,
+        project: "default",
+        task: task(&s, "default").await,
+        service: service(&s, "shared", "default").await,
         worker: "agent-1".into(),
+    };
+    let others = Fixtures {
+        project: "ml",
+        task: task(&s, "ml").await,
+        service: service(&s, "shared-ml", "ml").await,
+        worker: "agent-ml".into(),
     };
 
     let routes = tasklog::api::routes::all();
@@ -341,22 +400,56 @@ async fn every_route_answers_every_role_and_refuses_every_bad_token() {
     for (verb, path) in &routes {
         let method = verb.as_str();
         let need = needs(method, path);
-        for who in [Who::Admin, Who::Submitter, Who::Reader, Who::Worker] {
-            n += 1;
-            let (m, url, body, ok) = request_for(&s, &fixtures, method, path, n).await;
-            let (status, answer, _) = call(callers.of(who), m, &url, body.as_ref()).await;
-            if need.allows(who) {
-                assert!(
-                    ok.contains(&status),
-                    "{who:?} {method} {path}: expected {ok:?}, got {status} {answer}"
+        for f in [&fixtures, &others] {
+            for who in [Who::Admin, Who::Submitter, Who::Reader, Who::Worker] {
+                n += 1;
+                let (m, url, body, ok) = request_for(&s, f, method, path, n).await;
+                let (status, answer, _) = call(callers.of(who), m, &url, body.as_ref()).await;
+                let fenced =
+                    f.project != "default" && who != Who::Admin && project_scoped(method, path);
+                if need.allows(who) && fenced && *path == "/v1/tasks/batch" {
+                    // A batch refuses the item, not the batch.
+                    assert_eq!(status, 202, "{who:?} batch into ml: {answer}");
+                    assert_eq!(
+                        answer["results"][0]["error"]["code"], "forbidden",
+                        "{answer}"
+                    );
+                } else if need.allows(who) && !fenced {
+                    assert!(
+                        ok.contains(&status),
+                        "{who:?} {method} {path} ({}): expected {ok:?}, got {status} {answer}",
+                        f.project
+                    );
+                } else {
+                    assert_eq!(
+                        status, 403,
+                        "{who:?} {method} {path} ({}): {answer}",
+                        f.project
+                    );
+                    assert_eq!(answer["error"]["code"], "forbidden", "{answer}");
+                }
+                // A list shows a caller nothing of a project it does not reach.
+                let list = matches!(
+                    (method, *path),
+                    ("GET", "/v1/tasks" | "/v1/services" | "/v1/workers")
                 );
-            } else {
-                assert_eq!(status, 403, "{who:?} {method} {path}: {answer}");
-                assert_eq!(answer["error"]["code"], "forbidden", "{answer}");
+                if list && who != Who::Admin && status == 200 {
+                    let text = answer.to_string();
+                    for hidden in [&others.task, &others.service, &others.worker] {
+                        assert!(
+                            !text.contains(hidden.as_str()),
+                            "{who:?} {method} {path} shows {hidden} of project ml: {text}"
+                        );
+                    }
+                }
             }
         }
     }
-    assert_eq!(n, routes.len() * 4, "every route was called by every role");
+    assert_eq!(
+        n,
+        routes.len() * 8,
+        "every route was called by every role, in both projects"
+    );
     assert!(routes.len() >= 28, "the route table shrank: {routes:?}");
     // The agent polled with its own token all along; it is still active.
     assert!(agent.running(), "the worker agent exited");
@@ -424,7 +517,7 @@ async fn every_route_answers_every_role_and_refuses_every_bad_token() {
 async fn a_worker_token_acts_only_as_its_own_worker() {
     let s = Stack::start().await;
     let w1 = client_with_token(&create_token(&s.broker, &s.db, "w1", "worker", &[]));
-    let theirs = assigned(&s, "w2").await;
+    let theirs = assigned(&s, "w2", "default").await;
     let url = |p: &str| format!("{}{p}", s.url);
 
     // Register (poll) as another worker, report for it, or claim its attempt as w1.
@@ -459,7 +552,7 @@ async fn a_worker_token_acts_only_as_its_own_worker() {
     assert_eq!(t["seq"], 2, "{t}");
 
     // Its own attempt it may report, and the events say who did.
-    let mine = assigned(&s, "w1").await;
+    let mine = assigned(&s, "w1", "default").await;
     let start = url(&format!("/v1/tasks/{mine}/attempts/1/start"));
     let (status, body, _) =
         call(&w1, Method::POST, &start, Some(&json!({"worker_id": "w1"}))).await;

@@ -46,11 +46,24 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(5);
 /// The least time between two reloads caused by unknown tokens.
 pub const MISS_RELOAD_GAP: Duration = Duration::from_millis(200);
 
+/// How long a token the projection no longer has at all keeps working. Tokens are
+/// never deleted — a revocation is a state the projection keeps — so one is missing
+/// only while a rebuild (`replay rebuild`, `projector --rebuild`) folds the auth topic
+/// again; this carries the API through that without refusing every caller.
+pub const ABSENT_GRACE: Duration = Duration::from_secs(60);
+
+/// A credential as last loaded, and when the projection last had it.
+#[derive(Clone)]
+struct Known {
+    token: TokenState,
+    seen: Instant,
+}
+
 /// Every token that can authenticate (revoked and expired ones too, to say so), by the
 /// hash of its secret.
 pub struct Credentials {
     store: Store,
-    by_hash: RwLock<Arc<HashMap<[u8; 32], TokenState>>>,
+    by_hash: RwLock<Arc<HashMap<[u8; 32], Known>>>,
     /// When the last reload finished (single flight for reloads on a miss).
     reloaded: tokio::sync::Mutex<Option<Instant>>,
 }
@@ -72,13 +85,30 @@ impl Credentials {
     async fn reload(&self) -> Result<(), StoreError> {
         let mut reloaded = self.reloaded.lock().await;
         let loaded = self.store.credentials().await?;
+        let now = Instant::now();
         let mut by_hash = HashMap::with_capacity(loaded.len());
         for c in loaded {
             let Ok(hash) = <[u8; 32]>::try_from(c.hash.as_slice()) else {
                 tracing::warn!(token = %c.token.name, "a credential's hash is not 32 bytes; ignored");
                 continue;
             };
-            by_hash.insert(hash, c.token);
+            by_hash.insert(
+                hash,
+                Known {
+                    token: c.token,
+                    seen: now,
+                },
+            );
+        }
+        let previous = self
+            .by_hash
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (hash, known) in previous.iter() {
+            if !by_hash.contains_key(hash) && known.seen.elapsed() < ABSENT_GRACE {
+                by_hash.insert(*hash, known.clone());
+            }
         }
         *self.by_hash.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(by_hash);
         *reloaded = Some(Instant::now());
@@ -101,7 +131,7 @@ impl Credentials {
         by_hash
             .get_key_value(hash)
             .filter(|(stored, _)| hashes_equal(*stored, hash))
-            .map(|(_, token)| token.clone())
+            .map(|(_, known)| known.token.clone())
     }
 
     /// The principal of a request's `Authorization` header, or the 401 to answer.
