@@ -70,6 +70,7 @@ fn needs(method: &str, path: &str) -> Needs {
         (_, "/v1/whoami") => Needs::AnyToken,
         (_, p) if p.starts_with("/v1/tokens") => Needs::Tokens,
         (_, p) if p.contains("/attempts/") || p.ends_with("/assignments") => Needs::Report,
+        ("POST", "/v1/workers/{id}/events") => Needs::Report,
         ("GET", _) => Needs::Read,
         _ => Needs::Write,
     }
@@ -280,6 +281,12 @@ async fn request_for(
         }
         ("GET", "/v1/workers") => (get, at(path.into()), None, &[200]),
         ("GET", "/v1/workers/{id}") => (get, at(format!("/v1/workers/{}", f.worker)), None, &[200]),
+        ("POST", "/v1/workers/{id}/events") => {
+            let data = json!({"worker_id": "w1", "capacity": {"cpu": 1.0, "memory": 1 << 30},
+                              "projects": [f.project]});
+            let body = json!({"type": "dev.tasklog.worker.registered.v1", "data": data});
+            (post, at("/v1/workers/w1/events".into()), Some(body), &[202])
+        }
         ("GET", "/v1/workers/{id}/assignments") => {
             (get, at("/v1/workers/w1/assignments".into()), None, &[200])
         }
@@ -312,6 +319,40 @@ async fn request_for(
     }
 }
 
+/// A worker agent `name` calling the API with `token`, once the projection lists it
+/// as active; with its state directory.
+async fn start_agent(s: &Stack, name: &str, token: &str) -> (common::Proc, tempfile::TempDir) {
+    let state_dir = tempfile::tempdir().expect("state dir");
+    let child = role(
+        &s.broker,
+        &s.db,
+        &[
+            "worker",
+            "--name",
+            name,
+            "--api",
+            &s.url,
+            "--heartbeat",
+            "500ms",
+            "--state-dir",
+            state_dir.path().to_str().expect("UTF-8"),
+        ],
+    )
+    .env("TASKLOG_TOKEN", token)
+    .spawn()
+    .expect("spawn worker");
+    eventually(
+        &format!("worker {name} active"),
+        Duration::from_secs(60),
+        || async {
+            let (status, w) = s.get(&format!("/v1/workers/{name}")).await;
+            (status == 200 && w["state"] == "active").then_some(())
+        },
+    )
+    .await;
+    (common::Proc::wrap(child, "worker"), state_dir)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_route_answers_every_role_and_refuses_every_bad_token() {
     let s = Stack::start().await;
@@ -324,62 +365,10 @@ async fn every_route_answers_every_role_and_refuses_every_bad_token() {
     // A real worker agent with a worker token of its own registers (on Kafka) and polls
     // its assignments through the API with that token.
     let agent_token = create_token(&s.broker, &s.db, "agent-1", "worker", &[]);
-    let state_dir = tempfile::tempdir().expect("state dir");
-    let mut agent = common::Proc::wrap(
-        role(
-            &s.broker,
-            &s.db,
-            &[
-                "worker",
-                "--name",
-                "agent-1",
-                "--api",
-                &s.url,
-                "--heartbeat",
-                "500ms",
-                "--state-dir",
-                state_dir.path().to_str().expect("UTF-8"),
-            ],
-        )
-        .env("TASKLOG_TOKEN", &agent_token)
-        .spawn()
-        .expect("spawn worker"),
-        "worker",
-    );
-    eventually("the agent active", Duration::from_secs(60), || async {
-        let (status, w) = s.get("/v1/workers/agent-1").await;
-        (status == 200 && w["state"] == "active").then_some(())
-    })
-    .await;
+    let (mut agent, _agent_dir) = start_agent(&s, "agent-1", &agent_token).await;
     // And one that serves only project ml, for the other project's fixtures.
     let ml_token = create_token(&s.broker, &s.db, "agent-ml", "worker", &["--project", "ml"]);
-    let ml_dir = tempfile::tempdir().expect("state dir");
-    let _ml_agent = common::Proc::wrap(
-        role(
-            &s.broker,
-            &s.db,
-            &[
-                "worker",
-                "--name",
-                "agent-ml",
-                "--api",
-                &s.url,
-                "--heartbeat",
-                "500ms",
-                "--state-dir",
-                ml_dir.path().to_str().expect("UTF-8"),
-            ],
-        )
-        .env("TASKLOG_TOKEN", &ml_token)
-        .spawn()
-        .expect("spawn worker"),
-        "worker",
-    );
-    eventually("the ml agent active", Duration::from_secs(60), || async {
-        let (status, w) = s.get("/v1/workers/agent-ml").await;
-        (status == 200 && w["state"] == "active").then_some(())
-    })
-    .await;
+    let (_ml_agent, _ml_dir) = start_agent(&s, "agent-ml", &ml_token).await;
     // The tokens but the admin's reach project `default` only: its entities are their
     // own, those of `ml` another project's.
     let fixtures = Fixtures {
@@ -520,7 +509,55 @@ async fn a_worker_token_acts_only_as_its_own_worker() {
     let theirs = assigned(&s, "w2", "default").await;
     let url = |p: &str| format!("{}{p}", s.url);
 
-    // Register (poll) as another worker, report for it, or claim its attempt as w1.
+    // Register as another worker, poll for it, report for it, or claim its attempt.
+    let registered = |worker: &str, projects: Value| {
+        json!({"type": "dev.tasklog.worker.registered.v1",
+               "data": {"worker_id": worker, "capacity": {"cpu": 1.0, "memory": 1 << 30},
+                        "projects": projects}})
+    };
+    let register = url("/v1/workers/w2/events");
+    let (status, body, _) = call(
+        &w1,
+        Method::POST,
+        &register,
+        Some(&registered("w2", json!(["default"]))),
+    )
+    .await;
+    assert_eq!(status, 403, "registering as w2: {body}");
+    let own = url("/v1/workers/w1/events");
+    let (status, body, _) = call(
+        &w1,
+        Method::POST,
+        &own,
+        Some(&registered("w1", json!(["ml"]))),
+    )
+    .await;
+    assert_eq!(
+        status, 403,
+        "registering for a project out of reach: {body}"
+    );
+    let (status, body, _) = call(&w1, Method::POST, &own, Some(&registered("w1", json!([])))).await;
+    assert_eq!(status, 403, "registering for every project: {body}");
+    let (status, body, _) = call(
+        &w1,
+        Method::POST,
+        &own,
+        Some(&registered("w2", json!(["default"]))),
+    )
+    .await;
+    assert_eq!(status, 400, "data of another worker: {body}");
+    let lost =
+        json!({"type": "dev.tasklog.worker.lost.v1", "data": {"worker_id": "w1", "reason": "x"}});
+    let (status, body, _) = call(&w1, Method::POST, &own, Some(&lost)).await;
+    assert_eq!(status, 400, "a worker saying it is lost: {body}");
+    let (status, body, _) = call(
+        &w1,
+        Method::POST,
+        &own,
+        Some(&registered("w1", json!(["default"]))),
+    )
+    .await;
+    assert_eq!(status, 202, "registering as itself: {body}");
     let (status, body, _) = call(&w1, Method::GET, &url("/v1/workers/w2/assignments"), None).await;
     assert_eq!(status, 403, "{body}");
     let start = url(&format!("/v1/tasks/{theirs}/attempts/1/start"));
@@ -707,11 +744,7 @@ async fn no_secret_or_hash_reaches_logs_metrics_events_or_errors() {
         "server",
     );
     let url = format!("http://127.0.0.1:{port}");
-    eventually("the logging server", Duration::from_secs(60), || async {
-        let r = reqwest::get(format!("{url}/readyz")).await.ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
+    common::wait_ready("the logging server", &url).await;
     // Tokens made by the operator command (its output captured) and by the API.
     let output = finish(
         role(
@@ -874,11 +907,7 @@ async fn the_defaults_are_safe() {
         )
     };
     let (mut up, url) = start_up();
-    eventually("tasklog up ready", Duration::from_secs(60), || async {
-        let r = reqwest::get(format!("{url}/readyz")).await.ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
+    common::wait_ready("tasklog up", &url).await;
     let file = state_dir.path().join("admin.token");
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&file).expect("token file").permissions(),
@@ -916,15 +945,7 @@ async fn the_defaults_are_safe() {
     common::signal(up.pid().into(), "-TERM");
     assert!(common::exits_within(&mut up, Duration::from_secs(30)).await);
     let (_up, url) = start_up();
-    eventually(
-        "tasklog up ready again",
-        Duration::from_secs(60),
-        || async {
-            let r = reqwest::get(format!("{url}/readyz")).await.ok()?;
-            r.status().is_success().then_some(())
-        },
-    )
-    .await;
+    common::wait_ready("tasklog up, restarted", &url).await;
     assert_eq!(
         common::up_token(state_dir.path()),
         token,

@@ -102,6 +102,7 @@ fn table() -> Vec<Route> {
         at(Post, "/v1/services/{name}/stop", Write, services::stop),
         at(Get, "/v1/workers", Read, workers::list),
         at(Get, "/v1/workers/{id}", Read, workers::get_worker),
+        at(Post, "/v1/workers/{id}/events", Report, workers::post_event),
         at(
             Get,
             "/v1/workers/{id}/assignments",

@@ -18,7 +18,7 @@ use super::auth::Caller;
 use super::transition::{Decision, Outcome, transition};
 use super::{ApiError, AppState, JsonBody};
 use crate::events::auth::{Principal, Role};
-use crate::events::worker::WorkerState;
+use crate::events::worker::{WorkerEvent, WorkerEventType, WorkerState};
 use crate::events::{Payload, TaskState, TaskStatus};
 use crate::scheduler::plan::Capacity;
 use crate::store::TaskRecord;
@@ -171,6 +171,83 @@ pub async fn assignments(
             Ok(Err(_)) => tokio::time::sleep_until(deadline).await,
         }
     }
+}
+
+/// Body of `POST /v1/workers/{id}/events`: a worker's own event, as its agent would
+/// have appended it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostedWorkerEvent {
+    /// `dev.tasklog.worker.registered.v1`, `...heartbeat.v1` or `...draining.v1`.
+    #[serde(rename = "type")]
+    event_type: String,
+    /// The event's data, as its schema says (`worker_id` equal to the path's).
+    data: Value,
+    /// `ce_source` (default: this API's).
+    #[serde(default)]
+    source: Option<String>,
+}
+
+/// `POST /v1/workers/{id}/events`: a worker agent registers, heartbeats and drains
+/// through the API, as the worker its token is named after (an admin, as any), and
+/// only for projects its token reaches. `lost` is the scheduler's to say. `202` once
+/// the broker has the record.
+pub async fn post_event(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let id = checked_worker_id(&id)?.to_string();
+    caller.may_act_as_worker(&id)?;
+    let posted: PostedWorkerEvent = super::body::from_object(body, "{type, data, source?}")?;
+    let allowed = [
+        WorkerEventType::Registered,
+        WorkerEventType::Heartbeat,
+        WorkerEventType::Draining,
+    ];
+    if !allowed.iter().any(|t| t.as_str() == posted.event_type) {
+        return Err(ApiError::bad_request(
+            "invalid_event_type",
+            format!(
+                "type {:?}: a worker posts registered, heartbeat or draining (v1)",
+                posted.event_type
+            ),
+        ));
+    }
+    let source = posted
+        .source
+        .unwrap_or_else(|| state.options.source.clone());
+    let event = WorkerEvent::from_data(&source, &id, &posted.event_type, &posted.data)
+        .map_err(|r| ApiError::bad_request("invalid_event", r.to_string()))?;
+    if let Some(info) = event.payload.info() {
+        let reach_all = caller.reaches_all();
+        if info.projects.is_empty() && !reach_all {
+            return Err(ApiError::forbidden(format!(
+                "the token {:?} does not reach every project: the worker must name its projects",
+                caller.name
+            )));
+        }
+        for p in info
+            .projects
+            .iter()
+            .filter(|p| p.as_str() != "*" || !reach_all)
+        {
+            caller.may_reach(p)?;
+        }
+    }
+    let encoded = event.encode().with_principal(&caller.name);
+    let result = state
+        .appender
+        .append(&state.options.topics.workers, &encoded)
+        .await;
+    crate::consistency::count_append(encoded.event_type, &result);
+    let at = result?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"event": {"partition": at.partition, "offset": at.offset}})),
+    )
+        .into_response())
 }
 
 /// Body of `POST /v1/tasks/{id}/attempts/{n}/start`.

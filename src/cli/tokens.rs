@@ -45,17 +45,35 @@ pub enum TokenCommand {
     Revoke {
         /// The token's name.
         name: String,
-        /// Revoke it directly with the database and broker settings of this host (the
-        /// operator's way, e.g. for the last admin token).
-        #[arg(long)]
-        direct: bool,
         #[command(flatten)]
-        api: ApiArgs,
-        #[command(flatten)]
-        kafka: KafkaArgs,
-        #[command(flatten)]
-        db: DbArgs,
+        via: Via,
     },
+}
+
+/// Where a token command goes: the API (with a token), or — `--direct`, or with no
+/// token at hand — the database and broker of this host, as its operator.
+#[derive(Debug, Args)]
+pub struct Via {
+    /// Act directly with the database and broker settings of this host (the
+    /// bootstrap, or revoking the last admin token), even if a token is at hand.
+    #[arg(long)]
+    direct: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    db: DbArgs,
+}
+
+impl Via {
+    /// The desk to act on directly, when the command does not go to the API.
+    async fn direct_desk(&self) -> anyhow::Result<Option<TokenDesk>> {
+        if self.direct || client_token(&self.api).is_none() {
+            return Ok(Some(direct_desk(&self.kafka, &self.db).await?));
+        }
+        Ok(None)
+    }
 }
 
 /// `tasklog token create`
@@ -77,16 +95,8 @@ pub struct CreateArgs {
     /// Print JSON (with the token) instead of the bare token.
     #[arg(long)]
     json: bool,
-    /// Create it directly with the database and broker settings of this host (the
-    /// bootstrap), even if a token is at hand.
-    #[arg(long)]
-    direct: bool,
     #[command(flatten)]
-    api: ApiArgs,
-    #[command(flatten)]
-    kafka: KafkaArgs,
-    #[command(flatten)]
-    db: DbArgs,
+    via: Via,
 }
 
 /// The state directory: `$TASKLOG_STATE_DIR`, `$XDG_STATE_HOME/tasklog` or
@@ -198,9 +208,7 @@ pub async fn run(command: TokenCommand) -> anyhow::Result<()> {
     match command {
         TokenCommand::Create(args) => {
             let request = request(&args)?;
-            let token = client_token(&args.api);
-            if args.direct || token.is_none() {
-                let desk = direct_desk(&args.kafka, &args.db).await?;
+            if let Some(desk) = args.via.direct_desk().await? {
                 let issued: IssuedToken = desk
                     .issue(&operator_principal(), &request)
                     .await
@@ -208,7 +216,7 @@ pub async fn run(command: TokenCommand) -> anyhow::Result<()> {
                 print_issued(&json!(issued), args.json);
                 return Ok(());
             }
-            let client = ApiClient::new(&args.api)?;
+            let client = ApiClient::new(&args.via.api)?;
             let body = json!({
                 "name": request.name,
                 "role": request.role,
@@ -257,22 +265,15 @@ pub async fn run(command: TokenCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        TokenCommand::Revoke {
-            name,
-            direct,
-            api,
-            kafka,
-            db,
-        } => {
-            let body = if direct || client_token(&api).is_none() {
-                let desk = direct_desk(&kafka, &db).await?;
+        TokenCommand::Revoke { name, via } => {
+            let body = if let Some(desk) = via.direct_desk().await? {
                 let state = desk
                     .revoke(&operator_principal(), &name)
                     .await
                     .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
                 json!(state)
             } else {
-                let client = ApiClient::new(&api)?;
+                let client = ApiClient::new(&via.api)?;
                 let path = format!("/v1/tokens/{name}/revoke");
                 client.call(client.http.post(client.url(&path))).await?
             };

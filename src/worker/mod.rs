@@ -2,8 +2,10 @@
 //! the API, and runs each attempt as a child process ([`process`]), streaming every
 //! line to the logs topic through the [`LogWriter`].
 //!
-//! The agent appends its own worker events (`registered`, `heartbeat`, `draining`) to
-//! the workers topic. It reports attempts to the API (`start`, `finish`), which appends
+//! The agent posts its own worker events (`registered`, `heartbeat`, `draining`) to the
+//! API, which checks that its token may act as this worker and appends them to the
+//! workers topic (so a worker needs to write only the logs topic on Kafka). It reports
+//! attempts to the API (`start`, `finish`), which appends
 //! the task events with the task's next seq and retries a lost seq race; a report the
 //! fold no longer accepts (the attempt was cancelled or reassigned meanwhile) answers
 //! 409, and the agent stops the process.
@@ -208,6 +210,14 @@ pub async fn projects_for_token(
     })
 }
 
+/// Whether `e` is a failure to reach the API (worth waiting out), not a refusal.
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<reqwest::Error>()
+            .is_some_and(|r| r.is_connect() || r.is_timeout())
+    })
+}
+
 /// The headers that carry the worker's token to the API (none without one).
 fn authorization(token: Option<&str>) -> anyhow::Result<reqwest::header::HeaderMap> {
     let mut headers = reqwest::header::HeaderMap::new();
@@ -261,7 +271,6 @@ type AttemptKey = (Uuid, u32);
 /// What the agent shares between its loops.
 struct Agent {
     options: WorkerOptions,
-    appender: Appender,
     writer: LogWriter,
     http: reqwest::Client,
     incarnation: Mutex<String>,
@@ -320,13 +329,9 @@ pub async fn run_until(
         "worker name {:?} is not valid: use letters, digits and ._:@- (up to 256)",
         options.name
     );
-    let writer = LogWriter::new(
-        appender.clone(),
-        LogWriterOptions::new(&options.topics.logs),
-    );
+    let writer = LogWriter::new(appender, LogWriterOptions::new(&options.topics.logs));
     let agent = Arc::new(Agent {
         writer,
-        appender,
         http: reqwest::Client::builder()
             .timeout(options.poll_wait + Duration::from_secs(15))
             .default_headers(authorization(options.token.as_deref())?)
@@ -551,18 +556,58 @@ impl Agent {
         self.running.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    /// Appends one of its own events through the API (`POST /v1/workers/{id}/events`),
+    /// which checks that the agent's token may act as this worker and for its projects.
     async fn append_worker_event(&self, payload: WorkerPayload) -> anyhow::Result<()> {
-        let event = WorkerEvent::new(&self.options.source, &self.options.name, payload).encode();
-        self.appender
-            .append(&self.options.topics.workers, &event)
+        let event = WorkerEvent::new(&self.options.source, &self.options.name, payload);
+        let url = format!(
+            "{}/v1/workers/{}/events",
+            self.options.api_url.trim_end_matches('/'),
+            self.options.name
+        );
+        let body = json!({
+            "type": event.payload.event_type().as_str(),
+            "data": event.data(),
+            "source": self.options.source,
+        });
+        let response = self
+            .http
+            .post(&url)
+            .timeout(Duration::from_secs(15))
+            .json(&body)
+            .send()
             .await
-            .with_context(|| format!("append {}", event.event_type))?;
+            .with_context(|| format!("post {}", event.payload.event_type().as_str()))?;
+        let status = response.status();
+        if !status.is_success() {
+            let answer: Value = response.json().await.unwrap_or(Value::Null);
+            anyhow::bail!(
+                "the API refused {} ({status}): {}",
+                event.payload.event_type().as_str(),
+                answer["error"]["message"]
+                    .as_str()
+                    .unwrap_or("no reason given")
+            );
+        }
         Ok(())
     }
 
+    /// Registers, waiting (up to a minute) for the API to answer.
     async fn register(&self) -> anyhow::Result<()> {
-        self.append_worker_event(WorkerPayload::Registered(self.info()))
-            .await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self
+                .append_worker_event(WorkerPayload::Registered(self.info()))
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if Instant::now() < deadline && is_unreachable(&e) => {
+                    tracing::info!(error = %format!("{e:#}"), "worker: waiting for the API to register");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         tracing::info!(worker = %self.options.name, incarnation = %self.incarnation(), "worker: registered");
         Ok(())
     }

@@ -902,6 +902,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits (up to a minute) until the tasklog at `url` answers `/readyz`.
+pub async fn wait_ready(what: &str, url: &str) {
+    let probe = format!("{url}/readyz");
+    eventually(&format!("{what} ready"), Duration::from_secs(60), || {
+        let probe = &probe;
+        async move {
+            let r = reqwest::get(probe).await.ok()?;
+            r.status().is_success().then_some(())
+        }
+    })
+    .await;
+}
+
 /// `tasklog server` on a free port. Without `TASKLOG_AUTH` in `extra_env` it runs with
 /// `--auth off` (for tests about something else that call it with clients of their
 /// own); [`Stack`] runs its server with tokens.

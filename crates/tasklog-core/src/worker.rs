@@ -159,6 +159,18 @@ pub enum WorkerPayload {
     },
 }
 
+impl WorkerPayload {
+    /// The worker's description it carries, if any.
+    pub fn info(&self) -> Option<&WorkerInfo> {
+        match self {
+            WorkerPayload::Registered(info) | WorkerPayload::Heartbeat(info) => Some(info),
+            WorkerPayload::Draining { last_known } | WorkerPayload::Lost { last_known, .. } => {
+                last_known.as_deref().map(|l| &l.info)
+            }
+        }
+    }
+}
+
 /// The data of `draining` and `lost`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct EndingData {
@@ -245,6 +257,27 @@ impl WorkerEvent {
             &self.worker_id,
             &self.data(),
         )
+    }
+
+    /// A new event (fresh `ce_id`, the current time) of type `type_name` with `data`,
+    /// checked as the projector would check it on the log (schema, `data.worker_id`).
+    pub fn from_data(
+        source: &str,
+        worker_id: &str,
+        type_name: &str,
+        data: &Value,
+    ) -> Result<WorkerEvent, Rejection> {
+        let event_type = WorkerEventType::parse(type_name)
+            .ok_or_else(|| Rejection::UnknownType(type_name.to_string()))?;
+        let encoded = EncodedEvent::keyed(
+            &Uuid::now_v7().to_string(),
+            source,
+            event_type.as_str(),
+            Utc::now(),
+            worker_id,
+            data,
+        );
+        WorkerEvent::decode(&encoded.as_record())
     }
 
     /// Decodes and validates a record of the workers topic.
