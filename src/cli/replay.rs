@@ -161,7 +161,9 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
 
 async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     use crate::consistency::{Projections, Targets};
-    use crate::store::{LOG_INDEX_CHANNEL, PROJECTION_CHANNEL, SERVICES_CHANNEL, WORKERS_CHANNEL};
+    use crate::store::{
+        LOG_INDEX_CHANNEL, PROJECTION_CHANNEL, SERVICES_CHANNEL, TOKENS_CHANNEL, WORKERS_CHANNEL,
+    };
 
     anyhow::ensure!(
         args.target.trim() != args.live.trim(),
@@ -181,6 +183,7 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
         &topics.events,
         &topics.workers,
         &topics.services,
+        &topics.auth,
         &topics.logs,
     ] {
         for (partition, (low, high)) in crate::kafka::watermarks(&args.kafka.brokers, topic)
@@ -198,9 +201,26 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
             PROJECTION_CHANNEL,
             WORKERS_CHANNEL,
             SERVICES_CHANNEL,
+            TOKENS_CHANNEL,
             LOG_INDEX_CHANNEL,
         ],
     );
+    // Token hashes are not on the log (auditors read it): they come from the live
+    // database, so that the tokens keep working against the rebuilt one.
+    match crate::store::Store::connect(&args.live, 2) {
+        Ok(live) => match store.copy_credentials_from(&live).await {
+            Ok(n) => eprintln!(
+                "tasklog replay rebuild: {n} token credential(s) copied from the live database"
+            ),
+            Err(e) => eprintln!(
+                "tasklog replay rebuild: WARNING: token credentials not copied from the live database ({e}); \
+                 tokens will not authenticate against the rebuilt one until they are"
+            ),
+        },
+        Err(e) => eprintln!(
+            "tasklog replay rebuild: WARNING: live database unusable ({e}); token credentials not copied"
+        ),
+    }
     let mut options = crate::projector::ProjectorOptions::new(&args.kafka.brokers, topics);
     // A group of its own, so that the live projector keeps its partitions; named after
     // the target without revealing its URL (which may hold a password).

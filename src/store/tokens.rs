@@ -31,6 +31,33 @@ impl Store {
         Ok(())
     }
 
+    /// Copies every token credential `source` has that this store lacks (a rebuild into
+    /// a new database: the hashes are not on the log); returns how many it copied.
+    pub async fn copy_credentials_from(&self, source: &Store) -> Result<u64, StoreError> {
+        let rows = source
+            .client()
+            .await?
+            .query(
+                "SELECT token_id, hash, created_at FROM token_credentials",
+                &[],
+            )
+            .await
+            .map_err(ctx("read token credentials"))?;
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+        let hashes: Vec<Vec<u8>> = rows.iter().map(|r| r.get(1)).collect();
+        let created: Vec<chrono::DateTime<chrono::Utc>> = rows.iter().map(|r| r.get(2)).collect();
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO token_credentials (token_id, hash, created_at)
+                 SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::timestamptz[])
+                 ON CONFLICT DO NOTHING",
+                &[&ids, &hashes, &created],
+            )
+            .await
+            .map_err(ctx("copy token credentials"))
+    }
+
     /// Every token the projection has, revoked ones too, by name.
     pub async fn tokens(&self) -> Result<Vec<TokenState>, StoreError> {
         let rows = self
