@@ -369,6 +369,9 @@ struct Planner<'a> {
     /// Groups of the workers that can run tasks of one (labels, project) requirement.
     groups: Vec<LabelGroup>,
     group_by_labels: HashMap<(&'a BTreeMap<String, String>, &'a str), usize>,
+    /// The group of the last task that required no labels, by its project: most tasks
+    /// require none and share a project, so most lookups end here without hashing.
+    last_unlabelled: Option<(&'a str, usize)>,
     /// Dimension-wise maximum free capacity over unreserved slots.
     max_unreserved_free: Capacity,
     unreserved_count: usize,
@@ -392,6 +395,7 @@ impl<'a> Planner<'a> {
             slots,
             groups: Vec::new(),
             group_by_labels: HashMap::new(),
+            last_unlabelled: None,
             max_unreserved_free: Capacity::ZERO,
         };
         planner.refresh_max_unreserved_free();
@@ -422,13 +426,25 @@ impl<'a> Planner<'a> {
     }
 
     fn group_for(&mut self, required: &'a BTreeMap<String, String>, project: &'a str) -> usize {
-        if let Some(&index) = self.group_by_labels.get(&(required, project)) {
+        if required.is_empty()
+            && let Some((last, index)) = self.last_unlabelled
+            && last == project
+        {
             return index;
         }
-        let group = self.build_group(required, project);
-        self.groups.push(group);
-        let index = self.groups.len() - 1;
-        self.group_by_labels.insert((required, project), index);
+        let index = match self.group_by_labels.get(&(required, project)) {
+            Some(&index) => index,
+            None => {
+                let group = self.build_group(required, project);
+                self.groups.push(group);
+                let index = self.groups.len() - 1;
+                self.group_by_labels.insert((required, project), index);
+                index
+            }
+        };
+        if required.is_empty() {
+            self.last_unlabelled = Some((project, index));
+        }
         index
     }
 
