@@ -39,6 +39,8 @@ ensure_toolchain() {
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
     dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
     dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+    # scripts/kafka --tls-port makes the test broker's certificates with it.
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 
