@@ -208,10 +208,7 @@ impl InProcess {
 
     /// An HTTP client built by `builder` that sends the admin token.
     fn client(&self, builder: reqwest::ClientBuilder) -> anyhow::Result<reqwest::Client> {
-        let mut headers = reqwest::header::HeaderMap::new();
-        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", self.token))?;
-        value.set_sensitive(true);
-        headers.insert(reqwest::header::AUTHORIZATION, value);
+        let headers = crate::worker::bearer_headers(Some(&self.token))?;
         Ok(builder.default_headers(headers).build()?)
     }
 

@@ -20,13 +20,7 @@ pub struct ApiClient {
 impl ApiClient {
     /// A client for the API at `args.url`.
     pub fn new(args: &ApiArgs) -> anyhow::Result<ApiClient> {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(token) = super::tokens::client_token(args) {
-            headers.insert(
-                reqwest::header::AUTHORIZATION,
-                super::tokens::bearer(&token)?,
-            );
-        }
+        let headers = crate::worker::bearer_headers(super::tokens::client_token(args).as_deref())?;
         Ok(ApiClient {
             base: args.url.trim_end_matches('/').to_string(),
             http: reqwest::Client::builder()

@@ -140,13 +140,17 @@ pub fn write_token_file(path: &Path, token: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// This host's name (`localhost` when it has none to give).
+fn host() -> String {
+    hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
 /// Who an operator command acts as: `operator:<user>@<host>`.
 pub fn operator_principal() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let host = hostname::get()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "localhost".into());
-    format!("operator:{user}@{host}")
+    format!("operator:{user}@{}", host())
 }
 
 /// A token desk over the database and broker of this host (no API involved).
@@ -310,10 +314,7 @@ pub async fn ensure_local_admin(
         // replaced by a new one.
         std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     }
-    let host = hostname::get()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "localhost".into());
-    let host: String = host
+    let host: String = host()
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
         .collect();
@@ -341,13 +342,4 @@ pub async fn ensure_local_admin(
         })?;
     write_token_file(&path, &issued.token)?;
     Ok((issued.token, path, true))
-}
-
-/// The `Authorization` header value for `token`, marked sensitive (kept out of debug
-/// output).
-pub fn bearer(token: &str) -> anyhow::Result<reqwest::header::HeaderValue> {
-    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-        .context("the token holds characters a header cannot")?;
-    value.set_sensitive(true);
-    Ok(value)
 }

@@ -161,7 +161,7 @@ pub async fn projects_for_token(
 ) -> anyhow::Result<Vec<String>> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
-        .default_headers(authorization(Some(token))?)
+        .default_headers(bearer_headers(Some(token))?)
         .build()?;
     let url = format!("{}/v1/whoami", api_url.trim_end_matches('/'));
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -218,12 +218,14 @@ fn is_unreachable(e: &anyhow::Error) -> bool {
     })
 }
 
-/// The headers that carry the worker's token to the API (none without one).
-fn authorization(token: Option<&str>) -> anyhow::Result<reqwest::header::HeaderMap> {
+/// The headers that carry a token to the API (none without one), marked sensitive so
+/// that debug output leaves it out. The worker agent, the CLI and the benchmarks all
+/// send their tokens with these.
+pub fn bearer_headers(token: Option<&str>) -> anyhow::Result<reqwest::header::HeaderMap> {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(token) = token {
         let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-            .context("the worker's token holds characters a header cannot")?;
+            .context("the token holds characters a header cannot")?;
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
@@ -334,7 +336,7 @@ pub async fn run_until(
         writer,
         http: reqwest::Client::builder()
             .timeout(options.poll_wait + Duration::from_secs(15))
-            .default_headers(authorization(options.token.as_deref())?)
+            .default_headers(bearer_headers(options.token.as_deref())?)
             .build()?,
         incarnation: Mutex::new(new_incarnation()),
         running: Mutex::new(HashMap::new()),
