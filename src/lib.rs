@@ -24,6 +24,7 @@ pub use tasklog_core as events;
 pub mod kafka;
 pub mod logs;
 pub mod metrics;
+pub mod otlp;
 pub mod projector;
 pub mod replay;
 pub mod scheduler;

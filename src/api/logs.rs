@@ -603,6 +603,7 @@ struct PostedLine {
 pub async fn post_logs(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    trace: super::traces::RequestTrace,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
     body: Bytes,
@@ -671,15 +672,24 @@ pub async fn post_logs(
     if let Some(quota) = task.task.spec.log_quota_bytes().ok().flatten() {
         state.log_writer.set_quota(task_id, attempt, quota);
     }
+    // The lines carry the caller's span, or the task's trace.
+    let traceparent = trace
+        .parent
+        .or(task.task.traceparent)
+        .map(|t| t.to_string());
     let mut pending = Vec::with_capacity(lines.len());
     let mut appended = 0usize;
     let mut dropped = 0usize;
     let (mut first, mut last) = (None, None);
     for l in &lines {
-        let (written, p) =
-            state
-                .log_writer
-                .write(task_id, attempt, l.stream, l.text.as_bytes(), l.time, None);
+        let (written, p) = state.log_writer.write(
+            task_id,
+            attempt,
+            l.stream,
+            l.text.as_bytes(),
+            l.time,
+            traceparent.as_deref(),
+        );
         match written {
             crate::logs::writer::Written::Line(n) => {
                 appended += 1;

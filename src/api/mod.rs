@@ -17,6 +17,7 @@ pub mod routes;
 mod services;
 mod tasks;
 pub mod tokens;
+pub mod traces;
 mod transition;
 mod workers;
 

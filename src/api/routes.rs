@@ -9,7 +9,8 @@ use axum::handler::Handler;
 use axum::routing::{MethodFilter, MethodRouter, on};
 
 use super::{
-    AppState, audit, healthz, logs, metrics_text, openapi, readyz, services, tasks, tokens, workers,
+    AppState, audit, healthz, logs, metrics_text, openapi, readyz, services, tasks, tokens, traces,
+    workers,
 };
 use crate::events::auth::Access;
 
@@ -76,6 +77,7 @@ fn table() -> Vec<Route> {
         at(Get, "/v1/tasks/{id}", Read, tasks::get_task),
         at(Get, "/v1/tasks/{id}/events", Read, tasks::events),
         at(Get, "/v1/tasks/{id}/audit", Read, audit::task_audit),
+        at(Get, "/v1/traces/{trace_id}", Read, traces::get_trace),
         at(Post, "/v1/tasks/{id}/cancel", Write, tasks::cancel),
         at(
             Post,

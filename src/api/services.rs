@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::Caller;
+use super::traces::RequestTrace;
 use super::transition::{Confirmation, Decision, append_and_confirm, transition};
 use super::{ApiError, AppState, JsonBody};
 use crate::events::auth::Principal;
@@ -19,6 +20,7 @@ use crate::events::service::{
     MAX_REPLICAS, ServiceEvent, ServiceLifecycle, ServicePayload, ServiceSpec, ServiceState,
     ServiceStatus, derive_status, latest_replicas, replica_ready, valid_service_name,
 };
+use crate::events::trace::TraceContext;
 use crate::events::{Payload, TaskSpec, TaskStatus};
 use crate::store::{EventOutcome, TaskRecord};
 
@@ -89,10 +91,11 @@ async fn append_service(
     caller: &Principal,
     name: &str,
     payload: ServicePayload,
+    span: Option<TraceContext>,
 ) -> Result<Option<Response>, ApiError> {
-    let event = ServiceEvent::new(&state.options.source, name, payload)
-        .encode()
-        .with_principal(&caller.name);
+    let mut event = ServiceEvent::new(&state.options.source, name, payload);
+    event.traceparent = span;
+    let event = event.encode().with_principal(&caller.name);
     let topic = &state.options.topics.services;
     match append_and_confirm(state, topic, std::slice::from_ref(&event)).await? {
         Confirmation::Pending(at) => Ok(Some(
@@ -187,6 +190,7 @@ fn view_of(service: &ServiceState, replicas: &[TaskRecord]) -> Value {
 pub async fn create(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    trace: RequestTrace,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let body: CreateBody =
@@ -210,14 +214,25 @@ pub async fn create(
             format!("service {} is {}", body.name, existing.lifecycle.as_str()),
         ));
     }
-    if let Some(pending) = append_service(
+    // The service's span: its replicas' submissions are children of it.
+    let span = trace.span();
+    let appended = append_service(
         &state,
         &caller,
         &body.name,
         ServicePayload::Created(Box::new(spec)),
+        Some(span),
     )
-    .await?
-    {
+    .await;
+    trace.export(
+        "create service",
+        span,
+        trace.parent,
+        vec![("tasklog.service", body.name.clone())],
+        appended.as_ref().err().map(|e| e.message.clone()),
+    );
+    if let Some(mut pending) = appended? {
+        super::traces::tell(&mut pending, &span);
         return Ok(pending);
     }
     let service = state
@@ -285,6 +300,7 @@ pub async fn get_service(
 pub async fn scale(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    trace: RequestTrace,
     Path(name): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
@@ -307,6 +323,7 @@ pub async fn scale(
         &caller,
         &service.name,
         ServicePayload::Scaled { replicas },
+        trace.parent.or(service.traceparent),
     )
     .await?
     {
@@ -320,6 +337,7 @@ pub async fn scale(
 pub async fn stop(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    trace: RequestTrace,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let service = load_current(&state, &caller, &name).await?;
@@ -334,6 +352,7 @@ pub async fn stop(
         &caller,
         &service.name,
         ServicePayload::StopRequested,
+        trace.parent.or(service.traceparent),
     )
     .await?
     {
@@ -351,11 +370,12 @@ pub async fn stop(
 pub async fn ready(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    trace: RequestTrace,
     Path((id, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let attempt = parse_attempt(&n)?;
-    transition(&state, &caller, id, |task| {
+    transition(&state, &caller, id, trace.parent, |task| {
         super::workers::reporter_may_report(&caller, task)?;
         if task.state != TaskStatus::Running || task.attempt != attempt {
             return Err(ApiError::conflict(

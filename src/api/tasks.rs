@@ -16,12 +16,14 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::auth::Caller;
+use super::traces::{RequestTrace, tell};
 use super::transition::{Decision, Outcome, transition};
 use super::{ApiError, AppState, JsonBody};
 use crate::consistency::Targets;
 use crate::events::auth::Principal;
 use crate::events::{
     EncodedEvent, Event, EventType, Payload, ReasonData, TaskSpec, TaskStatus, idempotency,
+    trace::TraceContext,
 };
 use crate::kafka::{Appended, partition_for_key};
 use crate::store::{TaskFilter, TaskRecord};
@@ -48,6 +50,7 @@ fn prepare(
     caller: &Principal,
     body: Value,
     header_key: Option<&str>,
+    span: &TraceContext,
 ) -> Result<Prepared, ApiError> {
     let Value::Object(mut object) = body else {
         return Err(ApiError::bad_request(
@@ -93,7 +96,10 @@ fn prepare(
             spec: std::sync::Arc::new(spec.clone()),
         },
     );
-    let encoded = event.encode().with_principal(&caller.name);
+    let encoded = event
+        .encode()
+        .with_principal(&caller.name)
+        .with_traceparent(Some(span));
     if encoded.payload.len() > MAX_EVENT_BYTES {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -190,6 +196,7 @@ fn remember(state: &AppState, p: &Prepared, response: &Value) {
 pub async fn submit(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    trace: RequestTrace,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
@@ -202,7 +209,9 @@ pub async fn submit(
             )
         })?),
     };
-    let prepared = prepare(&state, &caller, body, header_key)?;
+    let mut span = trace.span();
+    let mut parent = trace.parent;
+    let mut prepared = prepare(&state, &caller, body, header_key, &span)?;
     let stored = if prepared.keyed {
         state.store.task(prepared.id).await?
     } else {
@@ -223,21 +232,48 @@ pub async fn submit(
     if !missing.is_empty() {
         return Err(unknown_dependencies(&missing));
     }
+    // A dependent task submitted without a trace of its own continues the trace of the
+    // first task it waits for.
+    if trace.parent.is_none()
+        && let Some(first) = prepared.spec.after.first()
+        && let Some(inherited) = state
+            .store
+            .task(*first)
+            .await?
+            .and_then(|r| r.task.traceparent)
+    {
+        parent = Some(inherited);
+        span = inherited.child();
+        prepared.encoded = prepared.encoded.with_traceparent(Some(&span));
+    }
     let result = state
         .appender
         .append(&state.options.topics.events, &prepared.encoded)
         .await;
     crate::consistency::count_append(EventType::Submitted.as_str(), &result);
+    trace.export(
+        "submit",
+        span,
+        parent,
+        vec![
+            ("tasklog.task_id", prepared.id.to_string()),
+            ("tasklog.project", prepared.spec.project().to_string()),
+        ],
+        result.as_ref().err().map(ToString::to_string),
+    );
     let at = result?;
     let body = accepted(prepared.id, prepared.initial_state, 1, at);
     remember(&state, &prepared, &body);
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    tell(&mut response, &span);
+    Ok(response)
 }
 
 /// `POST /v1/tasks/batch` with `{"tasks": [...]}`: one result per item, in order.
 pub async fn submit_batch(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    trace: RequestTrace,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let items = match body {
@@ -264,9 +300,11 @@ pub async fn submit_batch(
         ));
     }
 
+    // One span for the batch, one under it for each task.
+    let batch_span = trace.span();
     let prepared: Vec<Result<Prepared, ApiError>> = items
         .into_iter()
-        .map(|item| prepare(&state, &caller, item, None))
+        .map(|item| prepare(&state, &caller, item, None, &batch_span.child()))
         .collect();
     let keyed_ids: Vec<Uuid> = prepared
         .iter()
@@ -359,6 +397,15 @@ pub async fn submit_batch(
     for ((i, p), pending) in to_send.iter().zip(pending) {
         let result = pending.await;
         crate::consistency::count_append(EventType::Submitted.as_str(), &result);
+        if let Some(span) = p.encoded.traceparent() {
+            trace.export(
+                "submit",
+                span,
+                Some(batch_span),
+                vec![("tasklog.task_id", p.id.to_string())],
+                result.as_ref().err().map(ToString::to_string),
+            );
+        }
         results[*i] = Some(match result {
             Ok(at) => {
                 let v = accepted(p.id, p.initial_state, 1, at);
@@ -383,7 +430,14 @@ pub async fn submit_batch(
         .map(|r| r.unwrap_or(Value::Null))
         .collect();
     let failed = results.iter().filter(|r| r.get("error").is_some()).count();
-    Ok((
+    trace.export(
+        "submit batch",
+        batch_span,
+        trace.parent,
+        vec![("tasklog.tasks", results.len().to_string())],
+        None,
+    );
+    let mut response = (
         StatusCode::ACCEPTED,
         Json(json!({
             "accepted": results.len() - failed,
@@ -391,7 +445,9 @@ pub async fn submit_batch(
             "results": results,
         })),
     )
-        .into_response())
+        .into_response();
+    tell(&mut response, &batch_span);
+    Ok(response)
 }
 
 /// The ids in `after` (unique: the spec schema says so) that name no task, once the
@@ -764,6 +820,7 @@ pub async fn events(
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    trace: RequestTrace,
     Path(id): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
@@ -773,7 +830,7 @@ pub async fn cancel(
         reason: reason.reason.or_else(|| Some("user_requested".into())),
         message: reason.message,
     };
-    let outcome = transition(&state, &caller, id, |task| {
+    let outcome = transition(&state, &caller, id, trace.parent, |task| {
         caller.may_reach(task.spec.project())?;
         if task.state.is_terminal() {
             return Err(ApiError::conflict(

@@ -15,6 +15,7 @@ use super::AppState;
 use super::error::ApiError;
 use crate::consistency::append_and_wait;
 use crate::events::auth::Principal;
+use crate::events::trace::TraceContext;
 use crate::events::{EncodedEvent, Event, Payload, TaskState};
 use crate::kafka::Appended;
 use crate::store::{EventOutcome, TaskRecord};
@@ -45,10 +46,14 @@ pub enum Outcome {
 
 /// Runs a command of `caller` (recorded on every event it appends) on task `id`:
 /// `decide` sees the current state and says what to append (or refuses with an error). Retries when the append loses a seq race.
+///
+/// The events carry `span` as their `ce_traceparent` — the span that caused them (a
+/// request's, a worker's attempt) — or, without one, the task's own trace.
 pub async fn transition(
     state: &Arc<AppState>,
     caller: &Principal,
     id: Uuid,
+    span: Option<TraceContext>,
     mut decide: impl FnMut(&TaskState) -> Result<Decision, ApiError>,
 ) -> Result<Outcome, ApiError> {
     // Decide on everything the log holds about the task, not on a projection a few
@@ -64,6 +69,7 @@ pub async fn transition(
             Decision::Append(p) => p,
         };
         let source = &state.options.source;
+        let span = span.or(record.task.traceparent);
         let to_append: Vec<_> = payloads
             .into_iter()
             .enumerate()
@@ -71,6 +77,7 @@ pub async fn transition(
                 Event::new(source, id, record.task.seq + 1 + i as u64, p)
                     .encode()
                     .with_principal(&caller.name)
+                    .with_traceparent(span.as_ref())
             })
             .collect();
         if to_append.is_empty() {

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::auth::Caller;
+use super::traces::RequestTrace;
 use super::transition::{Decision, Outcome, transition};
 use super::{ApiError, AppState, JsonBody};
 use crate::events::auth::{Principal, Role};
@@ -116,6 +117,7 @@ fn assignment(task: &TaskState) -> Value {
         "cancel_requested": task.cancel_requested,
         "reason": task.reason,
         "spec": task.spec,
+        "traceparent": task.traceparent,
     })
 }
 
@@ -335,6 +337,7 @@ fn respond(outcome: Outcome) -> Response {
 pub async fn start(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    trace: RequestTrace,
     Path((id, n)): Path<(String, String)>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
@@ -343,7 +346,7 @@ pub async fn start(
     let report: StartReport = parse_body(body)?;
     checked_worker_id(&report.worker_id)?;
     caller.may_act_as_worker(&report.worker_id)?;
-    let outcome = transition(&state, &caller, id, |task| {
+    let outcome = transition(&state, &caller, id, trace.parent, |task| {
         reporter_may_report(&caller, task)?;
         let ours = task.attempt == attempt && task.worker_id.as_deref() == Some(&report.worker_id);
         match task.state {
@@ -367,6 +370,7 @@ pub async fn start(
 pub async fn finish(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    trace: RequestTrace,
     Path((id, n)): Path<(String, String)>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
@@ -374,7 +378,7 @@ pub async fn finish(
     let attempt = parse_attempt(&n)?;
     let report: FinishReport = parse_body(body)?;
     super::tasks::check_reason(report.reason.as_deref(), report.message.as_deref())?;
-    let outcome = transition(&state, &caller, id, |task| {
+    let outcome = transition(&state, &caller, id, trace.parent, |task| {
         reporter_may_report(&caller, task)?;
         if task.attempt != attempt {
             return Err(not_current(task, attempt));

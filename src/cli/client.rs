@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::{
     ApiArgs, CancelArgs, EventsArgs, GetArgs, LogsArgs, LsArgs, RunArgs, ServiceCommand,
-    SubmitArgs, WorkersArgs,
+    SubmitArgs, TraceArgs, WorkersArgs,
 };
 
 /// A thin JSON client for the API.
@@ -17,10 +17,20 @@ pub struct ApiClient {
     pub http: reqwest::Client,
 }
 
+use crate::events::trace::{TraceContext, parse_trace_id};
+
 impl ApiClient {
     /// A client for the API at `args.url`.
     pub fn new(args: &ApiArgs) -> anyhow::Result<ApiClient> {
-        let headers = crate::worker::bearer_headers(super::tokens::client_token(args).as_deref())?;
+        let mut headers =
+            crate::worker::bearer_headers(super::tokens::client_token(args).as_deref())?;
+        // Inside a traced process (a task's, whose TRACEPARENT the worker sets), what the
+        // CLI submits joins that trace.
+        if let Some(parent) = TraceContext::read(std::env::var("TRACEPARENT").ok().as_deref())
+            && let Ok(value) = reqwest::header::HeaderValue::from_str(&parent.to_string())
+        {
+            headers.insert("traceparent", value);
+        }
         Ok(ApiClient {
             base: args.url.trim_end_matches('/').to_string(),
             http: reqwest::Client::builder()
@@ -297,6 +307,78 @@ pub(super) async fn events(args: EventsArgs) -> anyhow::Result<()> {
             e["time"].as_str().unwrap_or(""),
             format!("{}:{}", e["partition"], e["offset"]),
             e["source"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn trace(args: TraceArgs) -> anyhow::Result<()> {
+    let client = ApiClient::new(&args.api)?;
+    // A task id stands for the trace it was submitted in.
+    let trace_id = match uuid::Uuid::parse_str(&args.id) {
+        Ok(task) if parse_trace_id(&args.id).is_none() => {
+            let body = client
+                .call(client.http.get(client.url(&format!("/v1/tasks/{task}"))))
+                .await?;
+            let Some(tp) = body["traceparent"]
+                .as_str()
+                .and_then(|t| TraceContext::parse(t).ok())
+            else {
+                bail!("task {task} was submitted without a trace context");
+            };
+            tp.trace_id_hex()
+        }
+        _ => args.id.clone(),
+    };
+    let body = client
+        .call(
+            client
+                .http
+                .get(client.url(&format!("/v1/traces/{trace_id}"))),
+        )
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    println!("trace {trace_id}");
+    println!(
+        "{:<36}  {:<10}  {:>10}  {:>10}  {:>8}  {:<27}  NAME",
+        "TASK", "STATE", "QUEUED ms", "RUN ms", "ATTEMPTS", "SUBMITTED"
+    );
+    let ms = |v: &Value| {
+        v.as_i64()
+            .map_or_else(|| "-".to_string(), |n| n.to_string())
+    };
+    for t in body["tasks"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "{:<36}  {:<10}  {:>10}  {:>10}  {:>8}  {:<27}  {}",
+            t["task_id"].as_str().unwrap_or(""),
+            t["state"].as_str().unwrap_or(""),
+            ms(&t["queue_wait_ms"]),
+            ms(&t["run_ms"]),
+            t["attempts"],
+            t["submitted_at"].as_str().unwrap_or(""),
+            t["name"].as_str().unwrap_or(""),
+        );
+    }
+    println!();
+    println!(
+        "{:<27}  {:<36}  {:>4}  {:<26}  {:>9}  SPAN",
+        "TIME", "TASK", "SEQ", "TYPE", "P:OFFSET"
+    );
+    for e in body["events"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "{:<27}  {:<36}  {:>4}  {:<26}  {:>9}  {}",
+            e["time"].as_str().unwrap_or(""),
+            e["task_id"].as_str().unwrap_or(""),
+            e["seq"],
+            e["type"]
+                .as_str()
+                .unwrap_or("")
+                .trim_start_matches("dev.tasklog.task."),
+            format!("{}:{}", e["partition"], e["offset"]),
+            e["span_id"].as_str().unwrap_or(""),
         );
     }
     Ok(())

@@ -61,6 +61,9 @@ enum Command {
     Ls(LsArgs),
     /// Show a task's event history.
     Events(EventsArgs),
+    /// Show every event of a trace across tasks, with each task's timing (a trace id,
+    /// or a task id for the trace it was submitted in).
+    Trace(TraceArgs),
     /// Cancel a task.
     Cancel(CancelArgs),
     /// Print a task's log lines (from Kafka, paged by offset cursors).
@@ -438,6 +441,17 @@ struct EventsArgs {
 }
 
 #[derive(Debug, Args)]
+struct TraceArgs {
+    /// Trace id (32 hex characters), or a task id.
+    id: String,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
 struct CancelArgs {
     /// Task id.
     id: String,
@@ -486,6 +500,25 @@ enum BenchCommand {
 /// Parses the command line and runs it. Returns the process exit code.
 pub async fn run() -> i32 {
     let cli = Cli::parse();
+    // The roles export spans when an OTLP endpoint is configured.
+    let role = match &cli.command {
+        Command::Up(_) => Some("tasklog"),
+        Command::Server(_) => Some("tasklog-api"),
+        Command::Projector(_) => Some("tasklog-projector"),
+        Command::Scheduler(_) => Some("tasklog-scheduler"),
+        Command::Worker(_) => Some("tasklog-worker"),
+        _ => None,
+    };
+    if let Some(role) = role {
+        match crate::otlp::init(role) {
+            Ok(true) => tracing::info!(service = role, "exporting spans over OTLP"),
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 1;
+            }
+        }
+    }
     let result = match cli.command {
         Command::Up(a) => servers::up(a).await,
         Command::DevBroker(a) => servers::dev_broker(a).await,
@@ -512,6 +545,7 @@ pub async fn run() -> i32 {
         Command::Get(a) => client::get(a).await,
         Command::Ls(a) => client::ls(a).await,
         Command::Events(a) => client::events(a).await,
+        Command::Trace(a) => client::trace(a).await,
         Command::Cancel(a) => client::cancel(a).await,
         Command::Logs(a) => client::logs(a).await,
         Command::Replay(c) => replay::run(c).await,
@@ -522,6 +556,7 @@ pub async fn run() -> i32 {
         Command::Bench(BenchCommand::Schedule(a)) => crate::bench::schedule(a).await,
         Command::Bench(BenchCommand::Replay(a)) => crate::bench::replay(a).await,
     };
+    crate::otlp::shutdown();
     match result {
         Ok(()) => 0,
         Err(e) => {

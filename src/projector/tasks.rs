@@ -99,7 +99,35 @@ impl Projection for TaskProjection {
         for e in &write.events {
             m.events_applied.with_label_values(&[e.event_type]).inc();
         }
+        if crate::otlp::enabled() {
+            export_spans(&write.events);
+        }
         Ok(refusals)
+    }
+}
+
+/// One span per applied event that names its trace: from the event's time to its
+/// application, under the span that caused it.
+fn export_spans(events: &[AppliedEvent]) {
+    let now = std::time::SystemTime::now();
+    for e in events {
+        let Some(cause) = e.traceparent else {
+            continue;
+        };
+        let short = e.event_type.trim_start_matches("dev.tasklog.task.");
+        crate::otlp::export(
+            crate::otlp::Span::new(
+                format!("project {short}"),
+                cause.child(),
+                Some(cause),
+                crate::otlp::system_time(e.time).min(now),
+                now,
+            )
+            .kind(opentelemetry::trace::SpanKind::Consumer)
+            .attribute("tasklog.task_id", e.task_id.to_string())
+            .attribute("messaging.kafka.partition", i64::from(e.partition))
+            .attribute("messaging.kafka.offset", e.offset),
+        );
     }
 }
 

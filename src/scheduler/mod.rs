@@ -112,6 +112,8 @@ pub enum Action {
         task_id: Uuid,
         /// Its spec.
         spec: std::sync::Arc<TaskSpec>,
+        /// Its service's span: the submission is a span under it.
+        service_trace: Option<crate::events::trace::TraceContext>,
     },
     /// Append this event to a service.
     Service {
@@ -701,6 +703,7 @@ async fn control_services(store: &Store) -> Result<Vec<Action>, SchedulerError> 
         actions.extend(r.submit.into_iter().map(|(task_id, spec)| Action::Submit {
             task_id,
             spec: std::sync::Arc::new(spec),
+            service_trace: service.traceparent,
         }));
         actions.extend(r.service.into_iter().map(|payload| Action::Service {
             name: service.name.clone(),
@@ -723,9 +726,23 @@ async fn append(
     let mut service_events = Vec::new();
     for action in actions {
         match action {
-            Action::Submit { task_id, spec } => {
+            Action::Submit {
+                task_id,
+                spec,
+                service_trace,
+            } => {
+                let trace = service_trace.map(|parent| parent.child());
+                if let (Some(span), Some(parent)) = (trace, service_trace) {
+                    let now = std::time::SystemTime::now();
+                    crate::otlp::export(
+                        crate::otlp::Span::new("submit replica", span, Some(parent), now, now)
+                            .attribute("tasklog.task_id", task_id.to_string()),
+                    );
+                }
                 task_events.push(
-                    Event::new(&options.source, task_id, 1, Payload::Submitted { spec }).encode(),
+                    Event::new(&options.source, task_id, 1, Payload::Submitted { spec })
+                        .encode()
+                        .with_traceparent(trace.as_ref()),
                 );
             }
             Action::Service { name, payload } => {
@@ -740,12 +757,35 @@ async fn append(
                 seq,
                 payload,
             } => {
-                if let (Payload::Assigned { .. }, Some(t)) = (&payload, model.tasks.get(&task_id)) {
-                    let waited = Utc::now() - t.queued_at.unwrap_or(t.submitted_at);
+                let task = model.tasks.get(&task_id);
+                let mut span = task.and_then(|t| t.traceparent);
+                if let (Payload::Assigned { attempt, .. }, Some(t)) = (&payload, task) {
+                    let queued = t.queued_at.unwrap_or(t.submitted_at);
+                    let waited = Utc::now() - queued;
                     m.queue_wait
                         .observe(waited.num_milliseconds().max(0) as f64 / 1000.0);
+                    // The assignment ends the queue wait: a span of its own under the task's.
+                    if let Some(task_span) = t.traceparent {
+                        let wait = task_span.child();
+                        crate::otlp::export(
+                            crate::otlp::Span::new(
+                                "queue wait",
+                                wait,
+                                Some(task_span),
+                                crate::otlp::system_time(queued),
+                                std::time::SystemTime::now(),
+                            )
+                            .attribute("tasklog.task_id", task_id.to_string())
+                            .attribute("tasklog.attempt", i64::from(*attempt)),
+                        );
+                        span = Some(wait);
+                    }
                 }
-                task_events.push(Event::new(&options.source, task_id, seq + 1, payload).encode());
+                task_events.push(
+                    Event::new(&options.source, task_id, seq + 1, payload)
+                        .encode()
+                        .with_traceparent(span.as_ref()),
+                );
             }
             Action::WorkerLost {
                 worker_id,

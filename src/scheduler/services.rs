@@ -168,6 +168,7 @@ mod tests {
             updated_at: now,
             reason: None,
             message: None,
+            traceparent: None,
         }
     }
 

@@ -53,6 +53,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("migrations/0004_services.sql")),
     (5, include_str!("migrations/0005_auth.sql")),
     (6, include_str!("migrations/0006_projects.sql")),
+    (7, include_str!("migrations/0007_traces.sql")),
 ];
 
 /// Errors from the store, with context.
@@ -164,6 +165,39 @@ pub struct EventRecord {
     /// Who caused it (`ce_tasklogprincipal`), when it says.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub principal: Option<String>,
+    /// The trace it belongs to (`ce_traceparent`), when it says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// The span that caused it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
+}
+
+/// One event of a trace, from any task.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceEvent {
+    /// The task.
+    pub task_id: Uuid,
+    /// `ce_type`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Per-task sequence number.
+    pub seq: i64,
+    /// `ce_time`.
+    pub time: DateTime<Utc>,
+    /// `ce_source`.
+    pub source: String,
+    /// Who caused it, when it says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+    /// Kafka partition.
+    pub partition: i32,
+    /// Kafka offset.
+    pub offset: i64,
+    /// The trace.
+    pub trace_id: String,
+    /// The span that caused it.
+    pub span_id: String,
 }
 
 /// What became of an event, looked up by `ce_id`.
@@ -395,7 +429,8 @@ impl Store {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT type, seq, time, source, ce_id, partition, \"offset\", data, principal
+                "SELECT type, seq, time, source, ce_id, partition, \"offset\", data, principal,
+                        trace_id, span_id
                  FROM task_events WHERE task_id = $1 ORDER BY seq",
                 &[&id],
             )
@@ -413,6 +448,43 @@ impl Store {
                 offset: r.get(6),
                 data: r.get(7),
                 principal: r.get(8),
+                trace_id: r.get(9),
+                span_id: r.get(10),
+            })
+            .collect())
+    }
+
+    /// The events of trace `trace_id` (lowercase hex), across tasks, in order: event
+    /// time, then partition and offset. At most `limit`.
+    pub async fn trace_events(
+        &self,
+        trace_id: &str,
+        limit: i64,
+    ) -> Result<Vec<TraceEvent>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT task_id, type, seq, time, source, principal, partition, \"offset\",
+                        trace_id, span_id
+                 FROM task_events WHERE trace_id = $1
+                 ORDER BY time, partition, \"offset\" LIMIT $2",
+                &[&trace_id, &limit],
+            )
+            .await
+            .map_err(ctx("read a trace"))?;
+        Ok(rows
+            .iter()
+            .map(|r| TraceEvent {
+                task_id: r.get(0),
+                event_type: r.get(1),
+                seq: r.get(2),
+                time: r.get(3),
+                source: r.get(4),
+                principal: r.get(5),
+                partition: r.get(6),
+                offset: r.get(7),
+                trace_id: r.get(8),
+                span_id: r.get(9),
             })
             .collect())
     }

@@ -50,6 +50,8 @@ pub struct AppliedEvent {
     pub source: String,
     /// `ce_tasklogprincipal`.
     pub principal: Option<String>,
+    /// `ce_traceparent`.
+    pub traceparent: Option<crate::events::trace::TraceContext>,
     /// Kafka partition.
     pub partition: i32,
     /// Kafka offset.
@@ -69,6 +71,7 @@ impl AppliedEvent {
             time: event.envelope.time,
             source: event.envelope.source.clone(),
             principal: event.envelope.principal.clone(),
+            traceparent: event.envelope.traceparent,
             partition,
             offset,
             data,
@@ -612,7 +615,7 @@ async fn copy_events(tx: &Transaction<'_>, events: &[AppliedEvent]) -> Result<()
     let sink = tx
         .copy_in::<_, Bytes>(
             "COPY task_events (ce_id, task_id, seq, type, time, source, partition, \"offset\", data,
-                               principal)
+                               principal, trace_id, span_id)
              FROM STDIN (FORMAT binary)",
         )
         .await
@@ -628,12 +631,16 @@ async fn copy_events(tx: &Transaction<'_>, events: &[AppliedEvent]) -> Result<()
         Type::INT8,
         Type::JSON,
         Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
     ];
     let writer = BinaryCopyInWriter::new(sink, &types);
     let mut writer = std::pin::pin!(writer);
     for e in events {
         let data = RawJson(&e.data);
-        let values: [&(dyn ToSql + Sync); 10] = [
+        let trace_id = e.traceparent.map(|t| t.trace_id_hex());
+        let span_id = e.traceparent.map(|t| t.span_id_hex());
+        let values: [&(dyn ToSql + Sync); 12] = [
             &e.ce_id,
             &e.task_id,
             &e.seq,
@@ -644,6 +651,8 @@ async fn copy_events(tx: &Transaction<'_>, events: &[AppliedEvent]) -> Result<()
             &e.offset,
             &data,
             &e.principal,
+            &trace_id,
+            &span_id,
         ];
         writer
             .as_mut()

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
+use crate::events::trace::TraceContext;
 use crate::events::worker::{LastKnown, WorkerCapacity, WorkerEvent, WorkerInfo, WorkerPayload};
 use crate::events::{TaskSpec, TaskStatus};
 use crate::kafka::{Appender, Topics};
@@ -242,6 +243,9 @@ struct Assignment {
     #[serde(default)]
     reason: Option<String>,
     spec: TaskSpec,
+    /// The task's trace: the attempt is a span under it.
+    #[serde(default)]
+    traceparent: Option<TraceContext>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -745,9 +749,9 @@ impl Agent {
 
     /// Reports, in the background, how an attempt this process does not run ended.
     fn report_unrun(self: &Arc<Self>, a: &Assignment, body: Value) {
-        let (agent, task, attempt) = (self.clone(), a.task_id, a.attempt);
+        let (agent, task, attempt, trace) = (self.clone(), a.task_id, a.attempt, a.traceparent);
         self.spawn(async move {
-            agent.report(task, attempt, "finish", body).await;
+            agent.report(task, attempt, "finish", body, trace).await;
         });
     }
 
@@ -760,9 +764,17 @@ impl Agent {
         }
     }
 
-    /// Reports to the API; retries while the API is unreachable or failing (5xx), gives
-    /// up on a 4xx. Returns the HTTP status of the last answer, if any.
-    async fn report(&self, task: Uuid, attempt: u32, what: &str, body: Value) -> Option<u16> {
+    /// Reports to the API, as span `trace` (the events it causes carry it); retries
+    /// while the API is unreachable or failing (5xx), gives up on a 4xx. Returns the
+    /// HTTP status of the last answer, if any.
+    async fn report(
+        &self,
+        task: Uuid,
+        attempt: u32,
+        what: &str,
+        body: Value,
+        trace: Option<TraceContext>,
+    ) -> Option<u16> {
         let url = format!(
             "{}/v1/tasks/{task}/attempts/{attempt}/{what}",
             self.options.api_url.trim_end_matches('/')
@@ -770,7 +782,11 @@ impl Agent {
         let mut backoff = Duration::from_millis(100);
         let started = Instant::now();
         loop {
-            match self.http.post(&url).json(&body).send().await {
+            let mut request = self.http.post(&url).json(&body);
+            if let Some(trace) = &trace {
+                request = request.header("traceparent", trace.to_string());
+            }
+            match request.send().await {
                 Ok(r) if r.status().is_success() => return Some(r.status().as_u16()),
                 Ok(r) if r.status().is_client_error() => {
                     let status = r.status().as_u16();
@@ -797,11 +813,11 @@ impl Agent {
     /// Runs one attempt from spawn to reported outcome.
     async fn run_attempt(&self, a: Assignment, cancelled: oneshot::Receiver<()>) {
         let (task, attempt) = (a.task_id, a.attempt);
-        let traceparent = format!(
-            "00-{}-{}-01",
-            task.simple(),
-            &Uuid::new_v4().simple().to_string()[..16]
-        );
+        // The attempt's span, under the task's: its process, its log records and its
+        // reports carry it.
+        let span = TraceContext::child_of(a.traceparent.as_ref());
+        let traceparent = span.to_string();
+        let span_started = std::time::SystemTime::now();
         if let Ok(Some(quota)) = a.spec.log_quota_bytes() {
             self.writer.set_quota(task, attempt as i32, quota);
         }
@@ -824,7 +840,7 @@ impl Agent {
                 self.writer.finish(task, attempt as i32);
                 let body =
                     json!({"outcome": "failed", "reason": "spawn_error", "message": message});
-                self.report(task, attempt, "finish", body).await;
+                self.report(task, attempt, "finish", body, Some(span)).await;
                 return;
             }
         };
@@ -835,6 +851,7 @@ impl Agent {
             attempt,
             "start",
             json!({"worker_id": self.options.name, "pid": pid}),
+            Some(span),
         );
         // A refused start (the attempt was cancelled or taken away meanwhile) stops
         // the process at once; so does a cancel request.
@@ -895,7 +912,8 @@ impl Agent {
         };
         let ready_report = async {
             if ready_rx.await.is_ok() {
-                self.report(task, attempt, "ready", json!({})).await;
+                self.report(task, attempt, "ready", json!({}), Some(span))
+                    .await;
             }
         };
         let pump = async {
@@ -978,7 +996,27 @@ impl Agent {
             body["message"] = Value::from(messages.join("; "));
         }
         tracing::info!(%task, attempt, outcome, ?exit, elapsed = ?started.elapsed(), "worker: attempt ended");
-        self.report(task, attempt, "finish", body).await;
+        if crate::otlp::enabled() {
+            let mut exported = crate::otlp::Span::new(
+                format!("attempt {attempt}"),
+                span,
+                a.traceparent,
+                span_started,
+                std::time::SystemTime::now(),
+            )
+            .attribute("tasklog.task_id", task.to_string())
+            .attribute("tasklog.attempt", i64::from(attempt))
+            .attribute("tasklog.worker", self.options.name.clone())
+            .attribute("tasklog.outcome", outcome);
+            if let Some(code) = exit.exit_code {
+                exported = exported.attribute("process.exit.code", i64::from(code));
+            }
+            if outcome == "failed" {
+                exported.error = body["reason"].as_str().map(str::to_string);
+            }
+            crate::otlp::export(exported);
+        }
+        self.report(task, attempt, "finish", body, Some(span)).await;
     }
 
     /// The process to start for an assignment.

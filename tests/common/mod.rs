@@ -216,6 +216,8 @@ pub struct Broker {
     _data: Option<tempfile::TempDir>,
     shared: bool,
     _proc: Option<Proc>,
+    /// Environment every tasklog role of this test gets (see [`role`]).
+    pub role_env: Vec<(String, String)>,
 }
 
 impl Broker {
@@ -242,6 +244,7 @@ impl Broker {
             _data: None,
             shared: true,
             _proc: None,
+            role_env: Vec::new(),
         };
         for (suffix, topic_settings) in settings {
             let name = format!("{}.{suffix}", broker.prefix);
@@ -320,6 +323,7 @@ impl Broker {
             _data: None,
             shared: false,
             _proc: None,
+            role_env: Vec::new(),
         };
         for (i, (port, controller)) in ports.iter().enumerate() {
             let dir = data.path().join(format!("node{}", i + 1));
@@ -397,6 +401,7 @@ impl Broker {
                 child,
                 name: "dev-broker",
             }),
+            role_env: Vec::new(),
         }
     }
 
@@ -841,6 +846,9 @@ pub fn role(broker: &Broker, db: &Db, args: &[&str]) -> Command {
         )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
+    for (name, value) in &broker.role_env {
+        c.env(name, value);
+    }
     c
 }
 

@@ -23,6 +23,7 @@ pub mod service;
 pub mod spec;
 pub mod state;
 pub mod text;
+pub mod trace;
 pub mod worker;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -58,6 +59,10 @@ pub mod header {
     /// CloudEvents extension attribute. Optional: events from the scheduler, or from
     /// producers writing to Kafka directly, may carry none.
     pub const PRINCIPAL: &str = "ce_tasklogprincipal";
+    /// `ce_traceparent`: the W3C trace context of the span that caused the event (the
+    /// CloudEvents distributed-tracing extension). Optional; an unreadable one is no
+    /// context (see [`crate::trace`]).
+    pub const TRACEPARENT: &str = "ce_traceparent";
 }
 
 /// Every event type tasklog understands.
@@ -143,6 +148,8 @@ pub struct Envelope {
     pub subject: Uuid,
     /// `ce_tasklogprincipal`: who caused it, when known.
     pub principal: Option<String>,
+    /// `ce_traceparent`: the span that caused it, when known.
+    pub traceparent: Option<trace::TraceContext>,
 }
 
 /// Reason and free-text message carried by cancel and queue events.
@@ -346,6 +353,27 @@ impl EncodedEvent {
         self
     }
 
+    /// The same event, in the trace of `context` (`ce_traceparent`); `None` leaves it
+    /// as it is.
+    pub fn with_traceparent(mut self, context: Option<&trace::TraceContext>) -> EncodedEvent {
+        if let Some(context) = context {
+            self.headers
+                .retain(|(name, _)| *name != header::TRACEPARENT);
+            self.headers
+                .push((header::TRACEPARENT, context.to_string()));
+        }
+        self
+    }
+
+    /// Its `ce_traceparent`, when it has one.
+    pub fn traceparent(&self) -> Option<trace::TraceContext> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(name, _)| *name == header::TRACEPARENT)
+            .and_then(|(_, v)| trace::TraceContext::parse(v).ok())
+    }
+
     /// The record as a consumer would read it back.
     pub fn as_record(&self) -> RawRecord<'_> {
         RawRecord {
@@ -458,6 +486,7 @@ impl Event {
                 time: Utc::now(),
                 subject: task_id,
                 principal: None,
+                traceparent: None,
             },
             task_id,
             seq,
@@ -481,10 +510,11 @@ impl Event {
             ce_id: self.envelope.id.clone(),
             event_type: self.envelope.event_type.as_str(),
         };
-        match &self.envelope.principal {
+        let encoded = match &self.envelope.principal {
             Some(p) => encoded.with_principal(p),
             None => encoded,
-        }
+        };
+        encoded.with_traceparent(self.envelope.traceparent.as_ref())
     }
 
     /// Decodes and validates a record. Any problem is a [`Rejection`] naming it.
@@ -499,11 +529,12 @@ impl Event {
                 attributes.subject
             ))
         })?;
-        let (id, source, time, principal) = (
+        let (id, source, time, principal, traceparent) = (
             attributes.id,
             attributes.source,
             attributes.time,
             attributes.principal,
+            attributes.traceparent,
         );
         let data = json_value(record)?;
         schema::validate_event_data(event_type, &data).map_err(Rejection::SchemaViolation)?;
@@ -534,6 +565,7 @@ impl Event {
                 time,
                 subject,
                 principal,
+                traceparent,
             },
             task_id,
             seq,
@@ -552,6 +584,7 @@ pub(crate) struct Attributes {
     pub(crate) time: DateTime<Utc>,
     pub(crate) subject: String,
     pub(crate) principal: Option<String>,
+    pub(crate) traceparent: Option<trace::TraceContext>,
 }
 
 impl Attributes {
@@ -601,6 +634,9 @@ impl Attributes {
                 )));
             }
         };
+        // Tracing is advisory: an unreadable ce_traceparent is no context, not a reason
+        // to refuse the event (it stays on the log as it was written).
+        let traceparent = trace::TraceContext::read(record.header(header::TRACEPARENT));
         Ok(Attributes {
             id,
             source,
@@ -608,6 +644,7 @@ impl Attributes {
             time,
             subject,
             principal,
+            traceparent,
         })
     }
 }

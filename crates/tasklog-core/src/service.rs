@@ -179,6 +179,8 @@ pub struct ServiceEvent {
     pub service: String,
     /// Typed data.
     pub payload: ServicePayload,
+    /// `ce_traceparent`: the span that caused it, when known.
+    pub traceparent: Option<crate::trace::TraceContext>,
 }
 
 #[derive(Deserialize)]
@@ -200,6 +202,7 @@ impl ServiceEvent {
             time: Utc::now(),
             service: service.to_string(),
             payload,
+            traceparent: None,
         }
     }
 
@@ -229,6 +232,7 @@ impl ServiceEvent {
             &self.service,
             &self.data(),
         )
+        .with_traceparent(self.traceparent.as_ref())
     }
 
     /// Decodes and validates a record of the services topic.
@@ -267,6 +271,7 @@ impl ServiceEvent {
             time: attributes.time,
             service: key,
             payload,
+            traceparent: attributes.traceparent,
         })
     }
 }
@@ -325,6 +330,9 @@ pub struct ServiceState {
     /// Detail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The trace the current incarnation was created in: its replicas join it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<crate::trace::TraceContext>,
 }
 
 /// Folds one service event. Pure.
@@ -355,6 +363,7 @@ pub fn apply_service(
                 updated_at: time,
                 reason: None,
                 message: None,
+                traceparent: event.traceparent,
             })
         }
         (_, None) => Err(Rejection::UnknownService(event.service.clone())),

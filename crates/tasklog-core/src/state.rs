@@ -142,6 +142,10 @@ pub struct TaskState {
     /// Whether the running attempt passed its probe (`ready` event).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ready: bool,
+    /// The span that submitted it (`ce_traceparent` of `submitted`): its scheduler and
+    /// worker events, log records and attempts join this trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<crate::trace::TraceContext>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -372,6 +376,7 @@ pub fn apply(state: Option<&TaskState>, event: &Event) -> Result<TaskState, Reje
                 exit_code: None,
                 started_at: None,
                 finished_at: None,
+                traceparent: event.envelope.traceparent,
             }),
             Payload::Submitted { .. } => Err(Rejection::SeqConflict {
                 current: 0,
