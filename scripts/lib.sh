@@ -12,6 +12,9 @@ APT_UPDATED=""
 
 say() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 
+# Whether something listens on 127.0.0.1:$1.
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 apt_install() {
     if [ -z "$APT_UPDATED" ]; then
         say "apt-get update"
@@ -112,4 +115,35 @@ ensure_schemathesis() {
         cp "$constraints" "$venv/constraints.txt"
     fi
     export TASKLOG_SCHEMATHESIS="$st"
+}
+
+# Prometheus and promtool (Debian's `prometheus` package, 2.42 on bookworm): scripts/test
+# checks and unit-tests docker/alerts.yml with promtool and runs a live Prometheus in
+# tests/observability.rs; scripts/observe runs one for `tasklog up`. The package's own
+# service (which would take port 9090 for a system-wide Prometheus) is kept from
+# starting while installing (policy-rc.d) and disabled after: tasklog's scripts run
+# Prometheus themselves, on 127.0.0.1 only. Without recommends: no node exporter.
+# Exports TASKLOG_TEST_PROMETHEUS.
+ensure_prometheus() {
+    if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+        local policy=/usr/sbin/policy-rc.d placed=""
+        if [ ! -e "$policy" ]; then
+            printf '#!/bin/sh\n# Placed by tasklog scripts/lib.sh while installing prometheus.\nexit 101\n' \
+                | $SUDO tee "$policy" >/dev/null
+            $SUDO chmod 755 "$policy"
+            placed=1
+        fi
+        local ok=1
+        apt_install --no-install-recommends prometheus || ok=""
+        if [ -n "$placed" ]; then $SUDO rm -f "$policy"; fi
+        [ -n "$ok" ] || { echo "installing prometheus failed" >&2; exit 1; }
+        # Enabled for the next boot by the package: not ours to run.
+        if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+            $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+        elif command -v update-rc.d >/dev/null 2>&1; then
+            $SUDO update-rc.d prometheus disable >/dev/null 2>&1 || true
+        fi
+    fi
+    TASKLOG_TEST_PROMETHEUS="$(command -v prometheus)"
+    export TASKLOG_TEST_PROMETHEUS
 }

@@ -78,6 +78,19 @@ pub struct Metrics {
     /// `tasklog_replay_runs_total{outcome}`: verifications, by outcome (`consistent`,
     /// `differences`, `error`).
     pub replay_runs: IntCounterVec,
+    /// `tasklog_tasks_failed_total{task_type,project}`: tasks that ended `failed` for
+    /// good (no retry left), counted by the projection as it applies the transition.
+    pub tasks_failed: IntCounterVec,
+    /// `tasklog_task_retries_total{reason,project}`: failed attempts (or `no_capacity`
+    /// failures) whose task went back to `pending` to be retried.
+    pub task_retries: IntCounterVec,
+    /// `tasklog_projector_lag_seconds{topic,partition}`: how far behind the log the
+    /// projection is, in seconds; 0 when caught up (see [`lag_seconds`]).
+    pub projector_lag_seconds: GaugeVec,
+    /// `tasklog_tasks_unrunnable`: queued tasks (and `no_capacity` retries waiting) that
+    /// no live worker could ever run, by labels, project and total capacity; set by the
+    /// leading scheduler at each pass.
+    pub tasks_unrunnable: IntGauge,
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -278,15 +291,132 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "Verifications of the projection against the log, by outcome.",
             &["outcome"],
         )?,
+        tasks_failed: counter(
+            "tasklog_tasks_failed_total",
+            "Tasks that ended failed for good, by task type and project (each label within a budget of distinct values; the rest as `other`).",
+            &["task_type", "project"],
+        )?,
+        task_retries: counter(
+            "tasklog_task_retries_total",
+            "Failures that sent their task back to pending to be retried, by reason and project.",
+            &["reason", "project"],
+        )?,
+        projector_lag_seconds: float_gauge(
+            "tasklog_projector_lag_seconds",
+            "Seconds the projection is behind the log per partition: an upper bound on the age of the oldest record not yet applied; 0 when caught up.",
+            &["topic", "partition"],
+        )?,
+        tasks_unrunnable: plain_gauge(
+            "tasklog_tasks_unrunnable",
+            "Queued tasks (and no_capacity retries waiting) that no live worker could ever run.",
+        )?,
         registry,
     })
+}
+
+/// Reasons the projections reject (and dead-letter) a record with: every
+/// `Rejection::code` of the task fold, plus those of the other projections. Their
+/// counters start at zero, so that an error panel shows 0 rather than nothing.
+pub const REJECTION_REASONS: &[&str] = &[
+    "invalid_json",
+    "invalid_envelope",
+    "unknown_type",
+    "schema_violation",
+    "subject_mismatch",
+    "seq_conflict",
+    "illegal_transition",
+    "unknown_task",
+    "duplicate_ce_id",
+    "duplicate_submission",
+    "idempotency_conflict",
+    "attempt_mismatch",
+    "unknown_worker",
+    "retry_not_allowed",
+    "unknown_service",
+    "unknown_token",
+    "stale_incarnation",
+    "storage_rejected",
+    "invalid_log_record",
+];
+
+/// The `reason` label values of `tasklog_attempts_total` and
+/// `tasklog_task_retries_total` (anything else is `other`).
+pub const ATTEMPT_REASONS: &[&str] = &[
+    "none",
+    "error",
+    "timeout",
+    "interruption",
+    "cancelled",
+    "user_requested",
+    "spawn_error",
+    "unhealthy",
+    "no_capacity",
+    "other",
+];
+
+/// The `reason` label of an attempt that ended (or a retry) with `reason`: one of
+/// [`ATTEMPT_REASONS`].
+pub fn attempt_reason(reason: Option<&str>) -> &'static str {
+    match reason {
+        None => "none",
+        Some(r) => ATTEMPT_REASONS
+            .iter()
+            .find(|known| **known == r && r != "none")
+            .copied()
+            .unwrap_or("other"),
+    }
+}
+
+/// Creates, at zero, the series whose label values are known in advance, so that they
+/// exist (and rates and increases over them work) before the first error.
+fn start_at_zero(m: &Metrics) {
+    for reason in ["unavailable", "refused"] {
+        m.append_failures.with_label_values(&[reason]);
+    }
+    for reason in REJECTION_REASONS {
+        m.events_rejected.with_label_values(&[reason]);
+        m.dead_letters.with_label_values(&[reason]);
+    }
+    let project = crate::events::auth::DEFAULT_PROJECT;
+    let outcomes: [(&str, &[&str]); 3] = [
+        ("succeeded", &["none"]),
+        (
+            "failed",
+            &[
+                "error",
+                "timeout",
+                "interruption",
+                "spawn_error",
+                "unhealthy",
+                "other",
+            ],
+        ),
+        ("cancelled", &["cancelled", "user_requested", "other"]),
+    ];
+    for (outcome, reasons) in outcomes {
+        for reason in reasons {
+            m.attempts.with_label_values(&[outcome, reason, project]);
+        }
+    }
+    for reason in ATTEMPT_REASONS {
+        m.task_retries.with_label_values(&[reason, project]);
+    }
+    m.tasks_failed
+        .with_label_values(&[crate::events::spec::DEFAULT_TYPE, project]);
+    for outcome in ["consistent", "differences", "error"] {
+        m.replay_runs.with_label_values(&[outcome]);
+    }
 }
 
 /// The process-wide metrics.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     // Registration only fails on duplicate or malformed names, which are constants.
-    METRICS.get_or_init(|| build().expect("metric definitions are valid"))
+    METRICS.get_or_init(|| {
+        let m = build().expect("metric definitions are valid");
+        start_at_zero(&m);
+        m
+    })
 }
 
 /// Renders every metric in the Prometheus text format.
@@ -307,20 +437,65 @@ pub const PROJECT_LABEL_BUDGET: usize = 50;
 /// The `project` label value for `project`: itself while the budget lasts (and for
 /// every project that already has one), `other` after.
 pub fn project_label(project: &str) -> String {
-    static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
-        std::sync::OnceLock::new();
-    let mut seen = SEEN
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if seen.contains(project) {
-        return project.to_string();
+    static SEEN: Budget = Budget::new();
+    SEEN.label(project, PROJECT_LABEL_BUDGET)
+}
+
+/// Most distinct `task_type` label values one process gives its metrics (task types
+/// are free strings); past them a type is counted as `other`.
+pub const TASK_TYPE_LABEL_BUDGET: usize = 20;
+
+/// The `task_type` label value for `task_type`: itself while the budget lasts (and for
+/// every type that already has one), `other` after.
+pub fn task_type_label(task_type: &str) -> String {
+    static SEEN: Budget = Budget::new();
+    SEEN.label(task_type, TASK_TYPE_LABEL_BUDGET)
+}
+
+/// The label values one label has handed out, up to a budget.
+struct Budget(std::sync::Mutex<Option<std::collections::HashSet<String>>>);
+
+impl Budget {
+    const fn new() -> Budget {
+        Budget(std::sync::Mutex::new(None))
     }
-    if seen.len() < PROJECT_LABEL_BUDGET {
-        seen.insert(project.to_string());
-        return project.to_string();
+
+    fn label(&self, value: &str, budget: usize) -> String {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = seen.get_or_insert_with(Default::default);
+        if seen.contains(value) {
+            return value.to_string();
+        }
+        if seen.len() < budget {
+            seen.insert(value.to_string());
+            return value.to_string();
+        }
+        "other".to_string()
     }
-    "other".to_string()
+}
+
+/// `tasklog_projector_lag_seconds` of one partition, all times in milliseconds since
+/// the epoch: 0 when nothing is left to apply (`lag_events` 0); otherwise the smaller of
+/// `now` minus the append time of the last record applied and `now` minus the last time
+/// the partition was seen caught up. Both bound the age of the oldest record not yet
+/// applied from above (it was appended after the one applied before it, and after the
+/// moment nothing was left), so the smaller is the tighter bound. `None` while neither
+/// is known (a partition just assigned, nothing applied yet).
+pub fn lag_seconds(
+    lag_events: i64,
+    now_ms: i64,
+    last_applied_ms: Option<i64>,
+    caught_up_ms: Option<i64>,
+) -> Option<f64> {
+    if lag_events <= 0 {
+        return Some(0.0);
+    }
+    let behind = [last_applied_ms, caught_up_ms]
+        .into_iter()
+        .flatten()
+        .map(|t| (now_ms - t).max(0))
+        .min()?;
+    Some(behind as f64 / 1000.0)
 }
 
 #[cfg(test)]
@@ -338,6 +513,42 @@ mod tests {
         let first = labels.iter().find(|l| *l != "other").cloned();
         if let Some(first) = first {
             assert_eq!(project_label(&first), first);
+        }
+    }
+
+    #[test]
+    fn lag_seconds_is_the_tighter_bound_and_zero_when_caught_up() {
+        assert_eq!(lag_seconds(0, 10_000, Some(1_000), None), Some(0.0));
+        assert_eq!(lag_seconds(5, 10_000, None, None), None);
+        // Idle for long, then one new record: caught up a second ago.
+        assert_eq!(lag_seconds(1, 100_000, Some(0), Some(99_000)), Some(1.0));
+        // Always a little behind under load: the last applied record is recent.
+        assert_eq!(lag_seconds(3, 100_000, Some(99_500), Some(0)), Some(0.5));
+        // A clock ahead of ours never gives a negative lag.
+        assert_eq!(lag_seconds(3, 100_000, Some(200_000), None), Some(0.0));
+    }
+
+    #[test]
+    fn attempt_reasons_are_bounded() {
+        assert_eq!(attempt_reason(None), "none");
+        assert_eq!(attempt_reason(Some("timeout")), "timeout");
+        assert_eq!(attempt_reason(Some("no_capacity")), "no_capacity");
+        assert_eq!(attempt_reason(Some("none")), "other");
+        assert_eq!(attempt_reason(Some("scaled_down")), "other");
+    }
+
+    #[test]
+    fn known_series_start_at_zero() {
+        let text = render();
+        for line in [
+            "tasklog_append_failures_total{reason=\"unavailable\"} 0",
+            "tasklog_dead_letters_total{reason=\"invalid_json\"} 0",
+            "tasklog_projector_events_rejected_total{reason=\"unknown_type\"} 0",
+            "tasklog_task_retries_total{project=\"default\",reason=\"error\"} 0",
+            "tasklog_tasks_failed_total{project=\"default\",task_type=\"batch\"} 0",
+            "tasklog_tasks_unrunnable 0",
+        ] {
+            assert!(text.contains(line), "no {line:?} in:\n{text}");
         }
     }
 

@@ -269,6 +269,16 @@ struct Shared {
     runtime: tokio::runtime::Handle,
     /// Next offset to apply per assigned partition, as committed to Postgres.
     next_offsets: Mutex<HashMap<i32, i64>>,
+    /// Per partition, for `tasklog_projector_lag_seconds`: the append time of the last
+    /// record applied and when the partition was last seen caught up (ms since the epoch).
+    lag_clocks: Mutex<HashMap<i32, LagClock>>,
+}
+
+/// What `tasklog_projector_lag_seconds` is computed from ([`crate::metrics::lag_seconds`]).
+#[derive(Default, Clone, Copy)]
+struct LagClock {
+    last_applied_ms: Option<i64>,
+    caught_up_ms: Option<i64>,
 }
 
 impl Shared {
@@ -313,14 +323,31 @@ impl ClientContext for ProjectorContext {
             .next_offsets
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        let mut clocks = self.0.lag_clocks.lock().unwrap_or_else(|e| e.into_inner());
+        let now_ms = chrono::Utc::now().timestamp_millis();
         for (partition, stats) in &topic.partitions {
             if let Some(next) = next.get(partition)
                 && stats.hi_offset >= 0
             {
-                metrics()
-                    .projector_lag
-                    .with_label_values(&[&self.0.topic, &partition.to_string()])
-                    .set((stats.hi_offset - next).max(0));
+                let lag = (stats.hi_offset - next).max(0);
+                let labels = [self.0.topic.as_str(), &partition.to_string()];
+                metrics().projector_lag.with_label_values(&labels).set(lag);
+                let clock = clocks.entry(*partition).or_default();
+                if lag == 0 {
+                    clock.caught_up_ms = Some(now_ms);
+                }
+                let seconds = crate::metrics::lag_seconds(
+                    lag,
+                    now_ms,
+                    clock.last_applied_ms,
+                    clock.caught_up_ms,
+                );
+                if let Some(seconds) = seconds {
+                    metrics()
+                        .projector_lag_seconds
+                        .with_label_values(&labels)
+                        .set(seconds);
+                }
             }
         }
     }
@@ -435,6 +462,7 @@ fn forget_partitions(topic: &str, partitions: impl Iterator<Item = i32>) {
             .projector_partition_assigned
             .remove_label_values(&[topic, &p]);
         let _ = m.projector_lag.remove_label_values(&[topic, &p]);
+        let _ = m.projector_lag_seconds.remove_label_values(&[topic, &p]);
     }
 }
 
@@ -578,6 +606,7 @@ pub async fn run_projection<P: Projection>(
         topic: topic.clone(),
         runtime: tokio::runtime::Handle::current(),
         next_offsets: Mutex::new(HashMap::new()),
+        lag_clocks: Mutex::new(HashMap::new()),
     });
     let consumer: StreamConsumer<ProjectorContext> = kafka::client_config(&options.brokers)
         .set("group.id", &options.group_id)
@@ -1113,6 +1142,19 @@ impl<P: Projection> Runner<P> {
             for (p, o) in &next_offsets {
                 if let Some(current) = next.get_mut(p) {
                     *current = *o;
+                }
+            }
+        }
+        {
+            let mut clocks = self
+                .shared
+                .lag_clocks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for r in &fresh {
+                if let Some(ms) = r.message.timestamp().to_millis() {
+                    let clock = clocks.entry(r.message.partition()).or_default();
+                    clock.last_applied_ms = Some(clock.last_applied_ms.map_or(ms, |t| t.max(ms)));
                 }
             }
         }

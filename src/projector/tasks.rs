@@ -132,7 +132,7 @@ fn export_spans(events: &[AppliedEvent]) {
 }
 
 /// Scheduling metrics from one applied transition: submit→running for first attempts,
-/// and every attempt that ended.
+/// every attempt that ended, retries, and tasks that failed for good.
 fn observe_attempt(before: Option<events::TaskStatus>, after: &events::TaskState) {
     use events::TaskStatus as S;
     let m = metrics();
@@ -149,17 +149,25 @@ fn observe_attempt(before: Option<events::TaskStatus>, after: &events::TaskState
         } else {
             after.state.as_str()
         };
-        let reason = match after.reason.as_deref() {
-            None => "none",
-            Some(
-                r @ ("error" | "timeout" | "interruption" | "cancelled" | "user_requested"
-                | "spawn_error" | "unhealthy"),
-            ) => r,
-            Some(_) => "other",
-        };
+        let reason = crate::metrics::attempt_reason(after.reason.as_deref());
         let project = crate::metrics::project_label(after.spec.project());
         m.attempts
             .with_label_values(&[outcome, reason, &project])
+            .inc();
+    }
+    // Retries: a failure (of an attempt, or no_capacity while queued) that sent the
+    // task back to pending. Failures for good: the task's last word is `failed`.
+    let was = |s: S| before == Some(s);
+    if retried && (ended_attempt || was(S::Queued)) {
+        let reason = crate::metrics::attempt_reason(after.reason.as_deref());
+        let project = crate::metrics::project_label(after.spec.project());
+        m.task_retries.with_label_values(&[reason, &project]).inc();
+    }
+    if after.state == S::Failed && before.is_some() && !was(S::Failed) {
+        let task_type = crate::metrics::task_type_label(after.spec.task_type());
+        let project = crate::metrics::project_label(after.spec.project());
+        m.tasks_failed
+            .with_label_values(&[&task_type, &project])
             .inc();
     }
 }

@@ -247,6 +247,9 @@ pub struct Pass {
     pub actions: Vec<Action>,
     /// When to look again at the latest.
     pub next_due: Option<DateTime<Utc>>,
+    /// Queued tasks, and `no_capacity` retries waiting, that no accepting worker could
+    /// run even when empty (`tasklog_tasks_unrunnable`).
+    pub unrunnable: usize,
 }
 
 /// One scheduling pass. Pure: the same model, workers, options and time give the same
@@ -374,6 +377,9 @@ pub fn decide(
                     .iter()
                     .any(|v| plan::fits_when_empty(need, &labels, t.spec.project(), v))
             };
+            if t.reason.as_deref() == Some("no_capacity") && !fits_now {
+                pass.unrunnable += 1;
+            }
             if at <= now || fits_now {
                 pass.actions.push(Action::Task {
                     task_id: t.id,
@@ -428,6 +434,7 @@ pub fn decide(
 
     // 4. Placement.
     let placed = plan::plan(&model.queue, &views);
+    pass.unrunnable += placed.unfit.len();
     for (task_id, worker) in placed.assignments {
         if let Some(t) = model.tasks.get(&task_id) {
             pass.actions.push(Action::Task {
@@ -533,6 +540,8 @@ pub async fn run(
             }
         };
         crate::metrics::metrics().scheduler_leader.set(0);
+        // Only the leader's count is current.
+        crate::metrics::metrics().tasks_unrunnable.set(0);
         match result {
             Ok(()) => tracing::warn!("scheduler: lost the leader lock; standing by"),
             Err(e) => tracing::warn!(error = %e, "scheduler: pass failed; standing by"),
@@ -643,6 +652,9 @@ async fn lead(
         crate::metrics::metrics()
             .scheduler_pass_duration
             .observe(started.elapsed().as_secs_f64());
+        crate::metrics::metrics()
+            .tasks_unrunnable
+            .set(i64::try_from(pass.unrunnable).unwrap_or(i64::MAX));
         // The service controller's word on a replica (a cancel) wins this pass; the
         // planner decides on that task again from its next state.
         let service_actions = control_services(store).await?;
@@ -1045,6 +1057,7 @@ mod tests {
             queued_at + chrono::Duration::seconds(5),
         );
         assert!(early.actions.is_empty());
+        assert_eq!(early.unrunnable, 1, "no worker could ever fit 64 cores");
         assert_eq!(
             early.next_due,
             Some(queued_at + chrono::Duration::seconds(10))

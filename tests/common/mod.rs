@@ -1058,8 +1058,14 @@ impl Stack {
 
     /// A stack on the given broker, with a fresh database.
     pub async fn start_on(broker: Broker) -> Stack {
+        Stack::start_on_with(broker, &[]).await
+    }
+
+    /// A stack on the given broker whose projector gets extra environment (e.g.
+    /// `TASKLOG_PROJECTOR_METRICS_ADDR`).
+    pub async fn start_on_with(broker: Broker, projector_env: &[(&str, &str)]) -> Stack {
         let db = Db::create().await;
-        let projector = start_projector(&broker, &db);
+        let projector = start_projector_with(&broker, &db, projector_env);
         let (server, url) = start_server(&broker, &db, &[("TASKLOG_AUTH", "tokens")]).await;
         let token = create_token(&broker, &db, "harness", "admin", &[]);
         Stack {
@@ -1576,5 +1582,156 @@ impl Submitters {
             all.extend(l.await.expect("submitter"));
         }
         all
+    }
+}
+
+/// A Prometheus tool (`prometheus` or `promtool`) for the tests: `TASKLOG_TEST_PROMETHEUS`
+/// (`scripts/test` sets it; for promtool, the `promtool` next to it) or else the one on
+/// `PATH`. `None` only when `TASKLOG_TEST_PROMETHEUS=skip` says to skip (the test says it
+/// skipped); a tool that cannot be found fails the test.
+pub fn prometheus_tool(name: &str) -> Option<std::path::PathBuf> {
+    const VAR: &str = "TASKLOG_TEST_PROMETHEUS";
+    let configured = std::env::var_os(VAR);
+    if configured.as_deref() == Some(std::ffi::OsStr::new("skip")) {
+        eprintln!("SKIPPED: {VAR}=skip (the tests that need {name} do not run)");
+        return None;
+    }
+    let found = match &configured {
+        Some(path) => {
+            let path = std::path::PathBuf::from(path);
+            if name == "prometheus" {
+                Some(path)
+            } else {
+                path.parent().map(|dir| dir.join(name))
+            }
+        }
+        None => std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|candidate| candidate.is_file())
+        }),
+    };
+    match found {
+        Some(path) if path.is_file() => Some(path),
+        _ => panic!(
+            "{name} not found ({VAR}={configured:?}, else PATH): scripts/test installs Debian's \
+             prometheus package (which has promtool); or point {VAR} at a prometheus binary, \
+             or set {VAR}=skip to skip the tests that need it"
+        ),
+    }
+}
+
+/// A Prometheus server of one test's own: a temp dir for its configuration and data, a
+/// free loopback port, scrape and rule evaluation every second. Killed on drop.
+pub struct Prometheus {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    http: reqwest::Client,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Starts `bin` scraping `targets` (`host:port`, `/metrics`) as job `tasklog`, with
+    /// the rule files `rules`; waits until it is ready.
+    pub async fn start(
+        bin: &std::path::Path,
+        targets: &[String],
+        rules: &[std::path::PathBuf],
+    ) -> Prometheus {
+        let dir = tempfile::Builder::new()
+            .prefix("tasklog-prometheus-")
+            .tempdir()
+            .expect("temp dir");
+        let config = serde_json::json!({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
+            "rule_files": rules,
+            "scrape_configs": [{
+                "job_name": "tasklog",
+                "metrics_path": "/metrics",
+                "static_configs": [{"targets": targets}],
+            }],
+        });
+        // JSON is YAML.
+        let config_file = dir.path().join("prometheus.yml");
+        std::fs::write(&config_file, config.to_string()).expect("write prometheus.yml");
+        let port = free_port();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", config_file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start prometheus");
+        let prometheus = Prometheus {
+            url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+            _proc: Proc {
+                child,
+                name: "prometheus",
+            },
+            _dir: dir,
+        };
+        let ready = format!("{}/-/ready", prometheus.url);
+        let http = &prometheus.http;
+        eventually("Prometheus ready", Duration::from_secs(60), || {
+            let r = http.get(&ready).send();
+            async move { r.await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await;
+        prometheus
+    }
+
+    /// GETs `/api/v1/<path>` and returns its `data`, or the error Prometheus gave.
+    pub async fn api(&self, path: &str, query: &[(&str, &str)]) -> Result<Value, String> {
+        let r = self
+            .http
+            .get(format!("{}/api/v1/{path}", self.url))
+            .query(query)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let body: Value = r.json().await.map_err(|e| e.to_string())?;
+        if body["status"] != "success" {
+            return Err(format!("{}: {}", body["errorType"], body["error"]));
+        }
+        Ok(body["data"].clone())
+    }
+
+    /// The series an instant query returns now (an error for a query Prometheus refuses).
+    pub async fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
+        let data = self.api("query", &[("query", expr)]).await?;
+        Ok(match data["resultType"].as_str() {
+            Some("vector" | "matrix") => data["result"].as_array().cloned().unwrap_or_default(),
+            // A scalar or string is one value.
+            _ => vec![data["result"].clone()],
+        })
+    }
+
+    /// Every alert that is pending or firing now.
+    pub async fn alerts(&self) -> Vec<Value> {
+        self.api("alerts", &[])
+            .await
+            .ok()
+            .and_then(|d| d["alerts"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// Waits until every scrape target answers (`up == 1`).
+    pub async fn wait_targets_up(&self, n: usize) {
+        eventually(
+            &format!("Prometheus scraping all {n} targets"),
+            Duration::from_secs(60),
+            || async move {
+                let up = self.query("up == 1").await.ok()?;
+                (up.len() >= n).then_some(())
+            },
+        )
+        .await;
     }
 }
