@@ -59,7 +59,11 @@ fn project_scoped(method: &str, path: &str) -> bool {
         (method, path),
         (
             "GET",
-            "/v1/tasks" | "/v1/services" | "/v1/workers" | "/v1/workers/{id}/assignments"
+            "/v1/tasks"
+                | "/v1/services"
+                | "/v1/workers"
+                | "/v1/workers/{id}/assignments"
+                | "/v1/traces/{trace_id}"
         )
     )
 }
@@ -290,6 +294,22 @@ async fn request_for(
         ("GET", "/v1/workers/{id}/assignments") => {
             (get, at("/v1/workers/w1/assignments".into()), None, &[200])
         }
+        ("GET", "/v1/traces/{trace_id}") => {
+            // The trace the fixture task was submitted in. It lists only what the caller
+            // may read: another project's trace is not found (the list check below makes
+            // sure a 200 shows none of it).
+            let (_, t) = s.get(&format!("/v1/tasks/{}", f.task)).await;
+            let tp = t["traceparent"]
+                .as_str()
+                .expect("a submitted task has a trace");
+            let trace_id = tp.split('-').nth(1).expect("trace id").to_string();
+            let ok: &'static [u16] = if f.project == "default" {
+                &[200]
+            } else {
+                &[200, 404]
+            };
+            (get, at(format!("/v1/traces/{trace_id}")), None, ok)
+        }
         ("GET", "/v1/tasks/{id}/logs") => {
             (get, at(format!("/v1/tasks/{}/logs", f.task)), None, &[200])
         }
@@ -420,7 +440,10 @@ async fn every_route_answers_every_role_and_refuses_every_bad_token() {
                 // A list shows a caller nothing of a project it does not reach.
                 let list = matches!(
                     (method, *path),
-                    ("GET", "/v1/tasks" | "/v1/services" | "/v1/workers")
+                    (
+                        "GET",
+                        "/v1/tasks" | "/v1/services" | "/v1/workers" | "/v1/traces/{trace_id}"
+                    )
                 );
                 if list && who != Who::Admin && status == 200 {
                     let text = answer.to_string();

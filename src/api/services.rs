@@ -240,11 +240,13 @@ pub async fn create(
         .service(&body.name)
         .await?
         .ok_or_else(|| ApiError::not_found("the service was not projected"))?;
-    Ok((
+    let mut created = (
         StatusCode::CREATED,
         Json(service_view(&state, &service).await?),
     )
-        .into_response())
+        .into_response();
+    super::traces::tell(&mut created, &span);
+    Ok(created)
 }
 
 /// `GET /v1/services`: those of the projects the caller reaches.

@@ -1735,3 +1735,153 @@ impl Prometheus {
         .await;
     }
 }
+
+/// One span an [`OtlpReceiver`] received, flattened from OTLP/JSON.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    /// `service.name` of the exporting process's resource.
+    pub service: String,
+    pub name: String,
+    /// Hex, as OTLP/JSON encodes ids.
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent_span_id: String,
+    /// OTLP span kind (1 internal, 2 server, 5 consumer, …).
+    pub kind: i64,
+    /// Attribute values, as their JSON (`{"stringValue": …}` unwrapped).
+    pub attributes: std::collections::HashMap<String, Value>,
+}
+
+/// A small OTLP/HTTP receiver (JSON bodies, `POST /v1/traces`) on a free loopback port
+/// that keeps every span it is sent; point roles at it with
+/// `OTEL_EXPORTER_OTLP_ENDPOINT=`[`OtlpReceiver::endpoint`]. Stops on drop.
+pub struct OtlpReceiver {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl OtlpReceiver {
+    /// Starts the receiver on the test's runtime.
+    pub async fn start() -> OtlpReceiver {
+        use axum::routing::post;
+        let spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>> = Default::default();
+        let kept = spans.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            post(move |body: axum::body::Bytes| {
+                let kept = kept.clone();
+                async move {
+                    match serde_json::from_slice::<Value>(&body) {
+                        Ok(request) => {
+                            let received = flatten_otlp(&request);
+                            kept.lock().expect("spans").extend(received);
+                            (
+                                axum::http::StatusCode::OK,
+                                [("content-type", "application/json")],
+                                "{}",
+                            )
+                        }
+                        Err(_) => (
+                            axum::http::StatusCode::BAD_REQUEST,
+                            [("content-type", "application/json")],
+                            "{}",
+                        ),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind OTLP receiver");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        OtlpReceiver {
+            endpoint,
+            spans,
+            server,
+        }
+    }
+
+    /// The environment a role needs to export to this receiver, promptly.
+    pub fn role_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), self.endpoint.clone()),
+            ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+        ]
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().expect("spans").clone()
+    }
+
+    /// Waits until the spans of `trace_id` satisfy `done`; returns them.
+    pub async fn wait_trace(
+        &self,
+        trace_id: &str,
+        what: &str,
+        done: impl Fn(&[ReceivedSpan]) -> bool,
+    ) -> Vec<ReceivedSpan> {
+        let done = &done;
+        eventually(what, Duration::from_secs(60), || async move {
+            let spans: Vec<ReceivedSpan> = self
+                .spans()
+                .into_iter()
+                .filter(|s| s.trace_id == trace_id)
+                .collect();
+            done(&spans).then_some(spans)
+        })
+        .await
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// The spans of an OTLP/JSON `ExportTraceServiceRequest`.
+fn flatten_otlp(request: &Value) -> Vec<ReceivedSpan> {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    let unwrap_value = |v: &Value| -> Value {
+        v.as_object()
+            .and_then(|o| o.values().next().cloned())
+            .unwrap_or(Value::Null)
+    };
+    let mut out = Vec::new();
+    for resource in request["resourceSpans"].as_array().into_iter().flatten() {
+        let service = resource["resource"]["attributes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["key"] == "service.name")
+            .map(|a| unwrap_value(&a["value"]))
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+            for span in scope["spans"].as_array().into_iter().flatten() {
+                out.push(ReceivedSpan {
+                    service: service.clone(),
+                    name: text(&span["name"]),
+                    trace_id: text(&span["traceId"]),
+                    span_id: text(&span["spanId"]),
+                    parent_span_id: text(&span["parentSpanId"]),
+                    kind: span["kind"].as_i64().unwrap_or(0),
+                    attributes: span["attributes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|a| (text(&a["key"]), unwrap_value(&a["value"])))
+                        .collect(),
+                });
+            }
+        }
+    }
+    out
+}
