@@ -1,7 +1,10 @@
 //! The `tasklog` binary.
 
-#[tokio::main]
-async fn main() {
+/// How long an idle blocking thread (Kafka reads, consumer closes) lingers before it
+/// ends: short, so that a burst of reads leaves no threads behind for long.
+const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -15,5 +18,17 @@ async fn main() {
         eprintln!("error: Kafka security settings: {e}");
         std::process::exit(1);
     }
-    std::process::exit(tasklog::cli::run().await);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(tasklog::cli::run());
+    std::process::exit(code);
 }

@@ -66,6 +66,11 @@ pub struct Metrics {
     pub scheduler_pass_duration: Histogram,
     /// `tasklog_worker_attempts_running`: attempts this worker agent runs now.
     pub worker_attempts_running: IntGauge,
+    /// `tasklog_log_followers`: log followers (SSE streams, follow long-polls) waiting
+    /// on this API server's shared tail now.
+    pub log_followers: IntGauge,
+    /// `tasklog_log_follow_partitions`: partitions of the logs topic its tail reads now.
+    pub log_follow_partitions: IntGauge,
     /// `tasklog_service_replicas{service,state}`: replicas ready, starting, waiting
     /// (pending or queued, e.g. between retries) and ended.
     pub service_replicas: IntGaugeVec,
@@ -266,6 +271,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
         worker_attempts_running: plain_gauge(
             "tasklog_worker_attempts_running",
             "Attempts this worker agent is running.",
+        )?,
+        log_followers: plain_gauge(
+            "tasklog_log_followers",
+            "Log followers waiting on this API server's shared tail.",
+        )?,
+        log_follow_partitions: plain_gauge(
+            "tasklog_log_follow_partitions",
+            "Partitions of the logs topic this API server's shared tail reads.",
         )?,
         service_replicas: gauge(
             "tasklog_service_replicas",

@@ -64,6 +64,7 @@ fn project_scoped(method: &str, path: &str) -> bool {
                 | "/v1/workers"
                 | "/v1/workers/{id}/assignments"
                 | "/v1/traces/{trace_id}"
+                | "/v1/logs"
         )
     )
 }
@@ -310,6 +311,7 @@ async fn request_for(
             };
             (get, at(format!("/v1/traces/{trace_id}")), None, ok)
         }
+        ("GET", "/v1/logs") => (get, at(path.into()), None, &[200]),
         ("GET", "/v1/tasks/{id}/logs") => {
             (get, at(format!("/v1/tasks/{}/logs", f.task)), None, &[200])
         }
@@ -442,7 +444,11 @@ async fn every_route_answers_every_role_and_refuses_every_bad_token() {
                     (method, *path),
                     (
                         "GET",
-                        "/v1/tasks" | "/v1/services" | "/v1/workers" | "/v1/traces/{trace_id}"
+                        "/v1/tasks"
+                            | "/v1/services"
+                            | "/v1/workers"
+                            | "/v1/traces/{trace_id}"
+                            | "/v1/logs"
                     )
                 );
                 if list && who != Who::Admin && status == 200 {

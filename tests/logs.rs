@@ -317,53 +317,20 @@ async fn follow_receives_lines_written_after_it_started_and_ends_when_the_task_d
     assert_eq!(got, numbers(3000));
 }
 
-/// Minimal SSE client: returns (id, event, data) triples until `stop` says so.
+/// The task's log as Server-Sent Events, until `stop` says so.
 async fn sse(
     s: &Stack,
     id: Uuid,
     last_event_id: Option<&str>,
     stop: impl Fn(&[(String, String, String)]) -> bool,
 ) -> Vec<(String, String, String)> {
-    let mut req = s
-        .http
-        .get(format!("{}/v1/tasks/{id}/logs", s.url))
-        .header("accept", "text/event-stream");
-    if let Some(last) = last_event_id {
-        req = req.header("last-event-id", last);
-    }
-    let mut response = req.send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    let mut buffer = String::new();
-    let mut events = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), response.chunk())
-        .await
-        .expect("SSE stalled")
-        .unwrap()
-    {
-        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
-            let (mut id, mut event, mut data) = (String::new(), String::new(), String::new());
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("id:") {
-                    id = v.trim().to_string();
-                }
-                if let Some(v) = line.strip_prefix("event:") {
-                    event = v.trim().to_string();
-                }
-                if let Some(v) = line.strip_prefix("data:") {
-                    data = v.trim().to_string();
-                }
-            }
-            if !event.is_empty() {
-                events.push((id, event, data));
-                if stop(&events) {
-                    return events;
-                }
-            }
-        }
-    }
-    events
+    common::sse_events(
+        &s.http,
+        &format!("{}/v1/tasks/{id}/logs", s.url),
+        last_event_id,
+        stop,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,6 +1,7 @@
 //! Log routes: `GET /v1/tasks/{id}/logs` (pages, follow, Server-Sent Events) and
 //! `POST /v1/tasks/{id}/logs` (outside producers).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
-use futures::SinkExt;
 use serde_json::{Value, json};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -23,6 +24,7 @@ use super::auth::Caller;
 use super::tasks::{eventual, parse_id, parse_number, query_pairs, single, wait_param};
 use super::{ApiError, AppState};
 use crate::kafka::partition_for_key;
+use crate::logs::follow::{FollowError, Follower};
 use crate::logs::reader::{LineFilter, LogRecord, ReadError, ScanRange};
 use crate::logs::{Cursor, CursorError, Direction, Stream};
 
@@ -259,15 +261,7 @@ fn parse_query(
         .map(|v| parse_number("attempt", v, 1, i32::MAX as i64))
         .transpose()?
         .map(|n| n as i32);
-    let stream = match single(&pairs, "stream")? {
-        None => None,
-        Some(s) => Some(Stream::parse(s).ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_query",
-                format!("stream {s:?} is not stdout, stderr or system"),
-            )
-        })?),
-    };
+    let stream = stream_param(&pairs)?;
     let from_line = single(&pairs, "from_line")?
         .map(|v| parse_number("from_line", v, 1, i64::MAX))
         .transpose()?;
@@ -341,6 +335,8 @@ struct Page {
     next: Option<Cursor>,
     prev: Option<Cursor>,
     complete: bool,
+    /// Reading forward, it reached the end of the log as it was when read.
+    at_end: bool,
 }
 
 async fn read_page(
@@ -401,6 +397,7 @@ async fn read_page(
             next: Some(cursor_at(at.range.high, Direction::Forward)),
             prev: (before > at.range.low).then(|| cursor_at(before, Direction::Backward)),
             complete: at.terminal,
+            at_end: true,
             lines,
         };
         return Ok((page, at));
@@ -432,6 +429,7 @@ async fn read_page(
                     .map(|l| cursor_at(l.offset, Direction::Backward)),
                 next: Some(cursor_at(next, Direction::Forward)),
                 complete: at.terminal && at_end,
+                at_end,
                 lines,
             };
             Ok((page, at))
@@ -457,6 +455,7 @@ async fn read_page(
                     Direction::Forward,
                 )),
                 complete: at_start,
+                at_end: false,
                 lines,
             };
             Ok((page, at))
@@ -496,20 +495,22 @@ pub async fn get_logs(
     if !q.eventual {
         state.read_task_waiting(task_id, q.wait).await?;
     }
-    let wants_sse = headers
-        .get("accept")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/event-stream"));
-    if wants_sse {
+    let wants_sse = wants_event_stream(&headers);
+    // Watched before the first read, so that an end after that read is not missed.
+    let mut end = (wants_sse || q.follow).then(|| state.task_ends.watch(task_id));
+    if let Some(end) = end.take_if(|_| wants_sse) {
         if q.direction == Direction::Backward {
             return Err(ApiError::bad_request(
                 "invalid_query",
                 "an event stream reads forward",
             ));
         }
+        if state.follows.followers() >= state.follows.max_followers() {
+            return Err(too_many_followers(state.follows.max_followers()));
+        }
         // Validate before streaming, so errors are plain JSON responses.
-        let (first, _) = read_page(&state, task_id, &q).await?;
-        return Ok(sse(state, task_id, q, first).into_response());
+        let (first, at) = read_page(&state, task_id, &q).await?;
+        return Ok(sse(state, task_id, q, first, at.partition, end).into_response());
     }
     let deadline = Instant::now() + q.wait;
     loop {
@@ -522,70 +523,565 @@ pub async fn get_logs(
             return Ok(Json(page_out(&state, &page)).into_response());
         }
         let from = page.next.map(|c| c.offset).unwrap_or(at.range.high);
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        // Wake on new records, then read again. The wait is capped so that a task that
-        // ends without printing more is noticed (its state is re-read with the page).
-        state
-            .log_reader
-            .wait_for_records(at.partition, from, remaining.min(Duration::from_secs(2)))
-            .await
-            .map_err(|e| read_error(e, &state, task_id, at.partition))?;
+        // Wake on a new line of the task (from the process's shared tail), on its end,
+        // or at the deadline; then read again.
+        let mut follower =
+            state
+                .follows
+                .follow(at.partition, task_id, from)
+                .map_err(|e| match e {
+                    FollowError::TooMany { limit } => too_many_followers(limit),
+                })?;
+        if follower.from() > from {
+            continue; // lines were appended meanwhile: read them
+        }
+        let filter = line_filter(task_id, &q);
+        if let Some(end) = end.as_mut() {
+            tokio::select! {
+                _ = next_line(&mut follower, from, &filter) => {}
+                _ = end.ended() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
     }
 }
 
-fn sse(state: Arc<AppState>, task_id: Uuid, mut q: Query, first: Page) -> impl IntoResponse {
-    let (mut tx, rx) = futures::channel::mpsc::channel::<Result<SseEvent, Infallible>>(256);
-    tokio::spawn(async move {
+/// The `stream` query value, when there is one.
+fn stream_param(pairs: &[(String, String)]) -> Result<Option<Stream>, ApiError> {
+    single(pairs, "stream")?
+        .map(|s| {
+            Stream::parse(s).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("stream {s:?} is not stdout, stderr or system"),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// Whether the client asks for Server-Sent Events.
+fn wants_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"))
+}
+
+/// `503 too_many_followers`: the process follows as many logs as it allows.
+fn too_many_followers(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_followers",
+        format!(
+            "this API server already has {limit} log followers (TASKLOG_MAX_FOLLOWERS); \
+             try again later or page without following"
+        ),
+    )
+}
+
+fn line_filter(task_id: Uuid, q: &Query) -> LineFilter {
+    LineFilter {
+        task_id,
+        attempt: q.attempt,
+        stream: q.stream,
+        from_line: q.from_line,
+    }
+}
+
+/// The next line the follower is handed at or after `from` that `filter` keeps, or
+/// `None` when it was cut off (it then reads from its cursor again).
+async fn next_line(follower: &mut Follower, from: i64, filter: &LineFilter) -> Option<LogRecord> {
+    loop {
+        let record = follower.next().await?;
+        if record.offset >= from && filter.matches(&record) {
+            return Some(record);
+        }
+    }
+}
+
+/// The tasks this process's log followers wait on, and which of them have ended: one
+/// query per change of the task projection (at most every [`ENDS_MIN_INTERVAL`]), for
+/// all of them together — not a read per follower.
+pub struct TaskEnds {
+    watched: std::sync::Mutex<HashMap<Uuid, (usize, watch::Sender<bool>)>>,
+}
+
+/// Shortest time between two checks of which followed tasks ended.
+pub const ENDS_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest time between two checks while a task is followed (a missed notification).
+pub const ENDS_MAX_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A follower's view of whether its task has ended. Dropping it stops watching.
+pub struct EndWatch {
+    ends: Arc<TaskEnds>,
+    task_id: Uuid,
+    rx: watch::Receiver<bool>,
+}
+
+impl EndWatch {
+    /// Returns once the task has ended (the projection has its terminal event).
+    pub async fn ended(&mut self) {
+        if self.rx.wait_for(|ended| *ended).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for EndWatch {
+    fn drop(&mut self) {
+        let mut watched = self.ends.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((n, _)) = watched.get_mut(&self.task_id) {
+            *n -= 1;
+            if *n == 0 {
+                watched.remove(&self.task_id);
+            }
+        }
+    }
+}
+
+impl TaskEnds {
+    /// Starts checking, on every change of the task projection, which watched tasks
+    /// ended.
+    pub fn start(store: crate::store::Store) -> Arc<TaskEnds> {
+        let ends = Arc::new(TaskEnds {
+            watched: std::sync::Mutex::new(HashMap::new()),
+        });
+        let changes = store.follow(&[crate::store::PROJECTION_CHANNEL]);
+        tokio::spawn(check_ends(Arc::downgrade(&ends), store, changes));
+        ends
+    }
+
+    /// Watches `task_id`.
+    pub fn watch(self: &Arc<Self>, task_id: Uuid) -> EndWatch {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let (n, tx) = watched
+            .entry(task_id)
+            .or_insert_with(|| (0, watch::channel(false).0));
+        *n += 1;
+        let rx = tx.subscribe();
+        EndWatch {
+            ends: self.clone(),
+            task_id,
+            rx,
+        }
+    }
+}
+
+async fn check_ends(
+    ends: std::sync::Weak<TaskEnds>,
+    store: crate::store::Store,
+    mut changes: watch::Receiver<u64>,
+) {
+    loop {
+        let Some(this) = ends.upgrade() else { return };
+        let ids: Vec<Uuid> = this
+            .watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        if !ids.is_empty() {
+            match store.ended_tasks(&ids).await {
+                Ok(ended) => {
+                    let watched = this.watched.lock().unwrap_or_else(|e| e.into_inner());
+                    for id in ended {
+                        if let Some((_, tx)) = watched.get(&id) {
+                            tx.send_replace(true);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "log follow: which tasks ended"),
+            }
+        }
+        let busy = !ids.is_empty();
+        drop(this);
+        tokio::time::sleep(ENDS_MIN_INTERVAL).await;
+        if busy {
+            let _ = tokio::time::timeout(ENDS_MAX_INTERVAL, changes.changed()).await;
+        } else if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// How a live stretch of an event stream ended.
+enum Live {
+    /// The client went away.
+    Gone,
+    /// The task ended, or the follower was cut off, or lines are to be read first: read
+    /// pages from the cursor again.
+    ReadAgain { lagging: bool },
+    /// Everything up to the task's end went out.
+    Complete,
+    /// The process follows as many logs as it allows, or a read failed.
+    Failed(ApiError),
+}
+
+/// One task's lines going out on an event stream: the task's own stream, or its part
+/// of a stream of many tasks (then every event's data names the task).
+struct TaskStream {
+    state: Arc<AppState>,
+    tx: tokio::sync::mpsc::Sender<SseEvent>,
+    task_id: Uuid,
+    partition: i32,
+    /// Fields added to every event's data (`task_id`, `name`) on a stream of many tasks.
+    tag: Option<serde_json::Map<String, Value>>,
+}
+
+impl TaskStream {
+    fn cursor(&self, offset: i64) -> Cursor {
+        Cursor {
+            task_id: self.task_id,
+            partition: self.partition,
+            offset,
+            direction: Direction::Forward,
+        }
+    }
+
+    /// Sends `event` with `data` (and the tag); false when the client went away.
+    async fn send(&self, event: &str, data: Value, id: Option<String>) -> bool {
+        let mut data = data;
+        if let (Some(tag), Value::Object(fields)) = (&self.tag, &mut data) {
+            fields.extend(tag.clone());
+        }
+        let mut e = SseEvent::default().event(event).data(data.to_string());
+        if let Some(id) = id {
+            e = e.id(id);
+        }
+        self.tx.send(e).await.is_ok()
+    }
+
+    /// Sends one line as a `line` event whose id is the cursor after it.
+    async fn send_line(&self, line: &LogRecord) -> bool {
+        let cursor = self.state.cursor_key.encode(&self.cursor(line.offset + 1));
+        let data = match serde_json::to_value(line_out(line)) {
+            Ok(data) => data,
+            Err(e) => {
+                tracing::warn!(error = %e, "log follow: cannot encode a line");
+                return true;
+            }
+        };
+        self.send("line", data, Some(cursor)).await
+    }
+
+    async fn send_end(&self) {
+        let name = if self.tag.is_some() {
+            "task_end"
+        } else {
+            "end"
+        };
+        self.send(name, json!({"complete": true}), None).await;
+    }
+
+    async fn send_error(&self, e: &ApiError) {
+        self.send("error", e.body(), None).await;
+    }
+
+    /// Follows the task's new lines from the shared tail, from `next` (updated as lines
+    /// go out), until the task ends, the client leaves, or the follower is cut off.
+    async fn live(
+        &self,
+        q: &mut Query,
+        filter: &LineFilter,
+        next: &mut i64,
+        end: &mut EndWatch,
+    ) -> Live {
+        let mut follower = match self
+            .state
+            .follows
+            .follow(self.partition, self.task_id, *next)
+        {
+            Ok(f) => f,
+            Err(FollowError::TooMany { limit }) => {
+                return Live::Failed(too_many_followers(limit));
+            }
+        };
+        // Lines appended since the last read: read them through the cache while the
+        // follower stays registered (what arrives meanwhile waits in its buffer, and
+        // what comes twice is dropped by offset).
+        while follower.from() > *next {
+            q.cursor = Some(self.cursor(*next));
+            let page = match read_page(&self.state, self.task_id, q).await {
+                Ok((page, _)) => page,
+                Err(e) => return Live::Failed(e),
+            };
+            for line in &page.lines {
+                if !self.send_line(line).await {
+                    return Live::Gone;
+                }
+            }
+            let before = *next;
+            if let Some(c) = page.next {
+                *next = c.offset;
+            }
+            if page.complete {
+                return Live::Complete;
+            }
+            if *next <= before {
+                break;
+            }
+        }
+        loop {
+            tokio::select! {
+                line = next_line(&mut follower, *next, filter) => match line {
+                    Some(line) => {
+                        if !self.send_line(&line).await {
+                            return Live::Gone;
+                        }
+                        *next = line.offset + 1;
+                    }
+                    None => return Live::ReadAgain { lagging: follower.overflowed() },
+                },
+                _ = end.ended() => return Live::ReadAgain { lagging: false },
+                _ = self.tx.closed() => return Live::Gone,
+            }
+        }
+    }
+
+    /// Sends `first`, then pages and live lines, until the task is complete (an `end`
+    /// or `task_end` event), the client leaves or a read fails (an `error` event).
+    async fn run(self, mut q: Query, first: Page, mut end: EndWatch) {
+        let filter = line_filter(self.task_id, &q);
         let mut page = first;
+        let mut next = page.next.map(|c| c.offset).unwrap_or(0);
         loop {
             for line in &page.lines {
-                let cursor = state.cursor_key.encode(&Cursor {
-                    task_id,
-                    partition: page.next.map(|c| c.partition).unwrap_or(0),
-                    offset: line.offset + 1,
-                    direction: Direction::Forward,
-                });
-                let event = SseEvent::default()
-                    .id(cursor)
-                    .event("line")
-                    .data(serde_json::to_string(&line_out(line)).unwrap_or_default());
-                if tx.send(Ok(event)).await.is_err() {
+                if !self.send_line(line).await {
                     return;
                 }
             }
+            if let Some(c) = page.next {
+                next = c.offset;
+            }
             if page.complete {
-                let _ = tx
-                    .send(Ok(SseEvent::default()
-                        .event("end")
-                        .data("{\"complete\":true}")))
-                    .await;
+                self.send_end().await;
                 return;
             }
-            q.cursor = page.next;
-            if page.lines.is_empty()
-                && let Some(c) = page.next
-                && state
-                    .log_reader
-                    .wait_for_records(c.partition, c.offset, Duration::from_secs(2))
-                    .await
-                    .is_err()
-            {
-                return;
+            if page.at_end {
+                match self.live(&mut q, &filter, &mut next, &mut end).await {
+                    Live::Gone => return,
+                    Live::Complete => {
+                        self.send_end().await;
+                        return;
+                    }
+                    Live::Failed(e) => {
+                        self.send_error(&e).await;
+                        return;
+                    }
+                    Live::ReadAgain { lagging: true } => {
+                        // Cut off for being slow: said, then resumed from the cursor.
+                        let cursor = self.state.cursor_key.encode(&self.cursor(next));
+                        let notice = json!({"lagging": true, "resume_cursor": cursor});
+                        if !self.send("lagging", notice, None).await {
+                            return;
+                        }
+                    }
+                    Live::ReadAgain { lagging: false } => {}
+                }
             }
-            page = match read_page(&state, task_id, &q).await {
+            q.cursor = Some(self.cursor(next));
+            page = match read_page(&self.state, self.task_id, &q).await {
                 Ok((p, _)) => p,
                 Err(e) => {
-                    let _ = tx
-                        .send(Ok(SseEvent::default()
-                            .event("error")
-                            .data(e.body().to_string())))
-                        .await;
+                    self.send_error(&e).await;
                     return;
                 }
             };
         }
+    }
+}
+
+/// The response side of an event stream fed through `rx`.
+fn event_stream(rx: tokio::sync::mpsc::Receiver<SseEvent>) -> impl IntoResponse {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|event| (Ok::<_, Infallible>(event), rx))
     });
-    Sse::new(rx).keep_alive(KeepAlive::default())
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn sse(
+    state: Arc<AppState>,
+    task_id: Uuid,
+    q: Query,
+    first: Page,
+    partition: i32,
+    end: EndWatch,
+) -> impl IntoResponse {
+    let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(256);
+    let stream = TaskStream {
+        state,
+        tx,
+        task_id,
+        partition,
+        tag: None,
+    };
+    tokio::spawn(stream.run(q, first, end));
+    event_stream(rx)
+}
+
+/// Shortest time between two looks for newly matching tasks on a stream of many.
+pub const MATCH_MIN_INTERVAL: Duration = Duration::from_millis(500);
+/// Most tasks one stream of many follows at once.
+pub const MAX_MATCHED_TASKS: i64 = 500;
+
+/// `GET /v1/logs?label=k=v&service=NAME&project=P` with `Accept: text/event-stream`:
+/// the lines of every unfinished task that matches, and of every matching task
+/// submitted later, on one stream (like `kubectl logs -l`). Every event's data has
+/// `task_id` and `name`; `event: task` when a task joins, `event: task_end` when one
+/// is complete. It lasts until the client leaves.
+pub async fn follow_many(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let pairs = query_pairs(&raw, &["label", "service", "project", "stream"])?;
+    let mut filter = crate::store::TaskFilter {
+        limit: MAX_MATCHED_TASKS,
+        unfinished: true,
+        projects: super::tasks::projects_param(&caller, &pairs)?,
+        ..Default::default()
+    };
+    filter.labels = super::tasks::label_params(&pairs)?;
+    filter.service = single(&pairs, "service")?.map(str::to_string);
+    if let Some(name) = &filter.service
+        && !crate::events::service::valid_service_name(name)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!(
+                "service {:?} is not a service name",
+                name.chars().take(64).collect::<String>()
+            ),
+        ));
+    }
+    if filter
+        .labels
+        .iter()
+        .flat_map(|(k, v)| [k, v])
+        .chain(filter.service.iter())
+        .any(|s| s.contains('\0'))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "label and service may not contain NUL (U+0000)",
+        ));
+    }
+    let stream = stream_param(&pairs)?;
+    let wants_sse = wants_event_stream(&headers);
+    // Without a stream: which tasks a stream would follow now.
+    let matching = state.store.list_tasks(&filter).await?;
+    if !wants_sse {
+        let tasks: Vec<Value> = matching
+            .iter()
+            .rev()
+            .map(|r| json!({"task_id": r.task.id, "name": r.task.spec.name, "state": r.task.state}))
+            .collect();
+        return Ok(Json(json!({"tasks": tasks})).into_response());
+    }
+    if state.follows.followers() >= state.follows.max_followers() {
+        return Err(too_many_followers(state.follows.max_followers()));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(256);
+    tokio::spawn(match_and_follow(state, filter, stream, tx));
+    Ok(event_stream(rx).into_response())
+}
+
+/// Looks for matching tasks (now, and after each change of the task projection) and
+/// streams each new one's lines into `tx`, until the client leaves.
+async fn match_and_follow(
+    state: Arc<AppState>,
+    filter: crate::store::TaskFilter,
+    stream: Option<Stream>,
+    tx: tokio::sync::mpsc::Sender<SseEvent>,
+) {
+    let mut changes = state.projection.clone();
+    let mut followed: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        match state.store.list_tasks(&filter).await {
+            Ok(tasks) => {
+                // Oldest first, so that their streams start in submission order.
+                for record in tasks.into_iter().rev() {
+                    let task = &record.task;
+                    if !followed.insert(task.id) {
+                        continue;
+                    }
+                    let mut tag = serde_json::Map::new();
+                    tag.insert("task_id".into(), Value::from(task.id.to_string()));
+                    tag.insert("name".into(), json!(task.spec.name));
+                    if tx
+                        .send(
+                            SseEvent::default()
+                                .event("task")
+                                .data(Value::Object(tag.clone()).to_string()),
+                        )
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let (state, tx) = (state.clone(), tx.clone());
+                    let task_id = task.id;
+                    running.spawn(async move {
+                        let q = Query {
+                            cursor: None,
+                            limit: 1000,
+                            direction: Direction::Forward,
+                            tail: None,
+                            attempt: None,
+                            stream,
+                            from_line: None,
+                            follow: true,
+                            wait: Duration::ZERO,
+                            eventual: true,
+                        };
+                        let end = state.task_ends.watch(task_id);
+                        let target = TaskStream {
+                            state: state.clone(),
+                            tx,
+                            task_id,
+                            partition: 0,
+                            tag: Some(tag),
+                        };
+                        match read_page(&state, task_id, &q).await {
+                            Ok((first, at)) => {
+                                TaskStream {
+                                    partition: at.partition,
+                                    ..target
+                                }
+                                .run(q, first, end)
+                                .await
+                            }
+                            Err(e) => target.send_error(&e).await,
+                        }
+                    });
+                }
+            }
+            Err(e) => {
+                let e = ApiError::from(e);
+                let _ = tx
+                    .send(
+                        SseEvent::default()
+                            .event("error")
+                            .data(e.body().to_string()),
+                    )
+                    .await;
+                return;
+            }
+        }
+        // Reap the streams that ended, without waiting on them.
+        while running.try_join_next().is_some() {}
+        tokio::time::sleep(MATCH_MIN_INTERVAL).await;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = tx.closed() => return,
+        }
+    }
 }
 
 /// One line posted by an outside producer.

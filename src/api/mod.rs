@@ -71,6 +71,8 @@ pub struct ApiOptions {
     pub cancel_wait: Duration,
     /// Longest `wait_ms` a reader may ask for.
     pub max_wait: Duration,
+    /// Most log followers at once ([`crate::logs::follow::FollowOptions::max_followers`]).
+    pub max_followers: usize,
     /// Whether requests need a token.
     pub auth: auth::AuthMode,
     /// Whether `/metrics` answers without a token (default: yes; the API listens on
@@ -95,6 +97,7 @@ impl ApiOptions {
             source: format!("tasklog://api/{host}"),
             cancel_wait: Duration::from_secs(5),
             max_wait: Duration::from_secs(60),
+            max_followers: crate::logs::follow::DEFAULT_MAX_FOLLOWERS,
             auth: auth::AuthMode::Tokens,
             metrics_open: true,
         }
@@ -119,6 +122,10 @@ pub struct AppState {
     pub cursor_key: CursorKey,
     /// Reads log lines from Kafka.
     pub log_reader: Arc<LogReader>,
+    /// The process's log followers and the one tail per followed partition.
+    pub follows: crate::logs::follow::FollowHub,
+    /// Which followed tasks have ended.
+    task_ends: Arc<logs::TaskEnds>,
     /// Appends log lines posted by outside producers.
     pub log_writer: LogWriter,
     /// The tokens that authenticate callers.
@@ -153,6 +160,16 @@ impl AppState {
             &options.topics.logs,
             256 << 20,
         ));
+        log_reader.close_idle_in_background();
+        let follows = crate::logs::follow::FollowHub::new(
+            &options.brokers,
+            &options.topics.logs,
+            crate::logs::follow::FollowOptions {
+                max_followers: options.max_followers,
+                ..Default::default()
+            },
+        );
+        let task_ends = logs::TaskEnds::start(store.clone());
         let log_writer = LogWriter::new(
             appender.clone(),
             LogWriterOptions::new(&options.topics.logs),
@@ -178,6 +195,8 @@ impl AppState {
             ends,
             cursor_key,
             log_reader,
+            follows,
+            task_ends,
             log_writer,
             recent_keys: Mutex::new(RecentKeys::default()),
         }))

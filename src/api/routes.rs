@@ -113,6 +113,7 @@ fn table() -> Vec<Route> {
         ),
         at(Get, "/v1/tasks/{id}/logs", Read, logs::get_logs),
         at(Post, "/v1/tasks/{id}/logs", Write, logs::post_logs),
+        at(Get, "/v1/logs", Read, logs::follow_many),
         at(Get, "/v1/whoami", Anyone, tokens::whoami),
         at(Post, "/v1/tokens", Admin, tokens::create),
         at(Get, "/v1/tokens", Admin, tokens::list),

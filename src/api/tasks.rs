@@ -726,17 +726,7 @@ pub async fn list(
         })?);
     }
     filter.task_type = single(&pairs, "type")?.map(str::to_string);
-    for (k, v) in &pairs {
-        if k == "label" {
-            let (name, value) = v
-                .split_once('=')
-                .filter(|(n, _)| !n.is_empty())
-                .ok_or_else(|| {
-                    ApiError::bad_request("invalid_query", format!("label {v:?} must be key=value"))
-                })?;
-            filter.labels.push((name.to_string(), value.to_string()));
-        }
-    }
+    filter.labels = label_params(&pairs)?;
     // Postgres cannot hold NUL in text: refuse it rather than fail the query.
     if filter
         .task_type
@@ -764,6 +754,22 @@ pub async fn list(
         })
         .flatten();
     Ok(Json(json!({"tasks": tasks, "next_cursor": next_cursor})))
+}
+
+/// The `label=key=value` query values.
+pub(super) fn label_params(pairs: &[(String, String)]) -> Result<Vec<(String, String)>, ApiError> {
+    pairs
+        .iter()
+        .filter(|(k, _)| k == "label")
+        .map(|(_, v)| {
+            v.split_once('=')
+                .filter(|(n, _)| !n.is_empty())
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .ok_or_else(|| {
+                    ApiError::bad_request("invalid_query", format!("label {v:?} must be key=value"))
+                })
+        })
+        .collect()
 }
 
 /// The projects a listing covers: the `project` query values (each must be within the

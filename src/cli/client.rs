@@ -130,7 +130,9 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<i32> {
         )
         .await?;
     logs(LogsArgs {
-        id: id.clone(),
+        id: Some(id.clone()),
+        label: Vec::new(),
+        service: None,
         follow: true,
         tail: None,
         attempt: None,
@@ -408,7 +410,10 @@ pub(super) async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
 pub(super) async fn logs(args: LogsArgs) -> anyhow::Result<()> {
     use std::io::Write;
     let client = ApiClient::new(&args.api)?;
-    let url = client.url(&format!("/v1/tasks/{}/logs", args.id));
+    let Some(id) = &args.id else {
+        return follow_many(&client, &args).await;
+    };
+    let url = client.url(&format!("/v1/tasks/{id}/logs"));
     let mut cursor: Option<String> = None;
     let mut first = true;
     let stdout = std::io::stdout();
@@ -451,6 +456,86 @@ pub(super) async fn logs(args: LogsArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// `tasklog logs --label k=v | --service NAME`: one event stream (`GET /v1/logs`) for
+/// every matching task, each line prefixed with its task's name (or short id).
+async fn follow_many(client: &ApiClient, args: &LogsArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut query: Vec<(&str, String)> = args.label.iter().map(|l| ("label", l.clone())).collect();
+    if let Some(s) = &args.service {
+        query.push(("service", s.clone()));
+    }
+    if let Some(s) = &args.stream {
+        query.push(("stream", s.clone()));
+    }
+    let response = client
+        .http
+        .get(client.url("/v1/logs"))
+        .query(&query)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .context("GET /v1/logs")?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        bail!(
+            "{status}: {}",
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("the API refused the stream")
+        );
+    }
+    let mut response = response;
+    let mut buffer = String::new();
+    let stdout = std::io::stdout();
+    let prefix = |data: &Value| -> String {
+        match data["name"].as_str() {
+            Some(name) => name.to_string(),
+            None => data["task_id"]
+                .as_str()
+                .unwrap_or("?")
+                .chars()
+                .take(8)
+                .collect(),
+        }
+    };
+    while let Some(chunk) = response.chunk().await.context("reading the event stream")? {
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let event = block
+                .lines()
+                .find_map(|l| l.strip_prefix("event:"))
+                .map(str::trim);
+            let data = block
+                .lines()
+                .find_map(|l| l.strip_prefix("data:"))
+                .and_then(|d| serde_json::from_str::<Value>(d.trim()).ok())
+                .unwrap_or(Value::Null);
+            let mut out = stdout.lock();
+            match event {
+                Some("line") if args.json => writeln!(out, "{data}")?,
+                Some("line") => writeln!(
+                    out,
+                    "{} | {}",
+                    prefix(&data),
+                    data["text"].as_str().unwrap_or("")
+                )?,
+                Some("task") if !args.json => eprintln!("==> following {}", prefix(&data)),
+                Some("task_end") if !args.json => eprintln!("==> {} ended", prefix(&data)),
+                Some("error") => eprintln!(
+                    "error: {}: {}",
+                    prefix(&data),
+                    data["error"]["message"].as_str().unwrap_or("")
+                ),
+                _ => {}
+            }
+            out.flush()?;
+        }
+    }
+    Ok(())
 }
 
 fn print_service(s: &Value) {

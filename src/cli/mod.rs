@@ -124,6 +124,10 @@ pub struct HttpArgs {
     /// Longest `wait_ms` a reader may ask for (long-polls, read-your-writes waits).
     #[arg(long, env = "TASKLOG_MAX_WAIT_MS", default_value_t = 60_000)]
     pub max_wait_ms: u64,
+    /// Most log followers (SSE streams and follow long-polls) at once; past it, a new
+    /// one is answered 503 `too_many_followers`.
+    #[arg(long, env = "TASKLOG_MAX_FOLLOWERS", default_value_t = crate::logs::follow::DEFAULT_MAX_FOLLOWERS)]
+    pub max_followers: usize,
     /// `tokens`: every request needs a bearer token. `off`: none does (local
     /// experiments only; refused on anything but loopback).
     #[arg(long, env = "TASKLOG_AUTH", default_value = "tokens", value_parser = ["tokens", "off"])]
@@ -464,11 +468,20 @@ struct CancelArgs {
 
 #[derive(Debug, Args)]
 struct LogsArgs {
-    /// Task id.
-    id: String,
+    /// Task id (or, with --label or --service, none: every matching task).
+    #[arg(required_unless_present_any = ["label", "service"])]
+    id: Option<String>,
     /// Keep printing new lines until the task ends.
     #[arg(short = 'f', long)]
     follow: bool,
+    /// Follow every unfinished task with this label (`key=value`; repeat for several),
+    /// and every matching task submitted later, each line prefixed with its task
+    /// (like `kubectl logs -l`), until interrupted.
+    #[arg(short = 'l', long = "label", conflicts_with = "id")]
+    label: Vec<String>,
+    /// Follow every replica of this service (current and later ones), prefixed.
+    #[arg(long, conflicts_with = "id")]
+    service: Option<String>,
     /// Start with the last N lines.
     #[arg(long)]
     tail: Option<usize>,
@@ -495,6 +508,9 @@ enum BenchCommand {
     Schedule(crate::bench::ScheduleBenchArgs),
     /// `replay verify`'s rate beside the raw consume rate of the same topic.
     Replay(crate::bench::ReplayBenchArgs),
+    /// Many log followers on one API server: delivery latency, its threads and CPU,
+    /// submission latency while they follow.
+    Follow(crate::bench::follow::FollowBenchArgs),
 }
 
 /// Parses the command line and runs it. Returns the process exit code.
@@ -555,6 +571,7 @@ pub async fn run() -> i32 {
         Command::Bench(BenchCommand::Logs(a)) => crate::bench::logs(a).await,
         Command::Bench(BenchCommand::Schedule(a)) => crate::bench::schedule(a).await,
         Command::Bench(BenchCommand::Replay(a)) => crate::bench::replay(a).await,
+        Command::Bench(BenchCommand::Follow(a)) => crate::bench::follow::run(a).await,
     };
     crate::otlp::shutdown();
     match result {

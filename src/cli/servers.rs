@@ -92,6 +92,7 @@ pub(crate) async fn build_api(
     options.log_partitions = log_partitions;
     options.read_wait = Duration::from_millis(http.read_wait_ms);
     options.max_wait = Duration::from_millis(http.max_wait_ms);
+    options.max_followers = http.max_followers;
     options.service_partitions = partitions_of(&options.topics.services).unwrap_or(partitions);
     options.worker_partitions = partitions_of(&options.topics.workers).unwrap_or(partitions);
     options.auth = auth_mode(http)?;

@@ -22,6 +22,7 @@
 //! | `part`, `continued` | on a line split into several records: part index from 0, and `continued: true` on every part but the last |
 
 pub mod cursor;
+pub mod follow;
 pub mod index;
 pub mod reader;
 pub mod writer;

@@ -108,7 +108,8 @@ pub struct LineFilter {
 }
 
 impl LineFilter {
-    fn matches(&self, record: &LogRecord) -> bool {
+    /// Whether `record` is one of the lines asked for.
+    pub fn matches(&self, record: &LogRecord) -> bool {
         let Some(m) = &record.meta else { return false };
         m.task_id == self.task_id
             && self.attempt.is_none_or(|a| a == m.attempt)
@@ -133,9 +134,19 @@ pub struct ScanRange {
 pub struct LogReader {
     brokers: String,
     topic: String,
-    idle: Mutex<Vec<ReaderConsumer>>,
+    /// Consumers at rest, with when they were given back.
+    idle: Mutex<Vec<(ReaderConsumer, Instant)>>,
     cache: Mutex<Cache>,
+    /// Bounds the consumer sessions (and so the consumers and blocking threads) open
+    /// at once: many readers at once queue here instead of opening one each.
+    sessions: tokio::sync::Semaphore,
 }
+
+/// Most consumer sessions a reader runs at once.
+pub const MAX_SESSIONS: usize = 8;
+
+/// How long a consumer rests in the pool before it is closed (with its threads).
+pub const IDLE_CONSUMER_TTL: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct Cache {
@@ -174,6 +185,7 @@ impl LogReader {
             brokers: brokers.to_string(),
             topic: topic.to_string(),
             idle: Mutex::new(Vec::new()),
+            sessions: tokio::sync::Semaphore::new(MAX_SESSIONS),
             cache: Mutex::new(Cache {
                 limit: cache_bytes,
                 ..Cache::default()
@@ -198,7 +210,7 @@ impl LogReader {
     }
 
     fn consumer(&self) -> Result<ReaderConsumer, ReadError> {
-        if let Some(c) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+        if let Some((c, _)) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Ok(c);
         }
         client_config(&self.brokers)
@@ -221,12 +233,63 @@ impl LogReader {
         let _ = consumer.unassign();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < 16 {
-            idle.push(consumer);
+            idle.push((consumer, Instant::now()));
         }
+    }
+
+    /// Closes the pooled consumers that have rested longer than `ttl` (blocking: a
+    /// consumer's close talks to the broker). Returns how many it closed.
+    pub fn close_idle(&self, ttl: Duration) -> usize {
+        let stale: Vec<ReaderConsumer> = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let (stale, fresh): (Vec<_>, Vec<_>) = idle
+                .drain(..)
+                .partition(|(_, since)| since.elapsed() >= ttl);
+            *idle = fresh;
+            stale.into_iter().map(|(c, _)| c).collect()
+        };
+        let n = stale.len();
+        drop(stale);
+        n
+    }
+
+    /// Consumers resting in the pool now.
+    pub fn idle_consumers(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Closes rested consumers every [`IDLE_CONSUMER_TTL`] for as long as the reader
+    /// lives, so that a burst of reads leaves no threads behind. Must be called inside
+    /// a Tokio runtime.
+    pub fn close_idle_in_background(self: &Arc<Self>) {
+        let reader = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_CONSUMER_TTL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(reader) = reader.upgrade() else {
+                    return;
+                };
+                if reader.idle_consumers() > 0 {
+                    let _ =
+                        tokio::task::spawn_blocking(move || reader.close_idle(IDLE_CONSUMER_TTL))
+                            .await;
+                }
+            }
+        });
+    }
+
+    async fn session(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ReadError> {
+        self.sessions
+            .acquire()
+            .await
+            .map_err(|e| ReadError::Kafka(e.to_string()))
     }
 
     /// Low and high watermarks of a partition.
     pub async fn watermarks(self: &Arc<Self>, partition: i32) -> Result<(i64, i64), ReadError> {
+        let _session = self.session().await?;
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let consumer = this.consumer()?;
@@ -235,45 +298,6 @@ impl LogReader {
                 .map_err(|e| ReadError::Kafka(e.to_string()));
             this.give_back(consumer);
             marks
-        })
-        .await
-        .map_err(|e| ReadError::Kafka(e.to_string()))?
-    }
-
-    /// Waits until a record at or after `from` exists on `partition`, or `timeout` passes.
-    /// Returns whether one does. (A Kafka long poll, not a sleep.)
-    pub async fn wait_for_records(
-        self: &Arc<Self>,
-        partition: i32,
-        from: i64,
-        timeout: Duration,
-    ) -> Result<bool, ReadError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let consumer = this.consumer()?;
-            let result = (|| {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&this.topic, partition, Offset::Offset(from))
-                    .map_err(|e| ReadError::Kafka(e.to_string()))?;
-                consumer
-                    .assign(&tpl)
-                    .map_err(|e| ReadError::Kafka(e.to_string()))?;
-                let deadline = Instant::now() + timeout;
-                while Instant::now() < deadline {
-                    match consumer.poll(
-                        deadline
-                            .saturating_duration_since(Instant::now())
-                            .min(Duration::from_millis(500)),
-                    ) {
-                        Some(Ok(_)) => return Ok(true),
-                        Some(Err(KafkaError::PartitionEOF(_))) | None => {}
-                        Some(Err(e)) => return Err(ReadError::Kafka(e.to_string())),
-                    }
-                }
-                Ok(false)
-            })();
-            this.give_back(consumer);
-            result
         })
         .await
         .map_err(|e| ReadError::Kafka(e.to_string()))?
@@ -325,6 +349,7 @@ impl LogReader {
                         .max(want_end)
                 }
             };
+            let _session = self.session().await?;
             let this = self.clone();
             let (mut fetched, covered) =
                 tokio::task::spawn_blocking(move || this.fetch(partition, from, fetch_end))

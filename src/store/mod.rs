@@ -244,6 +244,10 @@ pub struct TaskFilter {
     pub labels: Vec<(String, String)>,
     /// Only tasks of these projects (`None`: every project).
     pub projects: Option<Vec<String>>,
+    /// Only the replicas of this service.
+    pub service: Option<String>,
+    /// Only tasks that have not ended.
+    pub unfinished: bool,
     /// Continue after this (submitted_at, id).
     pub after: Option<(DateTime<Utc>, Uuid)>,
     /// Page size.
@@ -367,6 +371,28 @@ impl Store {
             .collect()
     }
 
+    /// Which of `ids` have ended (succeeded, failed or cancelled): one query for every
+    /// task the log followers of a process wait on.
+    pub async fn ended_tasks(&self, ids: &[Uuid]) -> Result<Vec<Uuid>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let terminal: Vec<String> = crate::events::TaskStatus::ALL
+            .iter()
+            .filter(|s| s.is_terminal())
+            .map(|s| s.to_string())
+            .collect();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id FROM tasks WHERE id = ANY($1) AND state = ANY($2)",
+                &[&ids, &terminal],
+            )
+            .await
+            .map_err(ctx("read ended tasks"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// A page of tasks, newest first (by submission time, then id).
     pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>, StoreError> {
         let mut sql =
@@ -400,6 +426,21 @@ impl Store {
                 " AND labels @> ?",
                 Box::new(Value::Object(labels)),
             );
+        }
+        if let Some(service) = &filter.service {
+            push(
+                &mut sql,
+                " AND doc->'spec'->>'service' = ?",
+                Box::new(service.clone()),
+            );
+        }
+        if filter.unfinished {
+            let ended: Vec<String> = TaskStatus::ALL
+                .iter()
+                .filter(|s| s.is_terminal())
+                .map(|s| s.as_str().to_string())
+                .collect();
+            push(&mut sql, " AND NOT (state = ANY(?))", Box::new(ended));
         }
         if let Some(projects) = &filter.projects {
             push(

@@ -1885,3 +1885,64 @@ fn flatten_otlp(request: &Value) -> Vec<ReceivedSpan> {
     }
     out
 }
+
+/// A minimal Server-Sent Events client: GETs `url` (with `Last-Event-ID` when given)
+/// and returns its (id, event, data) triples, until `stop` says so or the stream ends.
+/// Fails the test when the answer is not 200 or the stream stalls for a minute.
+pub async fn sse_events(
+    http: &reqwest::Client,
+    url: &str,
+    last_event_id: Option<&str>,
+    stop: impl Fn(&[(String, String, String)]) -> bool,
+) -> Vec<(String, String, String)> {
+    let mut req = http.get(url).header("accept", "text/event-stream");
+    if let Some(last) = last_event_id {
+        req = req.header("last-event-id", last);
+    }
+    let mut response = req.send().await.expect("GET");
+    assert_eq!(response.status(), 200, "{url}");
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), response.chunk())
+        .await
+        .expect("SSE stalled")
+        .expect("SSE body")
+    {
+        buffer.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let (mut id, mut event, mut data) = (String::new(), String::new(), String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().to_string();
+                }
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_string();
+                }
+                if let Some(v) = line.strip_prefix("data:") {
+                    data = v.trim().to_string();
+                }
+            }
+            if !event.is_empty() {
+                events.push((id, event, data));
+                if stop(&events) {
+                    return events;
+                }
+            }
+        }
+    }
+    events
+}
+
+/// Threads of process `pid` now (Linux `/proc`).
+pub fn threads_of(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no thread count for process {pid}"))
+}

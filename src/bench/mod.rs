@@ -7,6 +7,8 @@
 //! `--dev-broker` for librdkafka's in-memory mock) with topics and a scratch database of
 //! their own, both deleted at the end. Everything targets loopback and stops by itself.
 
+pub mod follow;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
