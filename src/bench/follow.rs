@@ -459,17 +459,26 @@ async fn run_in(args: &FollowBenchArgs, env: &BenchEnv) -> anyhow::Result<()> {
         "API server process (pid {pid}), CPU as % of one core over {}s:",
         window.as_secs()
     );
-    println!("  idle, nothing followed          {idle_cpu:>6.1}%  {idle_threads:>4} threads");
+    let row = |label: String, cpu: f64, threads: usize| {
+        println!("  {label:<32} {cpu:>6.1}%  {threads:>4} threads");
+    };
+    row("idle, nothing followed".into(), idle_cpu, idle_threads);
+    row(
+        format!("{f} followers, idle"),
+        followed_cpu,
+        followed_threads,
+    );
     println!(
-        "  {f} followers, idle        {followed_cpu:>6.1}%  {followed_threads:>4} threads \
-         ({peak_threads} while they registered{})",
+        "  {:<32} ({peak_threads} threads while they registered{})",
+        "",
         if settled { "" } else { "; not settled in 30 s" }
     );
-    println!(
-        "  {f} followers, {} line/s each {busy_cpu:>6.1}%  {busy_threads:>4} threads",
-        args.rate
+    row(
+        format!("{f} followers, {} line/s each", args.rate),
+        busy_cpu,
+        busy_threads,
     );
-    println!("  after they left                 {after_cpu:>6.1}%  {after_threads:>4} threads");
+    row("after they left".into(), after_cpu, after_threads);
     match restored {
         Ok(d) => println!(
             "  threads back to idle {:.1} s after the followers left",
@@ -509,7 +518,8 @@ async fn run_in(args: &FollowBenchArgs, env: &BenchEnv) -> anyhow::Result<()> {
         ms(percentile(&alone, 99.0))
     );
     println!(
-        "  while {f} follow             p50 {}  p99 {}",
+        "  {:<28} p50 {}  p99 {}",
+        format!("while {f} follow"),
         ms(percentile(&following, 50.0)),
         ms(percentile(&following, 99.0))
     );
@@ -526,7 +536,10 @@ async fn raw_consumer(brokers: String, topic: String, received: Received) -> any
     let consumer: StreamConsumer = kafka::client_config(&brokers)
         .set("group.id", "tasklog-bench-follow-raw")
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "500")
+        .set(
+            "fetch.wait.max.ms",
+            kafka::tail_fetch_wait_ms(&brokers).await,
+        )
         .create()?;
     let partitions = kafka::watermarks(&brokers, &topic).await?.len();
     let mut tpl = TopicPartitionList::new();

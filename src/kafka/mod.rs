@@ -5,6 +5,7 @@
 //! lives in [`dev_broker`].
 
 pub mod dev_broker;
+pub mod producer;
 pub mod scan;
 pub mod security;
 
@@ -35,7 +36,6 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::events::EncodedEvent;
@@ -316,7 +316,7 @@ pub fn producer_config(options: &AppenderOptions) -> ClientConfig {
 /// `acks=all`) and reports where each one landed, only after the broker's ack.
 #[derive(Clone)]
 pub struct Appender {
-    producer: FutureProducer,
+    producer: producer::AckProducer,
     timeout: Duration,
 }
 
@@ -324,12 +324,12 @@ impl Appender {
     /// Creates the producer. It connects lazily.
     pub fn new(options: &AppenderOptions) -> Result<Appender, KafkaIoError> {
         let producer =
-            producer_config(options)
-                .create()
-                .map_err(|source| KafkaIoError::Client {
+            producer::AckProducer::create(&producer_config(options)).map_err(|source| {
+                KafkaIoError::Client {
                     brokers: options.brokers.clone(),
                     source,
-                })?;
+                }
+            })?;
         Ok(Appender {
             producer,
             timeout: options.timeout,
@@ -371,14 +371,10 @@ impl Appender {
         headers: OwnedHeaders,
         payload: &[u8],
     ) -> impl Future<Output = Result<Appended, AppendError>> + Send + 'static {
-        let mut record = FutureRecord::to(topic).payload(payload).headers(headers);
-        if let Some(key) = key {
-            record = record.key(key);
-        }
         let timeout = self.timeout;
-        let queued = self.enqueue(record);
+        let queued = self.producer.send(topic, key, headers, payload, timeout);
         async move {
-            let delivery = queued?;
+            let delivery = queued.map_err(|e| classify(timeout, e))?;
             // librdkafka enforces message.timeout.ms itself; the outer timeout only
             // guards against a delivery report that never comes.
             match tokio::time::timeout(timeout + Duration::from_secs(2), delivery).await {
@@ -390,31 +386,8 @@ impl Appender {
                     timeout,
                     "the producer was shut down".into(),
                 )),
-                Ok(Ok(Ok(d))) => Ok(Appended {
-                    partition: d.partition,
-                    offset: d.offset,
-                }),
-                Ok(Ok(Err((e, _)))) => Err(classify(timeout, e)),
-            }
-        }
-    }
-
-    fn enqueue(
-        &self,
-        mut record: FutureRecord<'_, [u8], [u8]>,
-    ) -> Result<rdkafka::producer::DeliveryFuture, AppendError> {
-        let deadline = std::time::Instant::now() + self.timeout;
-        loop {
-            match self.producer.send_result(record) {
-                Ok(delivery) => return Ok(delivery),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
-                    if std::time::Instant::now() < deadline =>
-                {
-                    // The local queue is full: let librdkafka drain it a little.
-                    self.producer.poll(Duration::from_millis(5));
-                    record = r;
-                }
-                Err((e, _)) => return Err(classify(self.timeout, e)),
+                Ok(Ok(Ok((partition, offset)))) => Ok(Appended { partition, offset }),
+                Ok(Ok(Err(e))) => Err(classify(timeout, e)),
             }
         }
     }
@@ -637,6 +610,44 @@ fn refusal(consumer: &BaseConsumer<security::RefusalRecorder>) -> Option<String>
     }
 }
 
+/// `fetch.wait.max.ms` for a consumer that waits at the log's end (a projector, the
+/// log-follow tail) against `brokers`. Kafka answers such a long poll as soon as a
+/// record arrives, so a long wait costs no latency and saves ~100 empty fetches a
+/// second per idle consumer. librdkafka's mock cluster (`--dev-broker`) instead holds
+/// every fetch that finds nothing for the whole wait: against it (told by its cluster
+/// id) the wait is short. Asked of the cluster once per `brokers` and remembered; while
+/// it does not answer, the long wait is used and it is asked again next time.
+pub async fn tail_fetch_wait_ms(brokers: &str) -> &'static str {
+    const LONG: &str = "500";
+    const SHORT: &str = "10";
+    static KNOWN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, bool>>> =
+        std::sync::OnceLock::new();
+    let known = KNOWN.get_or_init(Default::default);
+    let remembered = known.lock().ok().and_then(|k| k.get(brokers).copied());
+    let is_mock = match remembered {
+        Some(is_mock) => is_mock,
+        None => {
+            let asked = brokers.to_string();
+            let cluster_id = blocking(move || {
+                let consumer: BaseConsumer = client(&asked)?;
+                Ok(consumer.client().fetch_cluster_id(Duration::from_secs(5)))
+            })
+            .await;
+            match cluster_id {
+                Ok(Some(id)) => {
+                    let is_mock = id.starts_with("mockCluster");
+                    if let Ok(mut k) = known.lock() {
+                        k.insert(brokers.to_string(), is_mock);
+                    }
+                    is_mock
+                }
+                _ => false,
+            }
+        }
+    };
+    if is_mock { SHORT } else { LONG }
+}
+
 /// Low and high watermarks of every partition of `topic`, indexed by partition.
 pub async fn watermarks(brokers: &str, topic: &str) -> Result<Vec<(i64, i64)>, KafkaIoError> {
     let brokers = brokers.to_string();
@@ -690,6 +701,9 @@ pub async fn watermarks(brokers: &str, topic: &str) -> Result<Vec<(i64, i64)>, K
 pub struct PartitionEnds {
     consumer: std::sync::Arc<BaseConsumer>,
     brokers: String,
+    /// Bounds the asks in flight (each holds a blocking thread while the broker
+    /// answers): a burst of reads queues here rather than growing the thread pool.
+    in_flight: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl PartitionEnds {
@@ -698,8 +712,12 @@ impl PartitionEnds {
         Ok(PartitionEnds {
             consumer: std::sync::Arc::new(client(brokers)?),
             brokers: brokers.to_string(),
+            in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(Self::MAX_IN_FLIGHT)),
         })
     }
+
+    /// Most asks in flight at once.
+    pub const MAX_IN_FLIGHT: usize = 16;
 
     /// The high watermark of one partition, asked of its leader now. A partition whose
     /// leader is moving or not known yet (a topic just created, a broker restarting)
@@ -712,6 +730,8 @@ impl PartitionEnds {
             let consumer = self.consumer.clone();
             let brokers = self.brokers.clone();
             let name = topic.to_string();
+            // Taken after the call began: the answer is still the end as of now or later.
+            let _permit = self.in_flight.acquire().await.ok();
             let asked = blocking(move || {
                 consumer
                     .fetch_watermarks(&name, partition, Duration::from_secs(5))

@@ -352,8 +352,10 @@ async fn tail(shared: Arc<Shared>) {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        // A long poll: the broker answers as soon as a record arrives, else after this.
-        .set("fetch.wait.max.ms", "500")
+        .set(
+            "fetch.wait.max.ms",
+            crate::kafka::tail_fetch_wait_ms(&shared.brokers).await,
+        )
         .set("fetch.queue.backoff.ms", "1")
         .create()
     {

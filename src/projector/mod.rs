@@ -639,7 +639,10 @@ pub async fn run_projection<P: Projection>(
                 .to_string(),
         )
         .set("statistics.interval.ms", "5000")
-        .set("fetch.wait.max.ms", "10")
+        .set(
+            "fetch.wait.max.ms",
+            kafka::tail_fetch_wait_ms(&options.brokers).await,
+        )
         // Fetch again as soon as the queue drains below its threshold (librdkafka's
         // default backoff waits up to a second, which starves a projector catching up).
         .set("fetch.queue.backoff.ms", "1")
