@@ -71,6 +71,9 @@ pub struct Metrics {
     pub log_followers: IntGauge,
     /// `tasklog_log_follow_partitions`: partitions of the logs topic its tail reads now.
     pub log_follow_partitions: IntGauge,
+    /// `tasklog_log_followers_lagged_total`: followers the tail cut off for not keeping
+    /// up (they are told, and resume from their cursor).
+    pub log_followers_lagged: IntCounter,
     /// `tasklog_service_replicas{service,state}`: replicas ready, starting, waiting
     /// (pending or queued, e.g. between retries) and ended.
     pub service_replicas: IntGaugeVec,
@@ -279,6 +282,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
         log_follow_partitions: plain_gauge(
             "tasklog_log_follow_partitions",
             "Partitions of the logs topic this API server's shared tail reads.",
+        )?,
+        log_followers_lagged: plain_counter(
+            "tasklog_log_followers_lagged_total",
+            "Log followers cut off for not keeping up (told, and resumed from their cursor).",
         )?,
         service_replicas: gauge(
             "tasklog_service_replicas",

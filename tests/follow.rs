@@ -1,7 +1,8 @@
 //! Following logs at scale through the API server's hub (one tail per partition, shared
 //! by every follower): many followers each get exactly their task's lines, live, in
 //! order; a follower that disconnects and resumes with `Last-Event-ID` loses and repeats
-//! nothing; followers cost no threads of their own and leave none behind; past the cap a
+//! nothing; a follower that stops reading is cut off and told, then resumes with nothing
+//! lost; followers cost no threads of their own and leave none behind; past the cap a
 //! follower gets a JSON 503.
 
 mod common;
@@ -10,7 +11,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
-use common::{Stack, eventually, sse_events, threads_of};
+use common::{Stack, eventually, sse_events, sse_open, sse_read, threads_of};
 use serde_json::{Value, json};
 use tasklog::kafka::{Appender, AppenderOptions};
 use tasklog::logs::{LogWriter, LogWriterOptions, Stream};
@@ -159,6 +160,74 @@ async fn each_follower_gets_exactly_its_tasks_lines_and_resumes_without_loss() {
         assert_eq!(all, expected(id, ROUNDS), "resumed follower of {id}");
         assert!(ends(&rest));
     }
+    wait_followers(&s, 0).await;
+}
+
+/// A follower that stops reading is not buffered without bound: the hub cuts it off once
+/// its buffer is full, and when it reads again it is told (`event: lagging`, with the
+/// cursor it resumes from) and gets every line exactly once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_that_stops_reading_is_told_it_lagged_and_loses_nothing() {
+    let s = Stack::start().await;
+    let id = task(&s).await;
+    let stalled = sse_open(&s.http, &format!("{}/v1/tasks/{id}/logs", s.url), None).await;
+    wait_followers(&s, 1).await;
+    // ~36 MB of events: far more than the follower's 1024-record buffer and the loopback
+    // socket buffers (a few MiB each way) hold while nobody reads.
+    const LINES: usize = 30_000;
+    let pad = "x".repeat(1000);
+    let w = writer(&s);
+    let pending: Vec<_> = (0..LINES)
+        .map(|i| {
+            w.write(
+                id,
+                1,
+                Stream::Stdout,
+                format!("{i} {pad}").as_bytes(),
+                Some(Utc::now()),
+                None,
+            )
+            .1
+        })
+        .collect();
+    for p in pending {
+        p.await.expect("line delivered");
+    }
+    eventually(
+        "the stalled follower cut off",
+        Duration::from_secs(60),
+        || async {
+            let text = s.text("/metrics").await;
+            text.lines()
+                .find_map(|l| l.strip_prefix("tasklog_log_followers_lagged_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|v| *v >= 1.0)
+        },
+    )
+    .await;
+    let (status, body) = s.post(&format!("/v1/tasks/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    // Only now does the follower read.
+    let events = sse_read(stalled, ends).await;
+    let lagging: Vec<Value> = events
+        .iter()
+        .filter(|(_, event, _)| event == "lagging")
+        .map(|(_, _, data)| serde_json::from_str(data).expect("JSON"))
+        .collect();
+    assert!(
+        !lagging.is_empty(),
+        "no lagging notice in {} events",
+        events.len()
+    );
+    eprintln!("{} lagging notices over {LINES} lines", lagging.len());
+    for notice in &lagging {
+        assert_eq!(notice["lagging"], true, "{notice}");
+        assert!(notice["resume_cursor"].is_string(), "{notice}");
+    }
+    let want: Vec<String> = (0..LINES).map(|i| format!("{i} {pad}")).collect();
+    let got = texts(&events);
+    assert_eq!(got.len(), want.len(), "lines received");
+    assert!(got == want, "lines lost, repeated or out of order");
     wait_followers(&s, 0).await;
 }
 

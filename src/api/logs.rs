@@ -834,7 +834,8 @@ impl TaskStream {
                     }
                     None => return Live::ReadAgain { lagging: follower.overflowed() },
                 },
-                _ = end.ended() => return Live::ReadAgain { lagging: false },
+                // A follower cut off before the end still hears that it lagged.
+                _ = end.ended() => return Live::ReadAgain { lagging: follower.overflowed() },
                 _ = self.tx.closed() => return Live::Gone,
             }
         }

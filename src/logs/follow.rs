@@ -293,6 +293,7 @@ fn dispatch(state: &mut HubState, partition: i32, record: LogRecord) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
             slot.overflowed.store(true, Ordering::Release);
+            crate::metrics::metrics().log_followers_lagged.inc();
             false
         }
         Err(mpsc::error::TrySendError::Closed(_)) => false,

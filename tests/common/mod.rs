@@ -1895,12 +1895,31 @@ pub async fn sse_events(
     last_event_id: Option<&str>,
     stop: impl Fn(&[(String, String, String)]) -> bool,
 ) -> Vec<(String, String, String)> {
+    sse_read(sse_open(http, url, last_event_id).await, stop).await
+}
+
+/// Opens an event stream (`sse_events` without reading it yet): fails the test unless
+/// it answers 200.
+pub async fn sse_open(
+    http: &reqwest::Client,
+    url: &str,
+    last_event_id: Option<&str>,
+) -> reqwest::Response {
     let mut req = http.get(url).header("accept", "text/event-stream");
     if let Some(last) = last_event_id {
         req = req.header("last-event-id", last);
     }
-    let mut response = req.send().await.expect("GET");
+    let response = req.send().await.expect("GET");
     assert_eq!(response.status(), 200, "{url}");
+    response
+}
+
+/// Reads an opened event stream's (id, event, data) triples, until `stop` says so or
+/// the stream ends; fails the test should it stall for a minute.
+pub async fn sse_read(
+    mut response: reqwest::Response,
+    stop: impl Fn(&[(String, String, String)]) -> bool,
+) -> Vec<(String, String, String)> {
     let mut buffer = String::new();
     let mut events = Vec::new();
     while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), response.chunk())
