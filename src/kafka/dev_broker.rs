@@ -207,6 +207,9 @@ impl DevBroker {
 
 impl Drop for DevBroker {
     fn drop(&mut self) {
+        // Producers close on a thread of their own, shortly after their last user lets
+        // go: wait for them, so that none of them sees its broker vanish.
+        super::producer::wait_closed(std::time::Duration::from_secs(3));
         if let Some((thread, stop)) = self.relay.take() {
             let _ = stop.send(());
             // Its runtime ends every connection it relays as it shuts down.

@@ -43,9 +43,27 @@ impl ProducerContext for AckContext {
     }
 }
 
+/// Producers of this process whose serving thread has not ended yet.
+static SERVING: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+/// Waits, up to `timeout`, until every [`AckProducer`] of this process that was dropped
+/// has closed its connections. An embedded broker waits on this before it goes away, so
+/// that no client sees it vanish. Returns whether they all had.
+pub fn wait_closed(timeout: Duration) -> bool {
+    let (count, closed) = &SERVING;
+    let Ok(guard) = count.lock() else {
+        return false;
+    };
+    closed
+        .wait_timeout_while(guard, timeout, |n| *n > 0)
+        .map(|(n, _)| *n == 0)
+        .unwrap_or(false)
+}
+
 /// An idempotent-capable producer with one report-serving thread. Cloning shares it;
 /// the thread ends (and the producer is dropped, purging what is still queued) within
-/// one slice of the last clone going away.
+/// one slice of the last clone going away ([`wait_closed`] waits for that).
 #[derive(Clone)]
 pub struct AckProducer {
     shared: Arc<Shared>,
@@ -72,15 +90,32 @@ impl AckProducer {
             Arc::new(config.create_with_context(AckContext)?);
         let stop = Arc::new(AtomicBool::new(false));
         let serving = (producer.clone(), stop.clone());
-        std::thread::Builder::new()
+        let (count, closed) = &SERVING;
+        if let Ok(mut n) = count.lock() {
+            *n += 1;
+        }
+        let started = std::thread::Builder::new()
             .name("tasklog-acks".into())
             .spawn(move || {
                 let (producer, stop) = serving;
                 while !stop.load(Ordering::Relaxed) {
                     producer.poll(Self::SLICE);
                 }
-            })
-            .map_err(|e| KafkaError::ClientCreation(format!("no thread for acks: {e}")))?;
+                // The last reference: purges what is queued and closes the connections.
+                drop(producer);
+                if let Ok(mut n) = count.lock() {
+                    *n -= 1;
+                }
+                closed.notify_all();
+            });
+        if let Err(e) = started {
+            if let Ok(mut n) = count.lock() {
+                *n -= 1;
+            }
+            return Err(KafkaError::ClientCreation(format!(
+                "no thread for acks: {e}"
+            )));
+        }
         Ok(AckProducer {
             shared: Arc::new(Shared { producer, stop }),
         })
