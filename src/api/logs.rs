@@ -728,6 +728,9 @@ struct TaskStream {
     partition: i32,
     /// Fields added to every event's data (`task_id`, `name`) on a stream of many tasks.
     tag: Option<serde_json::Map<String, Value>>,
+    /// The offset after the last line sent: a line below it (a page and the shared
+    /// tail overlapping) is not sent again.
+    sent_to: std::sync::atomic::AtomicI64,
 }
 
 impl TaskStream {
@@ -755,6 +758,11 @@ impl TaskStream {
 
     /// Sends one line as a `line` event whose id is the cursor after it.
     async fn send_line(&self, line: &LogRecord) -> bool {
+        use std::sync::atomic::Ordering;
+        if line.offset < self.sent_to.load(Ordering::Acquire) {
+            return true;
+        }
+        self.sent_to.store(line.offset + 1, Ordering::Release);
         let cursor = self.state.cursor_key.encode(&self.cursor(line.offset + 1));
         let data = match serde_json::to_value(line_out(line)) {
             Ok(data) => data,
@@ -919,6 +927,7 @@ fn sse(
         task_id,
         partition,
         tag: None,
+        sent_to: Default::default(),
     };
     tokio::spawn(stream.run(q, first, end));
     event_stream(rx)
@@ -1048,6 +1057,7 @@ async fn match_and_follow(
                             task_id,
                             partition: 0,
                             tag: Some(tag),
+                            sent_to: Default::default(),
                         };
                         match read_page(&state, task_id, &q).await {
                             Ok((first, at)) => {
