@@ -47,9 +47,11 @@ impl ProducerContext for AckContext {
 static SERVING: (std::sync::Mutex<usize>, std::sync::Condvar) =
     (std::sync::Mutex::new(0), std::sync::Condvar::new());
 
-/// Waits, up to `timeout`, until every [`AckProducer`] of this process that was dropped
-/// has closed its connections. An embedded broker waits on this before it goes away, so
-/// that no client sees it vanish. Returns whether they all had.
+/// Waits, up to `timeout`, until no [`AckProducer`] of this process is left: each one
+/// closes its connections on its own thread within a slice of its last clone being
+/// dropped. An embedded broker waits on this before it goes away, so that no client sees
+/// it vanish; a producer still in use when it does makes it wait the whole timeout.
+/// Returns whether none was left.
 pub fn wait_closed(timeout: Duration) -> bool {
     let (count, closed) = &SERVING;
     let Ok(guard) = count.lock() else {
